@@ -1,0 +1,1 @@
+"""The Zarr feature store and batch streaming (knows Zarr, nothing of models)."""

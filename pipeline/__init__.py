@@ -1,0 +1,1 @@
+"""Configuration, workspace, stage bookkeeping and the command line of CLAD."""

@@ -1,0 +1,160 @@
+"""The ``clad`` command line: thin click wrappers over the stages.
+
+Library code raises ``CladError`` for bad input; here it becomes one line on
+stderr and exit code 2. Bugs keep their tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+
+from pipeline.config import Config, DataConfig, FeatureConfig, config_to_dict, load_config, save_config
+from pipeline.errors import CladError
+from pipeline.progress import progress, say
+from pipeline.workspace import Workspace, extract_state
+
+
+class CladGroup(click.Group):
+    """Maps CladError to a clean one-line message and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except CladError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=CladGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """CLAD: multi-class anomaly detection on a resumable feature cache.
+
+    Typical use: clad demo-data DATA; clad init WORK --data DATA;
+    clad extract WORK; clad train WORK; clad evaluate WORK.
+    """
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Random seed; same seed, same images.")
+@click.option("--train", "n_train", default=30, show_default=True, help="Normal training images per class.")
+@click.option("--test-good", default=8, show_default=True, help="Normal test images per class.")
+@click.option("--test-defect", default=4, show_default=True, help="Test images per defect type.")
+@click.option("--classes", default="", help="Comma-separated subset of classes (default: all 5).")
+def demo_data(out: Path, seed: int, n_train: int, test_good: int, test_defect: int, classes: str) -> None:
+    """Write the built-in multi-class data set (MVTec layout) to OUT."""
+    from stages.demo_data import CLASSES, write_demo_dataset
+
+    chosen = tuple(c for c in classes.split(",") if c) or CLASSES
+    t0 = time.perf_counter()
+    write_demo_dataset(out, seed, n_train, test_good, test_defect, chosen)
+    say(f"wrote {len(chosen)} classes to {out} in {time.perf_counter() - t0:.1f} s")
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--data", "data_root", required=True, type=click.Path(path_type=Path),
+              help="Data set root (MVTec/VisA layout or a folder of class folders).")
+@click.option("--textures", default="", help="Folder of texture images (DTD); default: built-in textures.")
+@click.option("--backbone", default=FeatureConfig.backbone, show_default=True, help="timm model name.")
+@click.option("--weights", default=FeatureConfig.weights, show_default=True,
+              help="package | hub-cache | path to a state dict.")
+@click.option("--labels", type=click.Choice(["classes", "pseudo"]), default="classes", show_default=True)
+@click.option("--classes", default="", help="Comma-separated subset of classes.")
+@click.option("--force", is_flag=True, help="Overwrite a different existing config.toml.")
+def init(work: Path, data_root: Path, textures: str, backbone: str, weights: str, labels: str,
+         classes: str, force: bool) -> None:
+    """Write WORK/config.toml for a data set."""
+    if not data_root.is_dir():
+        raise CladError(f"--data {data_root}: folder does not exist")
+    if textures and not Path(textures).is_dir():
+        raise CladError(f"--textures {textures}: folder does not exist")
+    data = DataConfig(root=str(data_root.resolve()), textures=str(Path(textures).resolve()) if textures else "",
+                      labels=labels, classes=tuple(c for c in classes.split(",") if c))
+    cfg = Config(data=data, features=replace(FeatureConfig(), backbone=backbone, weights=weights))
+    cfg = replace(cfg, train=replace(cfg.train, profile="fast"))
+    from pipeline.config import with_profile
+
+    cfg = replace(cfg, train=with_profile(cfg.train, "fast"))
+    ws = Workspace(work)
+    if ws.config_path.exists():
+        old = load_config(ws.config_path)
+        if config_to_dict(old) == config_to_dict(cfg):
+            say(f"{ws.config_path} already holds this configuration")
+            return
+        if not force:
+            raise CladError(f"{ws.config_path}: exists with a different configuration; "
+                            "use --force to overwrite it (or another WORK folder)")
+    save_config(cfg, ws.config_path, train_overrides_only=True)
+    say(f"wrote {ws.config_path}")
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--scheduler", default="", help="'local' for a Dask LocalCluster, or tcp://host:port; "
+              "default: in this process.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--rebuild", is_flag=True, help="Discard a cache made with other settings and start over.")
+def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
+    """Stage 1: extract patch features of all images into WORK/cache (resumable)."""
+    from stages.extract import make_plan, open_stores, pending_units, resolve_device, run_dask, run_local
+
+    ws = Workspace(work)
+    cfg = ws.config()
+    dev = resolve_device(device)
+    plan = make_plan(cfg)
+    st = open_stores(cfg, ws.cache_dir, plan, rebuild)
+    units = pending_units(plan, st)
+    n_units = len(plan.units())
+    if not units:
+        say(f"extract: already done ({n_units} shards, {sum(len(v) for v in plan.samples.values())} images); "
+            "nothing to do")
+        return
+    n_images = sum(len(plan.shards[sp][i]) for sp, i in units)
+    say(f"extract: {len(units)}/{n_units} shards to do ({n_images} images) on {dev.type}"
+        + (f", Dask scheduler {scheduler}" if scheduler else ""))
+    bar = progress(n_images, "extract", unit="img")
+
+    def done(res) -> None:  # noqa: ANN001 - a Prepared or a Dask result dict
+        bar.update(len(res.samples) if hasattr(res, "samples") else len(plan.shards[res["split"]][res["shard"]]))
+
+    t0 = time.perf_counter()
+    if scheduler:
+        timings = run_dask(cfg, plan, ws.cache_dir, units, device, scheduler, done)
+    else:
+        timings = run_local(cfg, plan, st, units, dev, done)
+    bar.close()
+    dt = time.perf_counter() - t0
+    size = sum(s.nbytes_stored() for s in st.values())
+    say(f"extract: done in {dt:.1f} s ({n_images / dt:.1f} img/s, {timings.rows} rows); "
+        f"cache {size / 2**20:.1f} MiB in {ws.cache_dir}")
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(work: Path, as_json: bool) -> None:
+    """Show each stage and run: done, partial, stale or missing."""
+    from pipeline.status import workspace_status
+
+    ws = Workspace(work)
+    states = workspace_status(ws)
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in states], indent=2))
+        return
+    for s in states:
+        prog = f" [{s.progress[0]}/{s.progress[1]}]" if s.progress else ""
+        click.echo(f"{s.stage:<24} {s.state:<8}{prog} {s.detail}")
+
+
+def run() -> None:  # pragma: no cover
+    main(prog_name="clad")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

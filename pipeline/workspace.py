@@ -1,0 +1,87 @@
+"""The workspace folder: where each stage's output lives, and what state it is in."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, diff_settings, load_config, settings_hash
+from pipeline.errors import CladError
+
+
+@dataclass
+class StageState:
+    """done | partial | stale | missing, with a reason for people."""
+
+    stage: str
+    state: str
+    detail: str = ""
+    progress: tuple[int, int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"stage": self.stage, "state": self.state, "detail": self.detail}
+        if self.progress:
+            d["done"], d["total"] = self.progress
+        return d | self.extra
+
+
+class Workspace:
+    """``WORK/``: config.toml, cache/, runs/<name>/."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def config(self) -> Config:
+        if not self.root.is_dir():
+            raise CladError(f"{self.root}: no such workspace; create it with 'clad init {self.root} --data PATH'")
+        return load_config(self.config_path)
+
+    def run_dir(self, name: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise CladError(f"--run {name!r}: use letters, digits, '.', '_' or '-'")
+        return self.root / "runs" / name
+
+    def runs(self) -> list[str]:
+        d = self.root / "runs"
+        return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
+
+
+def extract_state(ws: Workspace, cfg: Config) -> StageState:
+    """State of the feature cache compared with the current configuration."""
+    from cache.store import FeatureStore
+
+    stores = [FeatureStore(ws.cache_dir / f"{sp}.zarr") for sp in ("train", "test")]
+    if not any(s.exists() for s in stores):
+        return StageState("extract", "missing", "run 'clad extract WORK'")
+    done = total = 0
+    for s in stores:
+        if not s.exists():
+            return StageState("extract", "partial", "a split store is missing; run 'clad extract WORK'")
+        info = s.info()
+        current = {**cfg.extract_settings(), "dataset": info.settings.get("dataset")}
+        if settings_hash(current) != info.key:
+            changes = diff_settings(info.settings, current)
+            return StageState("extract", "stale", "; ".join(changes[:5]) +
+                              " (re-run 'clad extract WORK --rebuild')", extra={"changes": changes})
+        done += len(s.committed())
+        total += len(info.plan)
+    if done < total:
+        return StageState("extract", "partial", f"{done}/{total} shards; run 'clad extract WORK' to finish",
+                          (done, total))
+    return StageState("extract", "done", f"{total} shards", (done, total))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None

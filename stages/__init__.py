@@ -1,0 +1,1 @@
+"""The stages (extract, train, evaluate) and the pieces they are built from."""

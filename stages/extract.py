@@ -1,0 +1,367 @@
+"""Stage 1: images -> frozen backbone -> patch features in the Zarr cache.
+
+Work is split into shards of images (train shards, then test shards). Each
+shard is computed and committed on its own (``cache.store``), so extraction
+resumes after a crash, runs shards in any order on a Dask cluster, and always
+produces the same bytes. Train shards hold, per image, all normal patch rows
+followed by the anomaly rows of its synthesized variants (only patches inside
+the fused Perlin region; each with the row of its same-place normal patch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.store import FeatureStore, compressors
+from pipeline.config import Config
+from pipeline.errors import CladError
+from stages.backbone import Backbone, create_backbone
+from stages.data import Sample, index_dataset, load_image, load_mask, output_size
+from stages.features import max_embed_dim, patch_features
+from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
+
+
+@dataclass
+class Timings:
+    """Seconds spent per part of extraction (for the benchmark)."""
+
+    decode: float = 0.0
+    synthesis: float = 0.0
+    forward: float = 0.0
+    aggregate: float = 0.0
+    write: float = 0.0
+    images: int = 0
+    rows: int = 0
+
+    def add(self, other: Timings) -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CladError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise CladError(f"--device {name!r}: choose auto, cpu or cuda")
+    return torch.device(name)
+
+
+# -- the plan ---------------------------------------------------------------
+@dataclass
+class Plan:
+    """Which images go into which shard, per split."""
+
+    samples: dict[str, list[Sample]]
+    shards: dict[str, list[list[int]]]  # split -> shard -> sample indices
+    class_names: list[str]
+    fingerprint: str
+
+    def units(self) -> list[tuple[str, int]]:
+        return [(split, i) for split in ("train", "test") for i in range(len(self.shards[split]))]
+
+    def image_ids(self, split: str) -> list[list[str]]:
+        return [[self.samples[split][j].image_id for j in shard] for shard in self.shards[split]]
+
+
+def make_plan(cfg: Config) -> Plan:
+    samples = index_dataset(cfg.data)
+    class_names = sorted({s.class_name for s in samples})
+    by_split = {sp: [s for s in samples if s.split == sp] for sp in ("train", "test")}
+    n = cfg.features.shard_images
+    shards = {sp: [list(range(i, min(i + n, len(v)))) for i in range(0, len(v), n)]
+              for sp, v in by_split.items()}
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.image_id}|{os.path.getsize(s.path)}|{s.mask_path and os.path.getsize(s.mask_path)}\n".encode())
+    return Plan(by_split, shards, class_names, h.hexdigest()[:16])
+
+
+def store_settings(cfg: Config, plan: Plan) -> dict[str, Any]:
+    return {**cfg.extract_settings(), "dataset": plan.fingerprint}
+
+
+# -- computing one shard -------------------------------------------------------
+@dataclass
+class Prepared:
+    """Decoded (and synthesized) images of one shard, ready for the backbone."""
+
+    split: str
+    shard: int
+    samples: list[Sample]
+    images: np.ndarray  # [M, S, S, 3] float32: train: per sample 1 + K images
+    patch_masks: list[np.ndarray] = field(default_factory=list)  # train: per synthetic image
+    betas: list[float] = field(default_factory=list)
+    masks: np.ndarray | None = None  # test: [n, S, S] uint8
+    timings: Timings = field(default_factory=Timings)
+
+
+class ShardExtractor:
+    """Everything needed to turn a shard of images into arrays (one per process)."""
+
+    def __init__(self, cfg: Config, device: torch.device, backbone: Backbone | None = None):
+        self.cfg = cfg
+        self.device = device
+        f = cfg.features
+        self.backbone = (backbone or create_backbone(f.backbone, f.layers, f.weights)).to(device)
+        limit = max_embed_dim(self.backbone.channels, f.patch)
+        if f.embed_dim > limit or f.pretrain_dim > limit:
+            raise CladError(f"features.embed_dim={f.embed_dim}/pretrain_dim={f.pretrain_dim} exceed "
+                            f"{limit} (= min channels x patch^2 of {f.backbone}); pooling would "
+                            f"duplicate values. Set them <= {limit}")
+        self.stride = self.backbone.strides[0]
+        self.textures = TextureSource(cfg.data.textures)
+        if cfg.data.textures and not self.textures.files:
+            raise CladError(f"data.textures={cfg.data.textures!r}: no images found; point it at a "
+                            "folder of texture images (e.g. DTD) or leave it empty for built-in textures")
+        self.texture_classes = set(cfg.data.texture_classes)
+
+    def _foreground(self, s: Sample, image: np.ndarray) -> np.ndarray:
+        if self.cfg.data.fg_masks:
+            p = Path(self.cfg.data.fg_masks) / s.class_name / Path(s.path).name
+            if p.is_file():
+                return load_mask(str(p), self.cfg.features).astype(np.float32)
+        return foreground_mask(image, s.class_name in self.texture_classes)
+
+    def prepare(self, split: str, shard: int, samples: list[Sample]) -> Prepared:
+        """Decode (and for train, synthesize); pure CPU, safe in a helper thread."""
+        t = Timings()
+        images, pmasks, betas, masks = [], [], [], []
+        for s in samples:
+            t0 = time.perf_counter()
+            img = load_image(s.path, self.cfg.features)
+            if split == "test":
+                masks.append(load_mask(s.mask_path, self.cfg.features))
+            t.decode += time.perf_counter() - t0
+            images.append(img)
+            if split == "train":
+                t0 = time.perf_counter()
+                fg = self._foreground(s, img)
+                for v in range(self.cfg.synthesis.variants):
+                    syn = synthesize(img, fg, self.textures, self.cfg.synthesis, self.stride,
+                                     rng_for(self.cfg.synthesis.seed, s.image_id, v))
+                    images.append(syn.image)
+                    pmasks.append(syn.patch_mask)
+                    betas.append(syn.beta)
+                t.synthesis += time.perf_counter() - t0
+        t.images = len(samples)
+        return Prepared(split, shard, samples, np.stack(images), pmasks, betas,
+                        np.stack(masks) if masks else None, t)
+
+    def features(self, images: np.ndarray, timings: Timings) -> np.ndarray:
+        """``[M, S, S, 3]`` -> ``[M, H0*W0, C_d]`` float16, in batches."""
+        f = self.cfg.features
+        out = []
+        for i in range(0, len(images), f.batch_images):
+            x = torch.from_numpy(images[i:i + f.batch_images]).permute(0, 3, 1, 2).to(self.device)
+            t0 = time.perf_counter()
+            levels = self.backbone(x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                rows = patch_features(levels, f.patch, f.pretrain_dim, f.embed_dim)
+            out.append(rows.half().cpu().numpy())
+            timings.forward += t1 - t0
+            timings.aggregate += time.perf_counter() - t1
+        return np.concatenate(out)
+
+    def compute(self, prep: Prepared) -> dict[str, np.ndarray]:
+        feats = self.features(prep.images, prep.timings)
+        arrays = (self._train_arrays(prep, feats) if prep.split == "train"
+                  else self._test_arrays(prep, feats))
+        prep.timings.rows = int(arrays["features"].shape[0] * (1 if prep.split == "train"
+                                                               else arrays["features"].shape[1]))
+        return arrays
+
+    def _train_arrays(self, prep: Prepared, feats: np.ndarray) -> dict[str, np.ndarray]:
+        k = self.cfg.synthesis.variants
+        hw = feats.shape[1]
+        side = int(round(hw ** 0.5))
+        yx_all = np.stack(np.divmod(np.arange(hw), side), axis=1).astype(np.int16)
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in
+                                              ("features", "class_id", "anomaly", "image", "yx", "pair", "beta")}
+        row = 0
+        for i, s in enumerate(prep.samples):
+            cid = self._class_id(s)
+            normal_start = row
+            blocks = [(feats[i * (k + 1)], np.ones(hw, bool), -1, 1.0)]
+            for v in range(k):
+                pm = prep.patch_masks[i * k + v].reshape(-1)
+                blocks.append((feats[i * (k + 1) + 1 + v], pm, 1, prep.betas[i * k + v]))
+            for rows, keep, is_anom, beta in blocks:
+                idx = np.nonzero(keep)[0]
+                n = len(idx)
+                parts["features"].append(rows[idx])
+                parts["class_id"].append(np.full(n, cid, np.int16))
+                parts["anomaly"].append(np.full(n, is_anom > 0, np.uint8))
+                parts["image"].append(np.full(n, self._image_index(prep, i), np.int32))
+                parts["yx"].append(yx_all[idx])
+                parts["pair"].append((normal_start + idx).astype(np.int32) if is_anom > 0
+                                     else np.full(n, -1, np.int32))
+                parts["beta"].append(np.full(n, beta, np.float16))
+                row += n
+        return {name: np.concatenate(v) for name, v in parts.items()}
+
+    def _test_arrays(self, prep: Prepared, feats: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "features": feats,
+            "class_id": np.array([self._class_id(s) for s in prep.samples], np.int16),
+            "label": np.array([s.label for s in prep.samples], np.uint8),
+            "mask": prep.masks,
+        }
+
+    def _class_id(self, s: Sample) -> int:
+        return self.class_names.index(s.class_name)
+
+    def _image_index(self, prep: Prepared, i: int) -> int:
+        return self.image_offsets[prep.split][prep.shard] + i
+
+    def bind_plan(self, plan: Plan) -> ShardExtractor:
+        self.class_names = plan.class_names
+        self.image_offsets = {sp: np.cumsum([0] + [len(x) for x in sh]).tolist()
+                              for sp, sh in plan.shards.items()}
+        return self
+
+    def write(self, store: FeatureStore, prep: Prepared, arrays: dict[str, np.ndarray]) -> None:
+        t0 = time.perf_counter()
+        attrs = {"image_ids": [s.image_id for s in prep.samples],
+                 "paths": [s.path for s in prep.samples],
+                 "defects": [s.defect for s in prep.samples]}
+        chunk_rows = {"features": 1, "mask": 1} if prep.split == "test" else None
+        store.write_shard(prep.shard, arrays, attrs,
+                          compressors(self.cfg.features.compressor, self.cfg.features.clevel), chunk_rows)
+        prep.timings.write += time.perf_counter() - t0
+
+
+# -- running the stage -----------------------------------------------------------
+def stores(cache_dir: Path) -> dict[str, FeatureStore]:
+    return {sp: FeatureStore(cache_dir / f"{sp}.zarr") for sp in ("train", "test")}
+
+
+def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False) -> dict[str, FeatureStore]:
+    """Create the stores or validate existing ones against this configuration."""
+    out = stores(cache_dir)
+    settings = store_settings(cfg, plan)
+    from pipeline.config import settings_hash
+
+    key = settings_hash(settings)
+    for split, store in out.items():
+        if rebuild:
+            store.delete()
+        store.create_or_validate(key, settings, plan.image_ids(split), plan.class_names)
+        store.discard_partial()
+    return out
+
+
+def pending_units(plan: Plan, st: dict[str, FeatureStore]) -> list[tuple[str, int]]:
+    return [(sp, i) for sp, i in plan.units() if not st[sp].is_committed(i)]
+
+
+def run_local(cfg: Config, plan: Plan, st: dict[str, FeatureStore], units: list[tuple[str, int]],
+              device: torch.device, on_done: Any = None) -> Timings:
+    """In-process extraction; decoding/synthesis of the next shard and the
+    write of the previous one overlap with the backbone forward."""
+    ex = ShardExtractor(cfg, device).bind_plan(plan)
+    total = Timings()
+    if not units:
+        return total
+
+    def prep(u: tuple[str, int]) -> Prepared:
+        sp, i = u
+        return ex.prepare(sp, i, [plan.samples[sp][j] for j in plan.shards[sp][i]])
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        pending_write: Future | None = None
+        nxt: Future = reader.submit(prep, units[0])
+        for k in range(len(units)):
+            prepared = nxt.result()
+            if k + 1 < len(units):
+                nxt = reader.submit(prep, units[k + 1])
+            arrays = ex.compute(prepared)
+            if pending_write is not None:
+                _finish(pending_write, total, on_done)
+            pending_write = writer.submit(_write_and_return, ex, st[prepared.split], prepared, arrays)
+        if pending_write is not None:
+            _finish(pending_write, total, on_done)
+    return total
+
+
+def _write_and_return(ex: ShardExtractor, store: FeatureStore, prep: Prepared,
+                      arrays: dict[str, np.ndarray]) -> Prepared:
+    ex.write(store, prep, arrays)
+    return prep
+
+
+def _finish(fut: Future, total: Timings, on_done: Any) -> None:
+    prep = fut.result()
+    total.add(prep.timings)
+    if on_done:
+        on_done(prep)
+
+
+# Per worker process: the extractor is built once and reused for every shard.
+_WORKER_CACHE: dict[str, ShardExtractor] = {}
+
+
+def extract_unit(cfg: Config, plan: Plan, cache_dir: str, split: str, shard: int,
+                 device: str) -> dict[str, Any]:
+    """Idempotent Dask task: compute and commit one shard, return its timings."""
+    st = stores(Path(cache_dir))[split]
+    if st.is_committed(shard):
+        return {"split": split, "shard": shard, "images": 0, "skipped": True}
+    key = cfg.extract_key()
+    if key not in _WORKER_CACHE:
+        torch.set_num_threads(1)
+        _WORKER_CACHE.clear()
+        _WORKER_CACHE[key] = ShardExtractor(cfg, resolve_device(device)).bind_plan(plan)
+    ex = _WORKER_CACHE[key]
+    prep = ex.prepare(split, shard, [plan.samples[split][j] for j in plan.shards[split][shard]])
+    ex.write(st, prep, ex.compute(prep))
+    return {"split": split, "shard": shard, "skipped": False, **asdict(prep.timings)}
+
+
+def run_dask(cfg: Config, plan: Plan, cache_dir: Path, units: list[tuple[str, int]], device: str,
+             scheduler: str, on_done: Any = None) -> Timings:
+    """Spread shards over a Dask cluster: a LocalCluster for 'local', else an address."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    total = Timings()
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=max(1, min(2, os.cpu_count() or 1)), threads_per_worker=1,
+                               processes=True, dashboard_address=None)
+    else:
+        cluster = None
+    try:
+        with Client(cluster if cluster is not None else scheduler) as client:
+            futures = [client.submit(extract_unit, cfg, plan, str(cache_dir), sp, i, device,
+                                     key=f"extract-{cfg.extract_key()}-{sp}-{i}", pure=False)
+                       for sp, i in units]
+            for fut in as_completed(futures):
+                res = fut.result()
+                if not res.get("skipped"):
+                    total.add(Timings(**{k: res[k] for k in asdict(Timings())}))
+                if on_done:
+                    on_done(res)
+    except OSError as exc:
+        raise CladError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({exc}); "
+                        "check the address or use --scheduler local") from None
+    finally:
+        if cluster is not None:
+            cluster.close()
+    return total
+
+
+def iter_train_shards(store: FeatureStore) -> Iterator[int]:
+    yield from range(len(store.info().plan))
