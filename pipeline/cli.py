@@ -124,11 +124,11 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
         bar.update(len(res.samples) if hasattr(res, "samples") else len(plan.shards[res["split"]][res["shard"]]))
 
     t0 = time.perf_counter()
-    if scheduler:
-        timings = run_dask(cfg, plan, ws.cache_dir, units, device, scheduler, done)
-    else:
-        timings = run_local(cfg, plan, st, units, dev, done)
-    bar.close()
+    with bar:
+        if scheduler:
+            timings = run_dask(cfg, plan, ws.cache_dir, units, device, scheduler, done)
+        else:
+            timings = run_local(cfg, plan, st, units, dev, done)
     dt = time.perf_counter() - t0
     size = sum(s.nbytes_stored() for s in st.values())
     say(f"extract: done in {dt:.1f} s ({n_images / dt:.1f} img/s, {timings.rows} rows); "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,9 @@ from stages.backbone import Backbone, create_backbone
 from stages.data import Sample, index_dataset, load_image, load_mask, output_size
 from stages.features import max_embed_dim, patch_features
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
+
+
+EXTRACT_THREADS = 1  # intra-op threads of the backbone in every process (see run_local)
 
 
 @dataclass
@@ -272,7 +274,23 @@ def pending_units(plan: Plan, st: dict[str, FeatureStore]) -> list[tuple[str, in
 def run_local(cfg: Config, plan: Plan, st: dict[str, FeatureStore], units: list[tuple[str, int]],
               device: torch.device, on_done: Any = None) -> Timings:
     """In-process extraction; decoding/synthesis of the next shard and the
-    write of the previous one overlap with the backbone forward."""
+    write of the previous one overlap with the backbone forward.
+
+    The backbone runs with ``EXTRACT_THREADS`` intra-op threads, as in every
+    Dask worker: oneDNN's reductions depend on the thread count, and a fixed
+    count makes the cache bit-identical however the shards were spread. The
+    other core decodes, synthesizes and compresses meanwhile.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(EXTRACT_THREADS)
+    try:
+        return _run_local(cfg, plan, st, units, device, on_done)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_local(cfg: Config, plan: Plan, st: dict[str, FeatureStore], units: list[tuple[str, int]],
+               device: torch.device, on_done: Any) -> Timings:
     ex = ShardExtractor(cfg, device).bind_plan(plan)
     total = Timings()
     if not units:
@@ -323,7 +341,7 @@ def extract_unit(cfg: Config, plan: Plan, cache_dir: str, split: str, shard: int
         return {"split": split, "shard": shard, "images": 0, "skipped": True}
     key = cfg.extract_key()
     if key not in _WORKER_CACHE:
-        torch.set_num_threads(1)
+        torch.set_num_threads(EXTRACT_THREADS)
         _WORKER_CACHE.clear()
         _WORKER_CACHE[key] = ShardExtractor(cfg, resolve_device(device)).bind_plan(plan)
     ex = _WORKER_CACHE[key]
@@ -362,6 +380,3 @@ def run_dask(cfg: Config, plan: Plan, cache_dir: Path, units: list[tuple[str, in
             cluster.close()
     return total
 
-
-def iter_train_shards(store: FeatureStore) -> Iterator[int]:
-    yield from range(len(store.info().plan))

@@ -40,24 +40,24 @@ def perlin_2d(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Gener
     """
     h, w = shape
     d = (h // res[0], w // res[1])
-    grid = np.mgrid[0:res[0]:res[0] / h, 0:res[1]:res[1] / w].transpose(1, 2, 0) % 1
+    gy = (np.arange(h, dtype=np.float32) * (res[0] / h)) % 1
+    gx = (np.arange(w, dtype=np.float32) * (res[1] / w)) % 1
+    gy, gx = np.broadcast_to(gy[:, None], (h, w)), np.broadcast_to(gx[None, :], (h, w))
     angles = 2 * np.pi * rng.random((res[0] + 1, res[1] + 1))
-    grads = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
-    def tile(s0: slice, s1: slice) -> np.ndarray:
-        return np.repeat(np.repeat(grads[s0, s1], d[0], axis=0), d[1], axis=1)
+    def corner(oy: int, ox: int) -> np.ndarray:
+        # gradient of the lattice corner (oy, ox) of each cell, dotted with the offset
+        c = np.repeat(np.repeat(cos[oy:oy + res[0], ox:ox + res[1]], d[0], 0), d[1], 1)
+        s = np.repeat(np.repeat(sin[oy:oy + res[0], ox:ox + res[1]], d[0], 0), d[1], 1)
+        return c * (gy - oy) + s * (gx - ox)
 
-    def dot(g: np.ndarray, sx: float, sy: float) -> np.ndarray:
-        return (np.stack((grid[..., 0] + sx, grid[..., 1] + sy), axis=-1) * g[:h, :w]).sum(-1)
-
-    n00 = dot(tile(slice(0, -1), slice(0, -1)), 0, 0)
-    n10 = dot(tile(slice(1, None), slice(0, -1)), -1, 0)
-    n01 = dot(tile(slice(0, -1), slice(1, None)), 0, -1)
-    n11 = dot(tile(slice(1, None), slice(1, None)), -1, -1)
-    t = 6 * grid**5 - 15 * grid**4 + 10 * grid**3
-    n0 = n00 * (1 - t[..., 0]) + t[..., 0] * n10
-    n1 = n01 * (1 - t[..., 0]) + t[..., 0] * n11
-    return np.sqrt(2) * ((1 - t[..., 1]) * n0 + t[..., 1] * n1)
+    n00, n10, n01, n11 = corner(0, 0), corner(1, 0), corner(0, 1), corner(1, 1)
+    ty = 6 * gy**5 - 15 * gy**4 + 10 * gy**3
+    tx = 6 * gx**5 - 15 * gx**4 + 10 * gx**3
+    n0 = n00 * (1 - ty) + ty * n10
+    n1 = n01 * (1 - ty) + ty * n11
+    return np.float32(np.sqrt(2)) * ((1 - tx) * n0 + tx * n1)
 
 
 def perlin_mask(size: int, cfg: SynthesisConfig, rng: np.random.Generator) -> np.ndarray:

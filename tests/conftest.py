@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny generated data set and an extracted workspace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config, save_config
+from stages.demo_data import write_demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CLAD = [sys.executable, "-m", "pipeline.cli"]
+
+
+def clad(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (as a user would)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    res = subprocess.run(CLAD + list(args), capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"clad {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return res
+
+
+def set_config(work: Path, **sections: dict) -> None:
+    """Edit WORK/config.toml: set_config(work, features={"shard_images": 2})."""
+    from dataclasses import replace
+
+    cfg = load_config(work / "config.toml")
+    for name, values in sections.items():
+        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **values)})
+    save_config(cfg, work / "config.toml", train_overrides_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """Two classes (a texture and an object), 5 train, 2 test-good and 3 defects each."""
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    return write_demo_dataset(out, seed=1, n_train=5, n_test_good=2, n_test_defect=1,
+                              classes=("weave", "washer"))
+
+
+@pytest.fixture(scope="session")
+def extracted(tmp_path_factory, tiny_data) -> Path:
+    """A workspace on tiny_data, extracted once in-process (shards of 3 images)."""
+    work = tmp_path_factory.mktemp("ws") / "work"
+    clad("init", str(work), "--data", str(tiny_data))
+    set_config(work, features={"shard_images": 3})
+    clad("extract", str(work))
+    return work

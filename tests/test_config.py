@@ -1,0 +1,55 @@
+from dataclasses import replace
+
+import pytest
+
+from pipeline.config import (Config, FeatureConfig, TrainConfig, apply_sets, config_from_dict,
+                             config_to_dict, dump_toml, load_config, save_config)
+from pipeline.errors import CladError
+
+
+def test_training_change_keeps_extract_key_but_changes_train_key():
+    cfg = Config()
+    other = replace(cfg, train=replace(cfg.train, lr=1e-3))
+    assert other.extract_key() == cfg.extract_key()
+    assert other.train_key() != cfg.train_key()
+
+
+def test_labels_are_training_only_and_backbone_invalidates_extraction():
+    cfg = Config()
+    pseudo = replace(cfg, data=replace(cfg.data, labels="pseudo"))
+    assert pseudo.extract_key() == cfg.extract_key()
+    assert pseudo.train_key() != cfg.train_key()
+    lite1 = replace(cfg, features=replace(cfg.features, backbone="tf_efficientnet_lite1"))
+    assert lite1.extract_key() != cfg.extract_key()
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = Config(features=FeatureConfig(layers=(1, 2), crop=0))
+    save_config(cfg, tmp_path / "c.toml")
+    assert load_config(tmp_path / "c.toml") == cfg
+
+
+def test_unknown_keys_are_errors():
+    with pytest.raises(CladError, match="unknown setting.*bakbone"):
+        config_from_dict({"features": {"bakbone": "x"}})
+    with pytest.raises(CladError, match="unknown section"):
+        config_from_dict({"feature": {}})
+
+
+def test_profile_then_explicit_values_then_set():
+    cfg = config_from_dict({"train": {"profile": "fast", "lr": 1e-3}})
+    assert cfg.train.epochs_contrastive == 4 and cfg.train.lr == 1e-3
+    cfg = apply_sets(cfg, ["margin=2", "evaluate.sigma=2.5", "use_gas=false"])
+    assert cfg.train.margin == 2.0 and cfg.evaluate.sigma == 2.5 and cfg.train.use_gas is False
+    with pytest.raises(CladError, match="must be int"):
+        apply_sets(cfg, ["epochs_finetune=abc"])
+    with pytest.raises(CladError, match="unknown profile"):
+        config_from_dict({"train": {"profile": "fastest"}})
+
+
+def test_train_overrides_only_writes_what_differs_from_profile():
+    cfg = config_from_dict({"train": {"profile": "fast", "margin": 3.0}})
+    tree = config_to_dict(cfg, train_overrides_only=True)
+    assert tree["train"] == {"profile": "fast", "margin": 3.0}
+    assert "margin = 3.0" in dump_toml(tree)
+    assert TrainConfig().epochs_contrastive == 200  # the paper's schedule is the default

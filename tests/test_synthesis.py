@@ -1,0 +1,92 @@
+import numpy as np
+import pytest
+
+from pipeline.config import SynthesisConfig
+from stages.synthesis import (TextureSource, augment_texture, blend, combine_masks, feature_mask,
+                              foreground_mask, otsu_threshold, perlin_2d, perlin_mask, rng_for,
+                              synthesize)
+
+
+def test_perlin_shape_range_and_determinism():
+    a = perlin_2d((224, 224), (4, 8), rng_for(0, "x"))
+    b = perlin_2d((224, 224), (4, 8), rng_for(0, "x"))
+    assert a.shape == (224, 224) and np.array_equal(a, b)
+    assert -1.5 < a.min() < 0 < a.max() < 1.5
+    # zero at lattice points (a property of gradient noise)
+    assert np.allclose(a[::56, ::28], 0, atol=1e-6)
+
+
+def test_combine_masks_three_rules():
+    m1 = np.array([1, 1, 0, 0.0])
+    m2 = np.array([1, 0, 1, 0.0])
+    assert combine_masks(m1, m2, 0.9).tolist() == [1, 1, 1, 0]  # union
+    assert combine_masks(m1, m2, 0.5).tolist() == [1, 0, 0, 0]  # intersection
+    assert combine_masks(m1, m2, 0.1).tolist() == [1, 1, 0, 0]  # first alone
+
+
+def test_feature_mask_any_pixel_rule():
+    m = np.zeros((16, 16), np.float32)
+    m[9, 2] = 1  # one pixel in cell (1, 0) at stride 8
+    fm = feature_mask(m, 8)
+    assert fm.tolist() == [[False, False], [True, False]]
+
+
+def test_blend_is_eq3():
+    x, tex, m = np.full((1, 2, 3), 0.2), np.full((1, 2, 3), 1.0), np.array([[1.0, 0.0]])
+    out = blend(x, tex, m, beta=0.75)
+    assert np.allclose(out[0, 0], 0.25 * 1.0 + 0.75 * 0.2)  # (1-beta) tex + beta x
+    assert np.allclose(out[0, 1], 0.2)  # outside the mask: untouched
+
+
+def test_otsu_and_foreground_of_dark_object_on_white():
+    img = np.ones((64, 64, 3), np.float32)
+    yy, xx = np.mgrid[0:64, 0:64]
+    disk = (yy - 32) ** 2 + (xx - 32) ** 2 < 15**2
+    img[disk] = 0.1
+    fg = foreground_mask(img, is_texture=False)
+    assert fg[32, 32] == 1 and fg[2, 2] == 0
+    assert abs(fg.mean() - disk.mean()) < 0.03
+    assert foreground_mask(img, is_texture=True).min() == 1
+    assert 0.1 < otsu_threshold(img.mean(2)) < 1.0
+
+
+def test_synthesize_deterministic_inside_foreground_and_beta_clipped():
+    cfg = SynthesisConfig()
+    img = np.random.default_rng(0).random((64, 64, 3)).astype(np.float32)
+    fg = np.zeros((64, 64), np.float32)
+    fg[16:48, 16:48] = 1
+    tex = TextureSource("")
+    a = synthesize(img, fg, tex, cfg, 8, rng_for(3, "img", 0))
+    b = synthesize(img, fg, tex, cfg, 8, rng_for(3, "img", 0))
+    c = synthesize(img, fg, tex, cfg, 8, rng_for(3, "img", 1))
+    assert np.array_equal(a.image, b.image) and a.beta == b.beta
+    assert not np.array_equal(a.image, c.image)
+    assert a.patch_mask.any() and a.used_foreground
+    assert (a.mask * (1 - fg)).sum() == 0  # never outside the foreground
+    changed = np.abs(a.image - img).sum(-1) > 1e-6
+    assert not changed[a.mask == 0].any()
+    assert cfg.beta_min <= a.beta <= cfg.beta_max
+
+
+def test_empty_foreground_falls_back_to_whole_image():
+    cfg = SynthesisConfig(max_tries=2)
+    img = np.zeros((32, 32, 3), np.float32)
+    out = synthesize(img, np.zeros((32, 32), np.float32), TextureSource(""), cfg, 8, rng_for(0, "e"))
+    assert not out.used_foreground and out.patch_mask.any()
+
+
+def test_texture_folder_and_augmentations(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(tmp_path / "t.jpg")
+    src = TextureSource(str(tmp_path))
+    im = src.draw(32, rng_for(0, "t"))
+    assert im.size == (32, 32)
+    out = augment_texture(im, rng_for(0, "aug"))
+    assert out.size == (32, 32) and out.mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [224, 256])
+def test_perlin_mask_binary(size):
+    m = perlin_mask(size, SynthesisConfig(), rng_for(0, size))
+    assert set(np.unique(m)) <= {0.0, 1.0}
