@@ -42,7 +42,7 @@ def main() -> None:
 @main.command("demo-data")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", default=0, show_default=True, help="Random seed; same seed, same images.")
-@click.option("--train", "n_train", default=30, show_default=True, help="Normal training images per class.")
+@click.option("--train", "n_train", default=20, show_default=True, help="Normal training images per class.")
 @click.option("--test-good", default=8, show_default=True, help="Normal test images per class.")
 @click.option("--test-defect", default=4, show_default=True, help="Test images per defect type.")
 @click.option("--classes", default="", help="Comma-separated subset of classes (default: all 5).")
@@ -133,6 +133,25 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
     size = sum(s.nbytes_stored() for s in st.values())
     say(f"extract: done in {dt:.1f} s ({n_images / dt:.1f} img/s, {timings.rows} rows); "
         f"cache {size / 2**20:.1f} MiB in {ws.cache_dir}")
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
+@click.option("--profile", type=click.Choice(["fast", "long", "paper"]), default=None,
+              help="Training schedule (default: config.toml's train.profile).")
+@click.option("--head", type=click.Choice(["clad", "knn"]), default=None, help="Head to train.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a setting, e.g. --set lr=1e-4 --set use_gas=false.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--restart", is_flag=True, help="Discard this run's checkpoints and train anew.")
+def train(work: Path, run_name: str, profile: str | None, head: str | None, sets: tuple[str, ...],
+          device: str, restart: bool) -> None:
+    """Stage 2: train a head on the cached features into runs/NAME (resumable)."""
+    from pipeline.train_run import train_run
+
+    train_run(Workspace(work), run_name, {"profile": profile, "head": head, "sets": list(sets)},
+              device, restart)
 
 
 @main.command()

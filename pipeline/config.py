@@ -89,7 +89,6 @@ class TrainConfig:
     margin: float = 1.0  # M of eq. 12
     alpha: float = 1.0  # alpha of eqs. 13-14
     gamma: float = -0.8
-    beta_pos: float = 0.5  # beta of eq. 15/16 weighting positive vs negative terms
     delta: float = 0.5  # hinge margin of eqs. 21-23
     contrast_normals_only: bool = False
     fusion_p: float = 0.5
@@ -162,12 +161,12 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     "paper": {},
     "fast": {
-        "epochs_contrastive": 4,
-        "epochs_finetune": 8,
+        "epochs_contrastive": 2,
+        "epochs_finetune": 4,
         "batch_contrastive": 4000,
         "batch_finetune": 20000,
-        "gas_steps": 5,
-        "gas_project_every": 5,
+        "gas_steps": 3,
+        "gas_project_every": 3,
     },
     "long": {
         "epochs_contrastive": 20,
@@ -203,7 +202,6 @@ def _norm(v: Any) -> Any:
 
 
 # -- TOML in and out --------------------------------------------------------
-_SECTIONS = {f.name: f.type for f in fields(Config)}
 _SECTION_TYPES = {
     "data": DataConfig, "features": FeatureConfig, "synthesis": SynthesisConfig,
     "train": TrainConfig, "evaluate": EvaluateConfig,

@@ -33,6 +33,7 @@ class _LineProgress:
         if now - self.last >= self.every:
             self.last = now
             self._line()
+            self._printed = self.n
 
     def set_postfix(self, postfix: dict[str, Any] | None = None, **kw: Any) -> None:
         items = {**(postfix or {}), **kw}
@@ -46,8 +47,8 @@ class _LineProgress:
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self.n != getattr(self, "_closed_at", None):
-            self._closed_at = self.n
+        if self.n != getattr(self, "_printed", None):
+            self._printed = self.n
             self._line()
 
 

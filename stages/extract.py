@@ -26,7 +26,7 @@ from pipeline.config import Config
 from pipeline.errors import CladError
 from stages.backbone import Backbone, create_backbone
 from stages.data import Sample, index_dataset, load_image, load_mask, output_size
-from stages.features import max_embed_dim, patch_features
+from stages.features import PatchProjector, max_embed_dim
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
 
 
@@ -123,6 +123,8 @@ class ShardExtractor:
                             f"{limit} (= min channels x patch^2 of {f.backbone}); pooling would "
                             f"duplicate values. Set them <= {limit}")
         self.stride = self.backbone.strides[0]
+        self.projector = PatchProjector(self.backbone.channels, f.patch, f.pretrain_dim,
+                                        f.embed_dim).to(device)
         self.textures = TextureSource(cfg.data.textures)
         if cfg.data.textures and not self.textures.files:
             raise CladError(f"data.textures={cfg.data.textures!r}: no images found; point it at a "
@@ -173,7 +175,7 @@ class ShardExtractor:
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
             with torch.inference_mode():
-                rows = patch_features(levels, f.patch, f.pretrain_dim, f.embed_dim)
+                rows = self.projector(levels)
             out.append(rows.half().cpu().numpy())
             timings.forward += t1 - t0
             timings.aggregate += time.perf_counter() - t1

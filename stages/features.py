@@ -44,3 +44,38 @@ def patch_features(levels: list[torch.Tensor], patch: int, pretrain_dim: int,
 def max_embed_dim(channels: list[int], patch: int) -> int:
     """Largest C_d for which channel pooling never duplicates values."""
     return min(c * patch * patch for c in channels)
+
+
+def _pool_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """``[n_out, n_in]`` matrix equal to ``pool_channels`` (the same adaptive bins)."""
+    return pool_channels(torch.eye(n_in), n_out).T.contiguous()
+
+
+class PatchProjector(torch.nn.Module):
+    """``patch_features`` computed as one fixed 3x3 convolution per level.
+
+    Unfolding, channel pooling and the final pooling are all linear, and the
+    per-position pooling commutes with bilinear upsampling, so the whole
+    aggregation equals ``sum_j upsample(conv(f_j, K_j))`` with fixed kernels
+    ``K_j``. Same numbers up to float rounding, several times faster.
+    """
+
+    def __init__(self, channels: list[int], patch: int, pretrain_dim: int, embed_dim: int):
+        super().__init__()
+        self.patch = patch
+        final = _pool_matrix(pretrain_dim * len(channels), embed_dim)  # [C_d, L*P]
+        for j, c in enumerate(channels):
+            first = _pool_matrix(c * patch * patch, pretrain_dim)  # [P, C*p*p]
+            k = final[:, j * pretrain_dim:(j + 1) * pretrain_dim] @ first
+            self.register_buffer(f"kernel{j}", k.view(embed_dim, c, patch, patch))
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """Backbone levels -> ``[B, H0*W0, C_d]`` float32."""
+        h0, w0 = levels[0].shape[-2:]
+        out = None
+        for j, feat in enumerate(levels):
+            y = torch.nn.functional.conv2d(feat, getattr(self, f"kernel{j}"), padding=self.patch // 2)
+            if y.shape[-2:] != (h0, w0):
+                y = F.interpolate(y, size=(h0, w0), mode="bilinear", align_corners=False)
+            out = y if out is None else out + y
+        return out.permute(0, 2, 3, 1).reshape(out.shape[0], h0 * w0, -1)

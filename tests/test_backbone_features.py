@@ -6,7 +6,8 @@ from PIL import Image
 
 from pipeline.errors import CladError
 from stages.backbone import _load_weights, create_backbone, map_efficientnet_pytorch_keys
-from stages.features import aggregate_local, max_embed_dim, patch_features, pool_channels
+from stages.features import (PatchProjector, aggregate_local, max_embed_dim, patch_features,
+                             pool_channels)
 
 
 def _top5(net, name):
@@ -70,3 +71,11 @@ def test_pool_channels_and_patch_feature_shapes():
     out = patch_features(levels, 3, 360, 360)
     assert out.shape == (2, 784, 360)
     assert max_embed_dim([40, 112], 3) == 360
+
+
+def test_projector_equals_unfold_and_pool():
+    levels = [torch.randn(2, 40, 28, 28), torch.randn(2, 112, 14, 14)]
+    ref = patch_features(levels, 3, 360, 300)
+    fast = PatchProjector([40, 112], 3, 360, 300)(levels)
+    assert fast.shape == ref.shape == (2, 784, 300)
+    assert torch.allclose(fast, ref, atol=1e-5)

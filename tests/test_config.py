@@ -38,7 +38,7 @@ def test_unknown_keys_are_errors():
 
 def test_profile_then_explicit_values_then_set():
     cfg = config_from_dict({"train": {"profile": "fast", "lr": 1e-3}})
-    assert cfg.train.epochs_contrastive == 4 and cfg.train.lr == 1e-3
+    assert cfg.train.epochs_contrastive == 2 and cfg.train.lr == 1e-3
     cfg = apply_sets(cfg, ["margin=2", "evaluate.sigma=2.5", "use_gas=false"])
     assert cfg.train.margin == 2.0 and cfg.evaluate.sigma == 2.5 and cfg.train.use_gas is False
     with pytest.raises(CladError, match="must be int"):

@@ -1,0 +1,184 @@
+"""Batches of patch rows streamed from ``train.zarr``: bounded memory, reproducible.
+
+An epoch is one pass over the (non-held-out) normal rows. Its shard order is
+a permutation drawn from (seed, epoch); shards are read ``window`` at a time,
+rows are shuffled within the window, and batches of exactly ``n_normal``
+normal rows are cut (a remainder carries over to the next window; the last
+one of an epoch is dropped). Each batch also takes ``n_anomaly`` synthetic
+rows of the current window, with the feature of their same-place normal
+patch for eq. 4's fusion. Reading happens in a background thread (prefetch),
+so decompression overlaps with training. Peak memory is the window plus a
+batch, whatever the cache size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cache.store import FeatureStore
+
+
+def seeded(seed: int, *parts: object) -> np.random.Generator:
+    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+@dataclass
+class Batch:
+    """One training batch (float32 tensors on the target device)."""
+
+    normal: torch.Tensor  # [Bn, C]
+    normal_image: torch.Tensor  # [Bn] long, global image index
+    anomaly: torch.Tensor  # [Ba, C] synthesized rows
+    anomaly_pair: torch.Tensor  # [Ba, C] same-place normal rows
+    anomaly_beta: torch.Tensor  # [Ba]
+
+
+class TrainCache:
+    """Read access to a train store's shards, with per-image metadata."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        info = store.info()
+        self.class_names = info.class_names
+        self.image_ids = [i for shard in info.plan for i in shard]
+        self.n_shards = len(info.plan)
+        self.image_offsets = np.cumsum([0] + [len(s) for s in info.plan])
+        self.embed_dim = int(info.settings["features"]["embed_dim"])
+        self.image_class = np.array([self.class_names.index(i.split("/")[0]) for i in self.image_ids])
+
+    def load(self, shard: int, names: tuple[str, ...] = ("features", "anomaly", "image", "pair", "beta")
+             ) -> dict[str, np.ndarray]:
+        g = self.store.open_shard(shard)
+        return {n: g[n][...] for n in names}
+
+    def row_counts(self) -> list[tuple[int, np.ndarray]]:
+        """Per shard: (rows, per-row image index) for anomaly==0 rows; cheap (no features)."""
+        out = []
+        for s in range(self.n_shards):
+            a = self.load(s, ("anomaly", "image"))
+            out.append((len(a["anomaly"]), a["image"][a["anomaly"] == 0]))
+        return out
+
+
+class BatchStream:
+    """Reproducible batches of exactly ``n_normal`` + ``n_anomaly`` rows."""
+
+    def __init__(self, cache: TrainCache, n_normal: int, n_anomaly: int, seed: int,
+                 excluded_images: np.ndarray, window: int = 4, device: torch.device | None = None,
+                 prefetch: int = 2):
+        self.cache = cache
+        self.seed = seed
+        self.window = max(1, window)
+        self.device = device or torch.device("cpu")
+        self.prefetch = prefetch
+        self.excluded = excluded_images  # bool per global image
+        counts = cache.row_counts()
+        self.total_normal = int(sum((~excluded_images[img]).sum() for _, img in counts))
+        self.n_normal = min(n_normal, self.total_normal)  # a tiny cache cannot fill a huge batch
+        self.n_anomaly = n_anomaly if n_normal <= self.total_normal else max(
+            1, n_anomaly * self.n_normal // max(n_normal, 1)) if n_anomaly else 0
+        self.batches_per_epoch = max(1, self.total_normal // max(self.n_normal, 1))
+
+    # -- producer ---------------------------------------------------------------
+    def _windows(self, epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.random.Generator]]:
+        order = seeded(self.seed, "shards", epoch).permutation(self.cache.n_shards)
+        for w in range(0, len(order), self.window):
+            normal, n_img, anom, pair, beta = [], [], [], [], []
+            for shard in order[w:w + self.window]:
+                d = self.cache.load(int(shard))
+                keep = ~self.excluded[d["image"]]
+                is_a = d["anomaly"].astype(bool)
+                n_rows = keep & ~is_a
+                a_rows = keep & is_a
+                normal.append(d["features"][n_rows])
+                n_img.append(d["image"][n_rows])
+                anom.append(d["features"][a_rows])
+                pair.append(d["features"][d["pair"][a_rows]])
+                beta.append(d["beta"][a_rows])
+            rng = seeded(self.seed, "rows", epoch, w)
+            data = {"normal": np.concatenate(normal), "image": np.concatenate(n_img),
+                    "anomaly": np.concatenate(anom), "pair": np.concatenate(pair),
+                    "beta": np.concatenate(beta)}
+            p = rng.permutation(len(data["normal"]))
+            q = rng.permutation(len(data["anomaly"]))
+            data["normal"], data["image"] = data["normal"][p], data["image"][p]
+            data["anomaly"], data["pair"], data["beta"] = data["anomaly"][q], data["pair"][q], data["beta"][q]
+            yield data, rng
+
+    def _produce(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        carry_x = np.zeros((0, self.cache.embed_dim), np.float16)
+        carry_i = np.zeros((0,), np.int32)
+        pool: dict[str, np.ndarray] | None = None
+        cursor = 0
+        emitted = 0
+        for data, _ in self._windows(epoch):
+            if len(data["anomaly"]):
+                pool, cursor = data, 0
+            xs = np.concatenate([carry_x, data["normal"]])
+            ims = np.concatenate([carry_i, data["image"]])
+            start = 0
+            while len(xs) - start >= self.n_normal and emitted < self.batches_per_epoch:
+                batch = {"normal": xs[start:start + self.n_normal],
+                         "image": ims[start:start + self.n_normal]}
+                start += self.n_normal
+                if self.n_anomaly and pool is not None:
+                    idx = (cursor + np.arange(self.n_anomaly)) % len(pool["anomaly"])
+                    cursor = int((cursor + self.n_anomaly) % len(pool["anomaly"]))
+                    batch.update(anomaly=pool["anomaly"][idx], pair=pool["pair"][idx], beta=pool["beta"][idx])
+                yield batch
+                emitted += 1
+            carry_x, carry_i = xs[start:], ims[start:]
+
+    def _to_batch(self, b: dict[str, np.ndarray]) -> Batch:
+        def t(a: np.ndarray | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            if a is None:
+                return torch.zeros((0, self.cache.embed_dim), dtype=dtype, device=self.device)
+            x = torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            return x
+
+        return Batch(t(b["normal"]), t(b["image"], torch.long), t(b.get("anomaly")), t(b.get("pair")),
+                     t(b.get("beta")).reshape(-1))
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of one epoch, decoded ``prefetch`` batches ahead in a thread."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                for b in self._produce(epoch):
+                    if stop.is_set():
+                        return
+                    q.put(self._to_batch(b))
+                q.put(done)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+                q.put(exc)
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while th.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    th.join(0.05)

@@ -1,0 +1,86 @@
+"""Runs: the configuration each run saw, and whether its outputs are current.
+
+A run's configuration is the workspace's config.toml plus the run's own
+command-line choices (``--profile``, ``--head``, ``--set``), kept in
+``runs/NAME/overrides.json`` so that ``clad status`` can tell when an edit of
+config.toml made the run stale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, apply_sets, diff_settings, load_config, with_profile
+from pipeline.workspace import StageState, Workspace, read_json
+
+
+def run_config(base: Config, overrides: dict[str, Any]) -> Config:
+    cfg = base
+    if overrides.get("profile"):
+        cfg = replace(cfg, train=with_profile(cfg.train, overrides["profile"]))
+        # explicit [train] keys of config.toml still win over the profile
+        from pipeline.config import TrainConfig, config_to_dict
+
+        explicit = config_to_dict(base, train_overrides_only=True)["train"]
+        explicit.pop("profile", None)
+        if explicit:
+            from pipeline.config import section_from_dict
+
+            cfg = replace(cfg, train=section_from_dict(TrainConfig, explicit, "config.toml [train]", cfg.train))
+    if overrides.get("head"):
+        cfg = replace(cfg, train=replace(cfg.train, head=overrides["head"]))
+    return apply_sets(cfg, overrides.get("sets", []))
+
+
+def overrides_path(ws: Workspace, name: str) -> Path:
+    return ws.run_dir(name) / "overrides.json"
+
+
+def saved_overrides(ws: Workspace, name: str) -> dict[str, Any]:
+    return read_json(overrides_path(ws, name)) or {}
+
+
+def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> list[StageState]:
+    """Train and evaluate state of one run, against the current config.toml."""
+    rd = ws.run_dir(name)
+    expected = run_config(cfg, saved_overrides(ws, name))
+    summary = read_json(rd / "train.json")
+    snap = rd / "config.toml"
+    out = []
+    if summary is None:
+        latest = rd / "checkpoints" / "latest.pt"
+        state = "partial" if latest.is_file() else "missing"
+        out.append(StageState(f"train[{name}]", state, f"run 'clad train WORK --run {name}' to finish"))
+    elif summary.get("train_key") != expected.train_key():
+        used = load_config(snap) if snap.is_file() else expected
+        changes = diff_settings(used.extract_settings() | used.train_settings(),
+                                expected.extract_settings() | expected.train_settings())
+        out.append(StageState(f"train[{name}]", "stale", "; ".join(changes[:5]) +
+                              f" (re-run 'clad train WORK --run {name} --restart')", extra={"changes": changes}))
+    elif extract.state != "done":
+        out.append(StageState(f"train[{name}]", "stale", f"the feature cache is {extract.state}"))
+    else:
+        out.append(StageState(f"train[{name}]", "done", f"{summary.get('head', 'clad')} head"))
+    metrics = read_json(rd / "eval" / "metrics.json")
+    if metrics is None:
+        out.append(StageState(f"evaluate[{name}]", "missing", f"run 'clad evaluate WORK --run {name}'"))
+    elif out[-1].state != "done" or metrics.get("evaluate_key") != expected.evaluate_key():
+        out.append(StageState(f"evaluate[{name}]", "stale", f"re-run 'clad evaluate WORK --run {name}'"))
+    else:
+        out.append(StageState(f"evaluate[{name}]", "done", _headline(metrics)))
+    return out
+
+
+def _headline(metrics: dict[str, Any]) -> str:
+    m = metrics.get("mean", {})
+    return (f"image AUROC {m.get('image_auroc', float('nan')):.3f}, pixel AUROC "
+            f"{m.get('pixel_auroc', float('nan')):.3f}, AUPRO {m.get('aupro', float('nan')):.3f}")
+
+
+def write_overrides(ws: Workspace, name: str, overrides: dict[str, Any]) -> None:
+    from pipeline.config import write_atomic
+
+    write_atomic(overrides_path(ws, name), json.dumps(overrides, indent=2))

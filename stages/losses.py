@@ -1,0 +1,156 @@
+"""CLAD's losses as pure torch functions (paper eqs. 8-23; METHOD.md section 2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAIR_BLOCK = 1024  # rows of the B x B distance matrix computed at a time
+WEIGHT_FLOOR = 1e-6
+
+
+def focal_weight(loss: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+    """Eqs. 13-14: ``alpha * (1 - exp(-L))^gamma``.
+
+    With gamma < 0 the weight is infinite at L = 0 and ``inf * 0`` would give
+    NaN for every masked-out pair. The base is floored at 1e-6 so the weight
+    stays finite (w * L = 0 exactly where L = 0); it stays in the graph, so
+    near 0 the term behaves like alpha * L^(1 + gamma).
+    """
+    return alpha * torch.clamp(1 - torch.exp(-loss), min=WEIGHT_FLOOR) ** gamma
+
+
+def contrastive_reference(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0,
+                          alpha: float = 1.0, gamma: float = -0.8,
+                          pair_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Eqs. 8-17 written out on the full B x B matrices (small B; the tests' reference)."""
+    b = z.shape[0]
+    d2 = (z * z).sum(1, keepdim=True) + (z * z).sum(1)[None] - 2 * z @ z.T
+    dist = torch.sqrt(torch.clamp(d2, min=1e-12))  # eq. 8
+    eq = labels[:, None] == labels[None]  # eq. 9
+    not_self = ~torch.eye(b, dtype=torch.bool, device=z.device)
+    pos = dist * (eq & not_self)  # eq. 11
+    neg = F.relu(margin - dist) * ~eq  # eq. 12
+    total = focal_weight(pos, alpha, gamma) * pos + focal_weight(neg, alpha, gamma) * neg  # 15-16
+    if pair_mask is not None:
+        total = total * (pair_mask[:, None] & pair_mask[None])
+    return total.sum() / (b * b)  # eq. 17
+
+
+def _block_value_and_grad(zb: torch.Tensor, z: torch.Tensor, lb: torch.Tensor, labels: torch.Tensor,
+                          start: int, margin: float, alpha: float, gamma: float,
+                          mask_b: torch.Tensor | None, mask: torch.Tensor | None, need_grad: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sum of f(L_ij) over a block of rows, and dSum/dd2_ij (``[blk, B]``).
+
+    Positive and negative terms never overlap (a pair is one or the other),
+    so one loss matrix L and one focal weight serve both: f(L) = w(L) L.
+    """
+    d2 = (zb * zb).sum(1, keepdim=True) + (z * z).sum(1)[None] - 2 * zb @ z.T
+    live = d2 > 1e-12
+    dist = torch.sqrt(torch.clamp(d2, min=1e-12))
+    eq = lb[:, None] == labels[None]
+    rows = torch.arange(zb.shape[0], device=z.device)
+    eq[rows, rows + start] = False  # the diagonal is neither a positive nor a negative pair
+    is_neg = lb[:, None] != labels[None]
+    loss = torch.where(eq, dist, torch.where(is_neg, F.relu(margin - dist), torch.zeros_like(dist)))
+    raw = -torch.expm1(-loss)  # 1 - exp(-L)
+    floored = raw < WEIGHT_FLOOR
+    u = torch.clamp(raw, min=WEIGHT_FLOOR)
+    w = alpha * u**gamma
+    f = w * loss
+    pair_w = None
+    if mask is not None:
+        pair_w = (mask_b[:, None] & mask[None]).to(z.dtype)
+        f = f * pair_w
+    value = f.sum()
+    if not need_grad:
+        return value, None
+    # d f / d L = w + L * dw/dL, with dw/dL = alpha * gamma * u^(gamma-1) * exp(-L) (0 where floored)
+    dfdl = w + torch.where(floored, torch.zeros_like(w), gamma * w / u * (1 - raw) * loss)
+    sign = torch.where(eq, torch.ones_like(dist),
+                       torch.where(is_neg & (dist < margin), -torch.ones_like(dist), torch.zeros_like(dist)))
+    g = dfdl * sign * live / (2 * dist)  # dD/dd2 = 1 / (2D) where d2 was not clamped
+    if pair_w is not None:
+        g = g * pair_w
+    return value, g
+
+
+class _Contrastive(torch.autograd.Function):
+    """Eq. 17 with its gradient accumulated block by block during the forward pass.
+
+    Peak memory is a few ``[block, B]`` matrices and one ``[B, D]`` gradient;
+    the B x B matrices are never whole and nothing is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z, labels, margin, alpha, gamma, pair_mask, block):  # noqa: ANN001, D102
+        b = z.shape[0]
+        need = ctx.needs_input_grad[0]
+        total = z.new_zeros(())
+        grad = torch.zeros_like(z) if need else None
+        for s in range(0, b, block):
+            zb = z[s:s + block]
+            mb = pair_mask[s:s + block] if pair_mask is not None else None
+            v, g = _block_value_and_grad(zb, z, labels[s:s + block], labels, s, margin, alpha, gamma,
+                                         mb, pair_mask, need)
+            total = total + v
+            if need:
+                # d2_ij = |z_i|^2 + |z_j|^2 - 2 z_i.z_j, for rows i of the block and all j
+                grad[s:s + block] += 2 * g.sum(1, keepdim=True) * zb - 2 * g @ z
+                grad += 2 * g.sum(0)[:, None] * z - 2 * g.T @ zb
+        ctx.save_for_backward(grad if need else None)
+        return total / (b * b)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, D102
+        (grad,) = ctx.saved_tensors
+        b = grad.shape[0]
+        return grad * grad_out / (b * b), None, None, None, None, None, None
+
+
+def contrastive_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, alpha: float = 1.0,
+                     gamma: float = -0.8, pair_mask: torch.Tensor | None = None,
+                     block: int = PAIR_BLOCK) -> torch.Tensor:
+    """Eq. 17: weighted pair losses summed over the batch, divided by B^2.
+
+    ``z`` ``[B, D]``, ``labels`` ``[B]`` long. Computed ``block`` rows at a time
+    with an analytic gradient (``_Contrastive``), so peak memory is O(block * B)
+    and never B x B x D. ``pair_mask`` ``[B]`` bool (optional) keeps only pairs
+    whose both rows are set (the "normal pairs only" reading of eq. 11).
+    """
+    return _Contrastive.apply(z, labels, margin, alpha, gamma, pair_mask, block)
+
+
+def variance_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eqs. 18-19: mean over labels (with >= 2 rows) of mean ||z - mu_c||^2."""
+    terms = []
+    for c in torch.unique(labels):
+        zc = z[labels == c]
+        if zc.shape[0] >= 2:
+            terms.append(((zc - zc.mean(0)) ** 2).sum(1).mean())
+    return torch.stack(terms).mean() if terms else z.new_zeros(())
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Eq. 20: cross-entropy (batch mean)."""
+    return F.cross_entropy(logits, labels)
+
+
+def hinge_loss(score: torch.Tensor, is_anomaly: torch.Tensor, delta: float = 0.5) -> torch.Tensor:
+    """Eqs. 21-23: anomalies pushed to s >= delta, normals to s <= -delta (mean over rows)."""
+    a = is_anomaly.bool()
+    per_row = torch.where(a, F.relu(delta - score), F.relu(score + delta))
+    return per_row.mean()
+
+
+def gas_ascent_loss(score: torch.Tensor) -> torch.Tensor:
+    """GLASS' BCE(sigmoid(s), 1) = softplus(-s); ascending it makes features look normal."""
+    return F.softplus(-score).mean()
+
+
+def project_shell(x_g: torch.Tensor, x: torch.Tensor, r1: float, r2: float) -> torch.Tensor:
+    """Project ``x_g`` so that ``r1 <= ||x_g - x|| <= r2`` per row (GLASS manifold mode)."""
+    h = x_g - x
+    norm = h.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return x + h * (norm.clamp(r1, r2) / norm)
