@@ -156,6 +156,31 @@ def train(work: Path, run_name: str, profile: str | None, head: str | None, sets
 
 @main.command()
 @click.argument("work", type=click.Path(path_type=Path))
+@click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+def evaluate(work: Path, run_name: str, device: str) -> None:
+    """Stage 3: metrics, report and pictures of a trained run (runs/NAME/eval)."""
+    from pipeline.eval_run import evaluate_run_cli
+
+    evaluate_run_cli(Workspace(work), run_name, device)
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Output folder (default: WORK/runs/NAME/scores).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | None, device: str) -> None:
+    """Score new images (files or folders) with a trained run: score, verdict, heat map."""
+    from pipeline.eval_run import score_cli
+
+    score_cli(Workspace(work), run_name, list(paths), out_dir, device)
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(work: Path, as_json: bool) -> None:
     """Show each stage and run: done, partial, stale or missing."""

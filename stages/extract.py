@@ -24,9 +24,8 @@ import torch
 from cache.store import FeatureStore, compressors
 from pipeline.config import Config
 from pipeline.errors import CladError
-from stages.backbone import Backbone, create_backbone
 from stages.data import Sample, index_dataset, load_image, load_mask, output_size
-from stages.features import PatchProjector, max_embed_dim
+from stages.features import FeatureEncoder
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
 
 
@@ -112,19 +111,11 @@ class Prepared:
 class ShardExtractor:
     """Everything needed to turn a shard of images into arrays (one per process)."""
 
-    def __init__(self, cfg: Config, device: torch.device, backbone: Backbone | None = None):
+    def __init__(self, cfg: Config, device: torch.device):
         self.cfg = cfg
         self.device = device
-        f = cfg.features
-        self.backbone = (backbone or create_backbone(f.backbone, f.layers, f.weights)).to(device)
-        limit = max_embed_dim(self.backbone.channels, f.patch)
-        if f.embed_dim > limit or f.pretrain_dim > limit:
-            raise CladError(f"features.embed_dim={f.embed_dim}/pretrain_dim={f.pretrain_dim} exceed "
-                            f"{limit} (= min channels x patch^2 of {f.backbone}); pooling would "
-                            f"duplicate values. Set them <= {limit}")
-        self.stride = self.backbone.strides[0]
-        self.projector = PatchProjector(self.backbone.channels, f.patch, f.pretrain_dim,
-                                        f.embed_dim).to(device)
+        self.encoder = FeatureEncoder(cfg.features, device)
+        self.stride = self.encoder.stride
         self.textures = TextureSource(cfg.data.textures)
         if cfg.data.textures and not self.textures.files:
             raise CladError(f"data.textures={cfg.data.textures!r}: no images found; point it at a "
@@ -163,26 +154,8 @@ class ShardExtractor:
         return Prepared(split, shard, samples, np.stack(images), pmasks, betas,
                         np.stack(masks) if masks else None, t)
 
-    def features(self, images: np.ndarray, timings: Timings) -> np.ndarray:
-        """``[M, S, S, 3]`` -> ``[M, H0*W0, C_d]`` float16, in batches."""
-        f = self.cfg.features
-        out = []
-        for i in range(0, len(images), f.batch_images):
-            x = torch.from_numpy(images[i:i + f.batch_images]).permute(0, 3, 1, 2).to(self.device)
-            t0 = time.perf_counter()
-            levels = self.backbone(x)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                rows = self.projector(levels)
-            out.append(rows.half().cpu().numpy())
-            timings.forward += t1 - t0
-            timings.aggregate += time.perf_counter() - t1
-        return np.concatenate(out)
-
     def compute(self, prep: Prepared) -> dict[str, np.ndarray]:
-        feats = self.features(prep.images, prep.timings)
+        feats = self.encoder(prep.images, prep.timings)
         arrays = (self._train_arrays(prep, feats) if prep.split == "train"
                   else self._test_arrays(prep, feats))
         prep.timings.rows = int(arrays["features"].shape[0] * (1 if prep.split == "train"

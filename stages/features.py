@@ -8,8 +8,15 @@ bilinearly to the finest grid, each vector is 1-D adaptive-average-pooled to
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from pipeline.config import FeatureConfig
+from pipeline.errors import CladError
 
 
 def aggregate_local(feature: torch.Tensor, patch: int) -> torch.Tensor:
@@ -79,3 +86,43 @@ class PatchProjector(torch.nn.Module):
                 y = F.interpolate(y, size=(h0, w0), mode="bilinear", align_corners=False)
             out = y if out is None else out + y
         return out.permute(0, 2, 3, 1).reshape(out.shape[0], h0 * w0, -1)
+
+
+class FeatureEncoder:
+    """Images -> patch rows: the frozen backbone plus the fixed projection.
+
+    Shared by extraction (training and test images) and by ``clad score``
+    (new images), so both see exactly the same features.
+    """
+
+    def __init__(self, cfg: FeatureConfig, device: torch.device, pretrained: bool = True):
+        from stages.backbone import create_backbone
+
+        self.cfg, self.device = cfg, device
+        self.backbone = create_backbone(cfg.backbone, cfg.layers, cfg.weights, pretrained).to(device)
+        limit = max_embed_dim(self.backbone.channels, cfg.patch)
+        if cfg.embed_dim > limit or cfg.pretrain_dim > limit:
+            raise CladError(f"features.embed_dim={cfg.embed_dim}/pretrain_dim={cfg.pretrain_dim} exceed "
+                            f"{limit} (= min channels x patch^2 of {cfg.backbone}); pooling would "
+                            f"duplicate values. Set them <= {limit}")
+        self.stride = self.backbone.strides[0]
+        self.projector = PatchProjector(self.backbone.channels, cfg.patch, cfg.pretrain_dim,
+                                        cfg.embed_dim).to(device)
+
+    def __call__(self, images: np.ndarray, timings: Any = None) -> np.ndarray:
+        """``[M, S, S, 3]`` float32 in [0, 1] -> ``[M, H0*W0, C_d]`` float16, in batches."""
+        out = []
+        for i in range(0, len(images), self.cfg.batch_images):
+            x = torch.from_numpy(images[i:i + self.cfg.batch_images]).permute(0, 3, 1, 2).to(self.device)
+            t0 = time.perf_counter()
+            levels = self.backbone(x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                rows = self.projector(levels)
+            out.append(rows.half().cpu().numpy())
+            if timings is not None:
+                timings.forward += t1 - t0
+                timings.aggregate += time.perf_counter() - t1
+        return np.concatenate(out)
