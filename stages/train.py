@@ -293,8 +293,8 @@ class CladTrainer:
                     best = rec["val_auroc"] if rec["val_auroc"] == rec["val_auroc"] else best
                     save_atomic({"model": self.model.state_dict(), "epoch": epoch}, self.files.best_phase1)
                 save_atomic(self._state(phase, epoch, opt, best, history), self.files.latest)
-                bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("phase", "epoch")})
+                bar.update(1)
             bar.close()
             phase, epoch = phase + 1, 0
             if contrastive and phase < len(phases):
@@ -307,6 +307,8 @@ class CladTrainer:
         meta = self.meta(threshold)
         save_atomic({"model": self.model.state_dict(), "meta": meta}, self.files.final)
         return {"history": history, "threshold": threshold, "held_out_image_scores": held_scores,
+                "labels": self.cfg.data.labels, "n_labels": self.n_labels,
+                "image_labels": self.labels_of_image.tolist(),
                 "seconds_this_session": time.perf_counter() - t_start}
 
     def calibrate(self) -> tuple[float, list[float]]:

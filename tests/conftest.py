@@ -52,3 +52,14 @@ def extracted(tmp_path_factory, tiny_data) -> Path:
     set_config(work, features={"shard_images": 3})
     clad("extract", str(work))
     return work
+
+
+TINY_TRAIN = ["--set", "epochs_contrastive=2", "--set", "epochs_finetune=2", "--set", "batch_contrastive=1200",
+              "--set", "batch_finetune=4000", "--set", "gas_steps=2", "--set", "gas_project_every=2"]
+
+
+@pytest.fixture(scope="session")
+def trained(extracted) -> Path:
+    """The extracted workspace with run 't' trained on a tiny schedule."""
+    clad("train", str(extracted), "--run", "t", *TINY_TRAIN)
+    return extracted

@@ -1,0 +1,65 @@
+"""Losses on hand-computed cases and against the written-out equations."""
+
+import math
+
+import pytest
+import torch
+
+from stages.losses import (contrastive_loss, contrastive_reference, focal_weight, hinge_loss,
+                           project_shell, variance_loss)
+
+
+def w(loss, gamma=-0.8):
+    return (1 - math.exp(-loss)) ** gamma
+
+
+def test_contrastive_hand_case():
+    # 1-D points 0, 1 (label 0) and 1.5 (label 1); M = 1, alpha = 1, gamma = -0.8
+    z = torch.tensor([[0.0], [1.0], [1.5]])
+    y = torch.tensor([0, 0, 1])
+    # positive pair (0,1): L = 1, twice; negative pair (1,2): L = M - 0.5 = 0.5, twice; (0,2) beyond margin
+    expected = (2 * w(1.0) * 1.0 + 2 * w(0.5) * 0.5) / 9
+    assert contrastive_loss(z, y).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [-0.8, 0.8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_blockwise_value_and_gradient_equal_the_equations(gamma, masked):
+    g = torch.Generator().manual_seed(0)
+    z = (0.4 * torch.randn(120, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, 4, (120,), generator=g)
+    with torch.no_grad():
+        z[3] = z[9]  # an identical pair: distance 0 must not give NaN
+    y[3] = y[9]
+    mask = torch.rand(120, generator=g) < 0.7 if masked else None
+    ref = contrastive_reference(z, y, 1.0, 1.0, gamma, mask)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    got = contrastive_loss(z, y, 1.0, 1.0, gamma, mask, block=32)
+    (g_got,) = torch.autograd.grad(got, z)
+    assert torch.isfinite(got) and got.item() == pytest.approx(ref.item(), rel=1e-10)
+    assert torch.allclose(g_got, g_ref, atol=1e-10)
+
+
+def test_focal_weight_is_finite_at_zero():
+    wt = focal_weight(torch.tensor([0.0, 1e-9, 1.0]), 1.0, -0.8)
+    assert torch.isfinite(wt).all() and wt[2].item() == pytest.approx(w(1.0))
+
+
+def test_variance_loss_hand_case():
+    z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]])
+    # class 0: mean (1, 0), squared distances 1 and 1 -> 1; class 1 has one row: skipped
+    assert variance_loss(z, torch.tensor([0, 0, 1])).item() == pytest.approx(1.0)
+
+
+def test_hinge_loss_eqs_21_23():
+    s = torch.tensor([1.0, 0.0, -1.0, 0.2])
+    is_anomaly = torch.tensor([1, 1, 0, 0])
+    # anomalies: max(0, .5-1)=0, max(0, .5-0)=.5; normals: max(0, -1+.5)=0, max(0, .2+.5)=.7
+    assert hinge_loss(s, is_anomaly, 0.5).item() == pytest.approx(1.2 / 4)
+
+
+def test_project_shell_bounds():
+    x = torch.zeros(3, 4)
+    x_g = torch.tensor([[0.1, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0.7, 0]])
+    norms = (project_shell(x_g, x, 0.5, 1.0) - x).norm(dim=1)
+    assert torch.allclose(norms, torch.tensor([0.5, 1.0, 0.7]))

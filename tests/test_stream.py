@@ -1,0 +1,54 @@
+"""Batch streaming from the cache: exact batch sizes, coverage, reproducibility, held-out images."""
+
+import numpy as np
+import torch
+
+from cache.store import FeatureStore
+from cache.stream import BatchStream, TrainCache
+from stages.train import holdout_images
+
+
+def _stream(work, n_normal=500, n_anomaly=200, window=2, seed=0):
+    cache = TrainCache(FeatureStore(work / "cache" / "train.zarr"))
+    held = holdout_images(cache, 0.2, 0)
+    return cache, held, BatchStream(cache, n_normal, n_anomaly, seed, held, window=window)
+
+
+def test_batches_are_exact_and_cover_each_normal_row_once(extracted):
+    cache, held, stream = _stream(extracted)
+    assert held.sum() == 2  # one image of each class
+    batches = list(stream.epoch(0))
+    assert len(batches) == stream.batches_per_epoch == stream.total_normal // 500
+    assert stream.total_normal == 8 * 784
+    for b in batches:
+        assert b.normal.shape == (500, 360) and b.anomaly.shape == (200, 360)
+        assert b.anomaly_pair.shape == (200, 360) and b.anomaly_beta.shape == (200,)
+        assert not held[b.normal_image.numpy()].any()
+    rows = torch.cat([b.normal for b in batches])
+    assert len(torch.unique(rows, dim=0)) == len(rows)  # no row twice within an epoch
+
+
+def test_epochs_are_reproducible_and_differ(extracted):
+    _, _, s1 = _stream(extracted)
+    _, _, s2 = _stream(extracted)
+    a, b = list(s1.epoch(3)), list(s2.epoch(3))
+    assert all(torch.equal(x.normal, y.normal) and torch.equal(x.anomaly, y.anomaly) for x, y in zip(a, b))
+    c = list(s1.epoch(4))
+    assert not torch.equal(a[0].normal, c[0].normal)
+
+
+def test_pair_rows_are_the_same_place_normal_features(extracted):
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    d = cache.load(0, ("features", "anomaly", "pair", "yx", "image"))
+    a = np.nonzero(d["anomaly"])[0]
+    normal_lookup = {(int(d["image"][i]), *map(int, d["yx"][i])): i for i in np.nonzero(d["anomaly"] == 0)[0]}
+    for i in a[:50]:
+        j = normal_lookup[(int(d["image"][i]), *map(int, d["yx"][i]))]
+        assert d["pair"][i] == j
+
+
+def test_batch_larger_than_cache_is_clipped(extracted):
+    _, _, stream = _stream(extracted, n_normal=10**6, n_anomaly=10**5)
+    assert stream.n_normal == stream.total_normal and stream.batches_per_epoch == 1
+    (b,) = list(stream.epoch(0))
+    assert len(b.normal) == stream.total_normal and len(b.anomaly) == stream.n_anomaly > 0

@@ -1,0 +1,73 @@
+"""Training runs: both phases, resume after kill -9, second head on one cache, pseudo-labels."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import torch
+
+from tests.conftest import CLAD, ROOT, TINY_TRAIN, clad
+
+
+def _tree_mtimes(path):
+    return {str(p): p.stat().st_mtime_ns for p in path.rglob("*")}
+
+
+def test_both_phases_train_and_losses_fall(trained):
+    summary = json.loads((trained / "runs" / "t" / "train.json").read_text())
+    hist = summary["history"]
+    assert [h["phase"] for h in hist] == ["contrastive"] * 2 + ["finetune"] * 2
+    first, last = hist[0], hist[1]
+    assert last["contrast"] < first["contrast"] and last["cls"] < first["cls"]
+    assert summary["threshold"] == summary["threshold"]  # not NaN: calibrated on held-out normals
+    ck = torch.load(trained / "runs" / "t" / "checkpoints" / "final.pt", weights_only=True)
+    assert ck["meta"]["n_labels"] == 2 and ck["meta"]["head"] == "clad"
+    res = clad("train", str(trained), "--run", "t", *TINY_TRAIN)
+    assert "already trained" in res.stderr
+
+
+def test_changed_setting_is_refused_not_mixed(trained):
+    res = clad("train", str(trained), "--run", "t", *TINY_TRAIN, "--set", "margin=2", check=False)
+    assert res.returncode != 0 and "margin" in res.stderr and "--restart" in res.stderr
+
+
+def test_second_head_trains_on_the_same_cache_without_extraction(trained):
+    before = _tree_mtimes(trained / "cache")
+    res = clad("train", str(trained), "--run", "knn", "--head", "knn")
+    assert "extract" not in res.stderr.split("train:")[0]
+    assert _tree_mtimes(trained / "cache") == before
+    summary = json.loads((trained / "runs" / "knn" / "train.json").read_text())
+    assert summary["head"] == "knn" and summary["bank_rows"] == 8 * 784
+
+
+def test_pseudo_labels(trained):
+    clad("train", str(trained), "--run", "pseudo", *TINY_TRAIN, "--set", "data.labels=pseudo",
+         "--set", "pseudo_k=3", "--set", "epochs_finetune=1")
+    summary = json.loads((trained / "runs" / "pseudo" / "train.json").read_text())
+    assert summary["labels"] == "pseudo" and summary["n_labels"] == 3
+    assert len(set(summary["image_labels"])) >= 2
+
+
+def test_kill9_mid_epoch_resumes_to_identical_weights(trained):
+    args = ["--set", "epochs_contrastive=3", "--set", "epochs_finetune=3", "--set", "batch_contrastive=1200",
+            "--set", "batch_finetune=3000", "--set", "gas_steps=2", "--set", "gas_project_every=2"]
+    clad("train", str(trained), "--run", "ref", *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(CLAD + ["train", str(trained), "--run", "killed", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = trained / "runs" / "killed" / "checkpoints" / "latest.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not latest.exists():
+        time.sleep(0.05)
+    time.sleep(0.7)  # into the next epoch
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (trained / "runs" / "killed" / "train.json").exists()
+    res = clad("train", str(trained), "--run", "killed", *args)
+    assert "resuming" in res.stderr
+    a = torch.load(trained / "runs" / "ref" / "checkpoints" / "final.pt", weights_only=True)["model"]
+    b = torch.load(trained / "runs" / "killed" / "checkpoints" / "final.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
