@@ -102,7 +102,7 @@ class TrainConfig:
     holdout: float = 0.05
     window_shards: int = 4
     pseudo_k: int = 0  # 0 = 2 x number of class folders
-    knn_coreset: float = 0.1  # fraction of normal rows kept (knn head); 1.0 = all
+    knn_coreset: float = 1.0  # fraction of normal rows kept by greedy coreset (knn head); 1.0 = all
     knn_k: int = 1
     threshold_quantile: float = 0.99
     seed: int = 0

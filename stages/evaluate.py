@@ -73,7 +73,7 @@ def evaluate_run(cfg: Config, cache_dir: Path, run_dir: Path, device: torch.devi
     progress = bar(n_total)
     for name, items in iter_classes(store):
         rows = torch.from_numpy(np.stack([it["features"] for it in items]).astype(np.float32))
-        scores = score_rows(head, rows.view(-1, rows.shape[-1]), device).view(len(items), -1)
+        scores = score_rows(head, rows.reshape(-1, rows.shape[-1]), device).reshape(len(items), -1)
         maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
         masks = np.stack([it["mask"] for it in items])
         labels = np.array([it["label"] for it in items])

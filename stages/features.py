@@ -121,7 +121,7 @@ class FeatureEncoder:
             t1 = time.perf_counter()
             with torch.inference_mode():
                 rows = self.projector(levels)
-            out.append(rows.half().cpu().numpy())
+            out.append(rows.half().contiguous().cpu().numpy())
             if timings is not None:
                 timings.forward += t1 - t0
                 timings.aggregate += time.perf_counter() - t1

@@ -45,7 +45,7 @@ def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128, batch:
     rng = np.random.default_rng(seed)
     if n >= len(x):
         return np.arange(len(x))
-    proj = torch.from_numpy(rng.normal(size=(x.shape[1], proj_dim)).astype(np.float32) / np.sqrt(proj_dim))
+    proj = torch.from_numpy((rng.normal(size=(x.shape[1], proj_dim)) / np.sqrt(proj_dim)).astype(np.float32))
     z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) @ proj
     chosen = [int(rng.integers(len(x)))]
     mind = torch.full((len(x),), float("inf"))

@@ -58,7 +58,7 @@ def score_images(cfg: Config, run_dir: Path, paths: list[Path], out_dir: Path, d
         if images:
             arr = np.stack(images)
             feats = torch.from_numpy(encoder(arr).astype(np.float32))
-            scores = score_rows(head, feats.view(-1, feats.shape[-1]), device).view(len(ok), -1)
+            scores = score_rows(head, feats.reshape(-1, feats.shape[-1]), device).reshape(len(ok), -1)
             maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
             for p, img, amap, sc in zip(ok, arr, maps, image_scores(maps)):
                 verdict = "anomalous" if np.isfinite(threshold) and sc > threshold else "normal"

@@ -165,6 +165,7 @@ class CladTrainer:
         self.held = holdout_images(cache, self.t.holdout, self.t.seed)
         self.labels_of_image, self.n_labels = image_labels(cfg, cache)
         self.labels_t = torch.from_numpy(self.labels_of_image)
+        torch.manual_seed(torch_seed(self.t.seed, "init"))  # same initial weights every time
         self.model = CladHead(cache.embed_dim, self.n_labels, self.t.adaptor_dims, self.t.disc_hidden).to(device)
         c = cache.embed_dim
         self.r1 = 0.85 * self.t.gas_noise * math.sqrt(c)  # METHOD.md: [0.5, 1.0] at C_d = 1536

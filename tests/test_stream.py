@@ -52,3 +52,12 @@ def test_batch_larger_than_cache_is_clipped(extracted):
     assert stream.n_normal == stream.total_normal and stream.batches_per_epoch == 1
     (b,) = list(stream.epoch(0))
     assert len(b.normal) == stream.total_normal and len(b.anomaly) == stream.n_anomaly > 0
+
+
+def test_greedy_coreset_picks_far_apart_rows():
+    from stages.heads import greedy_coreset
+
+    rng = np.random.default_rng(0)
+    clusters = np.concatenate([rng.normal(c, 0.01, (200, 8)) for c in (0.0, 5.0, 10.0)]).astype(np.float32)
+    idx = greedy_coreset(clusters, 3, seed=0, proj_dim=8)
+    assert sorted(set(i // 200 for i in idx)) == [0, 1, 2]  # one row from each cluster
