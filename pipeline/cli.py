@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import Config, DataConfig, FeatureConfig, config_to_dict, load_config, save_config
+from pipeline.config import (Config, DataConfig, FeatureConfig, TrainConfig, config_to_dict, load_config,
+                             save_config, with_profile)
 from pipeline.errors import CladError
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace, extract_state
@@ -76,11 +77,8 @@ def init(work: Path, data_root: Path, textures: str, backbone: str, weights: str
         raise CladError(f"--textures {textures}: folder does not exist")
     data = DataConfig(root=str(data_root.resolve()), textures=str(Path(textures).resolve()) if textures else "",
                       labels=labels, classes=tuple(c for c in classes.split(",") if c))
-    cfg = Config(data=data, features=replace(FeatureConfig(), backbone=backbone, weights=weights))
-    cfg = replace(cfg, train=replace(cfg.train, profile="fast"))
-    from pipeline.config import with_profile
-
-    cfg = replace(cfg, train=with_profile(cfg.train, "fast"))
+    cfg = Config(data=data, features=replace(FeatureConfig(), backbone=backbone, weights=weights),
+                 train=with_profile(TrainConfig(), "fast"))
     ws = Workspace(work)
     if ws.config_path.exists():
         old = load_config(ws.config_path)
@@ -131,6 +129,13 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
             timings = run_local(cfg, plan, st, units, dev, done)
     dt = time.perf_counter() - t0
     size = sum(s.nbytes_stored() for s in st.values())
+    from pipeline.config import write_atomic
+
+    write_atomic(ws.cache_dir / "extract.json", json.dumps(
+        {"seconds": dt, "images": n_images, "img_per_s": n_images / dt, "rows": timings.rows,
+         "bytes": size, "device": dev.type, "scheduler": scheduler or "in-process",
+         "breakdown_s": {k: getattr(timings, k) for k in ("decode", "synthesis", "forward", "aggregate", "write")}},
+        indent=2))
     say(f"extract: done in {dt:.1f} s ({n_images / dt:.1f} img/s, {timings.rows} rows); "
         f"cache {size / 2**20:.1f} MiB in {ws.cache_dir}")
 

@@ -96,6 +96,8 @@ class TrainConfig:
     gas_eta: float = 0.001
     gas_project_every: int = 5
     gas_noise: float = 0.015
+    gas_scale: str = "absolute"  # absolute: METHOD.md's constants | nn: radii in units of the normal NN distance
+    gas_nn_factor: float = 1.0  # with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1
     use_contrastive: bool = True
     use_gas: bool = True
     use_las: bool = True
@@ -169,11 +171,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         "gas_project_every": 3,
     },
     "long": {
-        "epochs_contrastive": 20,
-        "epochs_finetune": 60,
+        "epochs_contrastive": 4,
+        "epochs_finetune": 12,
         "batch_contrastive": 8000,
         "batch_finetune": 50000,
-        "gas_steps": 10,
+        "gas_steps": 5,
+        "gas_project_every": 5,
     },
 }
 

@@ -52,8 +52,12 @@ def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> li
     out = []
     if summary is None:
         latest = rd / "checkpoints" / "latest.pt"
-        state = "partial" if latest.is_file() else "missing"
-        out.append(StageState(f"train[{name}]", state, f"run 'clad train WORK --run {name}' to finish"))
+        if latest.is_file():
+            done, total = _epochs_done(latest, expected)
+            out.append(StageState(f"train[{name}]", "partial", f"run 'clad train WORK --run {name}' to finish",
+                                  (done, total)))
+        else:
+            out.append(StageState(f"train[{name}]", "missing", f"run 'clad train WORK --run {name}'"))
     elif summary.get("train_key") != expected.train_key():
         used = load_config(snap) if snap.is_file() else expected
         changes = diff_settings(used.extract_settings() | used.train_settings(),
@@ -72,6 +76,19 @@ def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> li
     else:
         out.append(StageState(f"evaluate[{name}]", "done", _headline(metrics)))
     return out
+
+
+def _epochs_done(latest: Path, cfg: Config) -> tuple[int, int]:
+    """Epochs finished over both phases, from the last checkpoint."""
+    import torch
+
+    t = cfg.train
+    phases = ([t.epochs_contrastive] if t.use_contrastive and t.epochs_contrastive > 0 else []) + [t.epochs_finetune]
+    try:
+        ck = torch.load(latest, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a checkpoint being replaced right now
+        return 0, sum(phases)
+    return sum(phases[: ck["phase"]]) + ck["epoch"], sum(phases)
 
 
 def _headline(metrics: dict[str, Any]) -> str:

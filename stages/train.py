@@ -129,6 +129,25 @@ def held_out_rows(cache: TrainCache, held: np.ndarray, limit: int, seed: int
     return cap(normals), cap(anomalies), per_image
 
 
+def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
+                       n_probe: int = 2000, n_bank: int = 50000) -> float:
+    """Median distance of held-out normal rows to their nearest training normal row."""
+    import faiss
+
+    bank = []
+    for s in seeded(seed, "nn-bank").permutation(cache.n_shards):
+        d = cache.load(int(s), ("features", "anomaly", "image"))
+        bank.append(d["features"][(d["anomaly"] == 0) & ~held[d["image"]]])
+        if sum(len(b) for b in bank) >= n_bank:
+            break
+    x = np.concatenate(bank)[:n_bank].astype(np.float32)
+    q = probe[seeded(seed, "nn-probe").permutation(len(probe))[:n_probe]].astype(np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    dist, _ = index.search(q, 1)
+    return float(np.median(np.sqrt(np.maximum(dist[:, 0], 0))))
+
+
 # -- the trainer -------------------------------------------------------------------
 @dataclass
 class RunFiles:
@@ -167,10 +186,27 @@ class CladTrainer:
         self.labels_t = torch.from_numpy(self.labels_of_image)
         torch.manual_seed(torch_seed(self.t.seed, "init"))  # same initial weights every time
         self.model = CladHead(cache.embed_dim, self.n_labels, self.t.adaptor_dims, self.t.disc_hidden).to(device)
-        c = cache.embed_dim
-        self.r1 = 0.85 * self.t.gas_noise * math.sqrt(c)  # METHOD.md: [0.5, 1.0] at C_d = 1536
-        self.r2 = 2 * self.r1
         self.val = held_out_rows(cache, self.held, VAL_ROWS, self.t.seed)
+        self.r1, self.noise, self.eta = self._gas_scale()
+        self.r2 = 2 * self.r1
+
+    def _gas_scale(self) -> tuple[float, float, float]:
+        """GAS radius r1, per-dimension noise and ascent step.
+
+        ``absolute``: METHOD.md's constants (noise 0.015, r1 = 0.85 * noise *
+        sqrt(C_d), i.e. [0.5, 1.0] at 1536). ``nn``: the same geometry in units
+        of this cache's data: r1 = factor x the median distance of held-out
+        normal patches to their nearest training patch, noise = r1 / sqrt(C_d),
+        and the step keeps GLASS' step-to-radius ratio (0.001 / 0.5).
+        """
+        c, t = self.cache.embed_dim, self.t
+        if t.gas_scale == "absolute" or not len(self.val[0]):
+            return 0.85 * t.gas_noise * math.sqrt(c), t.gas_noise, t.gas_eta
+        if t.gas_scale != "nn":
+            raise CladError(f"train.gas_scale={t.gas_scale!r}: choose absolute or nn")
+        d = median_nn_distance(self.cache, self.held, self.val[0], t.seed)
+        r1 = t.gas_nn_factor * d
+        return r1, r1 / math.sqrt(c), t.gas_eta * r1 / 0.5
 
     # -- phases ------------------------------------------------------------------
     def phases(self) -> list[tuple[str, int, int]]:
@@ -192,12 +228,12 @@ class CladTrainer:
     def _gas(self, x: torch.Tensor) -> torch.Tensor:
         """Global anomaly synthesis: noise, gradient ascent, projection to the shell."""
         t = self.t
-        x_g = x + t.gas_noise * torch.randn_like(x)
+        x_g = x + self.noise * torch.randn_like(x)
         for step in range(1, t.gas_steps + 1):
             x_g = x_g.detach().requires_grad_(True)
             loss = gas_ascent_loss(self.model(x_g)[2])
             (grad,) = torch.autograd.grad(loss, x_g)
-            x_g = x_g + t.gas_eta * grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
+            x_g = x_g + self.eta * grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
             if step % t.gas_project_every == 0 or step == t.gas_steps:
                 x_g = project_shell(x_g, x, self.r1, self.r2)
         return project_shell(x_g.detach(), x, self.r1, self.r2)
@@ -309,6 +345,7 @@ class CladTrainer:
         save_atomic({"model": self.model.state_dict(), "meta": meta}, self.files.final)
         return {"history": history, "threshold": threshold, "held_out_image_scores": held_scores,
                 "labels": self.cfg.data.labels, "n_labels": self.n_labels,
+                "gas": {"r1": self.r1, "r2": self.r2, "noise": self.noise, "eta": self.eta},
                 "image_labels": self.labels_of_image.tolist(),
                 "seconds_this_session": time.perf_counter() - t_start}
 

