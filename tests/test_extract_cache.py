@@ -85,6 +85,10 @@ def test_kill9_resume_is_byte_identical(extracted, tiny_data, tmp_path):
     proc.wait()
     partial = len(list(shards.iterdir()))
     assert 1 <= partial < 4
+    import json
+
+    st = json.loads(clad("status", str(work), "--json").stdout)[0]
+    assert st["state"] == "partial" and (st["done"], st["total"]) == (partial, 8)
     res = clad("extract", str(work))
     assert f"{8 - partial}/8 shards to do" in res.stderr
     ref, got = _arrays(extracted), _arrays(work)
