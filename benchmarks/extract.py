@@ -41,7 +41,7 @@ def bare_forward(cfg: Config, n_images: int, threads: int) -> float:
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="clad-bench-"))
-    data = write_demo_dataset(tmp / "data", seed=0, n_train=16, n_test_good=4, n_test_defect=2,
+    data = write_demo_dataset(tmp / "data", seed=0, n_train=24, n_test_good=4, n_test_defect=2,
                               classes=("weave", "grain", "washer"))
     cfg = Config(data=DataConfig(root=str(data)))
     rows = []

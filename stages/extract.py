@@ -155,7 +155,11 @@ class ShardExtractor:
                         np.stack(masks) if masks else None, t)
 
     def compute(self, prep: Prepared) -> dict[str, np.ndarray]:
-        feats = self.encoder(prep.images, prep.timings)
+        return self.finish(prep, self.encoder.levels(prep.images, prep.timings))
+
+    def finish(self, prep: Prepared, levels: list[list[torch.Tensor]]) -> dict[str, np.ndarray]:
+        """Project backbone outputs to patch rows and lay out the shard's arrays."""
+        feats = self.encoder.project(levels, prep.timings)
         arrays = (self._train_arrays(prep, feats) if prep.split == "train"
                   else self._test_arrays(prep, feats))
         prep.timings.rows = int(arrays["features"].shape[0] * (1 if prep.split == "train"
@@ -282,18 +286,19 @@ def _run_local(cfg: Config, plan: Plan, st: dict[str, FeatureStore], units: list
             prepared = nxt.result()
             if k + 1 < len(units):
                 nxt = reader.submit(prep, units[k + 1])
-            arrays = ex.compute(prepared)
+            levels = ex.encoder.levels(prepared.images, prepared.timings)
             if pending_write is not None:
                 _finish(pending_write, total, on_done)
-            pending_write = writer.submit(_write_and_return, ex, st[prepared.split], prepared, arrays)
+            # projection, layout, compression and the commit run on the other core
+            pending_write = writer.submit(_write_and_return, ex, st[prepared.split], prepared, levels)
         if pending_write is not None:
             _finish(pending_write, total, on_done)
     return total
 
 
 def _write_and_return(ex: ShardExtractor, store: FeatureStore, prep: Prepared,
-                      arrays: dict[str, np.ndarray]) -> Prepared:
-    ex.write(store, prep, arrays)
+                      levels: list[list[torch.Tensor]]) -> Prepared:
+    ex.write(store, prep, ex.finish(prep, levels))
     return prep
 
 

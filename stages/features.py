@@ -109,20 +109,28 @@ class FeatureEncoder:
         self.projector = PatchProjector(self.backbone.channels, cfg.patch, cfg.pretrain_dim,
                                         cfg.embed_dim).to(device)
 
-    def __call__(self, images: np.ndarray, timings: Any = None) -> np.ndarray:
-        """``[M, S, S, 3]`` float32 in [0, 1] -> ``[M, H0*W0, C_d]`` float16, in batches."""
+    def levels(self, images: np.ndarray, timings: Any = None) -> list[list[torch.Tensor]]:
+        """Backbone outputs per batch of ``batch_images`` (the device-bound half)."""
         out = []
         for i in range(0, len(images), self.cfg.batch_images):
             x = torch.from_numpy(images[i:i + self.cfg.batch_images]).permute(0, 3, 1, 2).to(self.device)
             t0 = time.perf_counter()
-            levels = self.backbone(x)
+            out.append(self.backbone(x))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            with torch.inference_mode():
-                rows = self.projector(levels)
-            out.append(rows.half().contiguous().cpu().numpy())
             if timings is not None:
-                timings.forward += t1 - t0
-                timings.aggregate += time.perf_counter() - t1
-        return np.concatenate(out)
+                timings.forward += time.perf_counter() - t0
+        return out
+
+    def project(self, levels: list[list[torch.Tensor]], timings: Any = None) -> np.ndarray:
+        """Per-batch levels -> ``[M, H0*W0, C_d]`` float16 rows (can run in another thread)."""
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            rows = [self.projector(lv).half().contiguous().cpu().numpy() for lv in levels]
+        if timings is not None:
+            timings.aggregate += time.perf_counter() - t0
+        return np.concatenate(rows)
+
+    def __call__(self, images: np.ndarray, timings: Any = None) -> np.ndarray:
+        """``[M, S, S, 3]`` float32 in [0, 1] -> ``[M, H0*W0, C_d]`` float16."""
+        return self.project(self.levels(images, timings), timings)
