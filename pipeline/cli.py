@@ -18,7 +18,7 @@ from pipeline.config import (Config, DataConfig, FeatureConfig, TrainConfig, con
                              save_config, with_profile)
 from pipeline.errors import CladError
 from pipeline.progress import progress, say
-from pipeline.workspace import Workspace, extract_state
+from pipeline.workspace import Workspace
 
 
 class CladGroup(click.Group):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +149,6 @@ def create_backbone(name: str, layers: tuple[int, ...], weights: str = "package"
 
 
 def _load_weights(net: nn.Module, name: str, weights: str) -> None:
-    loader: Callable[[], dict[str, torch.Tensor]]
     if weights == "package":
         state = _packaged_state(name, net)
     elif weights == "hub-cache":

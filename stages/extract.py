@@ -24,7 +24,7 @@ import torch
 from cache.store import FeatureStore, compressors
 from pipeline.config import Config
 from pipeline.errors import CladError
-from stages.data import Sample, index_dataset, load_image, load_mask, output_size
+from stages.data import Sample, index_dataset, load_image, load_mask
 from stages.features import FeatureEncoder
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
 
