@@ -14,12 +14,12 @@ from pathlib import Path
 LABELS = {
     "knn": "knn head (full bank, exact L2)",
     "clad-fast": "CLAD fast profile",
+    "gas-nn": "CLAD fast profile",
     "clad-long": "CLAD long profile",
     "clad-pseudo": "CLAD fast, pseudo-labels (k-means, K = 2 x classes)",
     "no-contrastive": "CLAD fast, no contrastive phase",
     "no-gas": "CLAD fast, no global synthesis (GAS)",
     "no-las": "CLAD fast, no local synthesis (LAS)",
-    "gas-nn": "CLAD fast, GAS radii in units of the normal NN distance",
 }
 
 
@@ -45,19 +45,24 @@ def collect(study: Path) -> str:
             t = _read(run / "train.json")
             if not m or not t:
                 continue
+            run_cfg = (run / "config.toml").read_text()
+            gas = "off" if "use_gas = false" in run_cfg else (
+                "nn" if 'gas_scale = "nn"' in run_cfg else "absolute")
+            if t.get("head") == "knn":
+                gas = "-"
             for cls, scope in (("bottle", "bottle"), ("__mean__", "mean")):
                 if cls == "__mean__" and len(m["per_class"]) == 1:
                     continue
                 vals = m["mean"] if cls == "__mean__" else m["per_class"].get(cls)
                 if vals is None:
                     continue
-                rows.append(f"| {work.name} | {backbone} | {LABELS.get(run.name, run.name)} | {scope} | "
+                rows.append(f"| {work.name} | {backbone} | {LABELS.get(run.name, run.name)} | {gas} | {scope} | "
                             f"{_pct(vals['image_auroc'])} | {_pct(vals['pixel_auroc'])} | {_pct(vals['aupro'])} | "
                             f"{ext.get('seconds', float('nan')):.0f} | {t['seconds_total']:.0f} | {m['seconds']:.0f} |")
-    head = ("| data | backbone | head / setting | scope | image AUROC | pixel AUROC | AUPRO@0.3 | "
-            "extract s | train s | evaluate s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| data | backbone | head / setting | GAS radii | scope | image AUROC | pixel AUROC | AUPRO@0.3 | "
+            "extract s | train s | evaluate s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU only"
-    paper = ("| MVTec bottle (paper, Table 1) | WideResNet-50 | CLAD (paper) | bottle | 100.0 | 97.0 | 96.0 "
+    paper = ("| MVTec bottle (paper, Table 1) | WideResNet-50 | CLAD (paper) | - | bottle | 100.0 | 97.0 | 96.0 "
              "| - | - | - |\n")
     return head + "\n".join(rows) + "\n" + paper + f"\nMachine: {machine}.\n"
 

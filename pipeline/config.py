@@ -96,7 +96,7 @@ class TrainConfig:
     gas_eta: float = 0.001
     gas_project_every: int = 5
     gas_noise: float = 0.015
-    gas_scale: str = "absolute"  # absolute: METHOD.md's constants | nn: radii in units of the normal NN distance
+    gas_scale: str = "nn"  # nn: radii in units of the normal NN distance | absolute: METHOD.md's constants
     gas_nn_factor: float = 1.0  # with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1
     use_contrastive: bool = True
     use_gas: bool = True
