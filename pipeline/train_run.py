@@ -43,6 +43,7 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
         summary = None
     elif summary is not None:
         if summary.get("train_key") == cfg.train_key():
+            write_overrides(ws, name, overrides)  # the same settings, maybe spelled differently
             say(f"train: run {name!r} is already trained with these settings; nothing to do")
             return
         old = load_config(rd / "config.toml")
