@@ -6,7 +6,7 @@ WORK    ?= work/demo
 DATA    ?= work/demo-data
 RUN     ?= main
 PROFILE ?= fast
-SCORE   ?= $(DATA)
+SCORE   ?= $(DATA)/capsule/test
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
 .PHONY: setup test extract train evaluate score status demo bench clean-work
