@@ -117,7 +117,6 @@ class EvaluateConfig:
     sigma: float = 4.0
     aupro_fpr: float = 0.3
     figures_per_class: int = 3
-    selection: str = "final"  # final | paper-test-selection (reports test-set selection)
 
 
 @dataclass(frozen=True)
