@@ -111,10 +111,10 @@ def held_out_rows(cache: TrainCache, held: np.ndarray, limit: int, seed: int
     """Held-out normal rows, their synthetic rows (each capped), and per-image normal maps."""
     normals, anomalies, per_image = [], [], {}
     for s in range(cache.n_shards):
+        if not held[cache.image_offsets[s]:cache.image_offsets[s + 1]].any():
+            continue  # no held-out image in this shard: do not read it
         d = cache.load(s, ("features", "anomaly", "image"))
         keep = held[d["image"]]
-        if not keep.any():
-            continue
         normal = keep & (d["anomaly"] == 0)
         normals.append(d["features"][normal])
         anomalies.append(d["features"][keep & (d["anomaly"] == 1)])
