@@ -90,6 +90,7 @@ class TrainConfig:
     alpha: float = 1.0  # alpha of eqs. 13-14
     gamma: float = -0.8
     delta: float = 0.5  # hinge margin of eqs. 21-23
+    score_loss: str = "hinge"  # L_d: hinge (eqs. 21-23) | bce (GLASS: graded, never flat)
     contrast_normals_only: bool = False
     fusion_p: float = 0.5
     gas_steps: int = 20
@@ -108,6 +109,14 @@ class TrainConfig:
     knn_k: int = 1
     threshold_quantile: float = 0.99
     seed: int = 0
+
+
+# What the knn head reads; every other [train] setting belongs to CLAD.
+KNN_SETTINGS = ("head", "holdout", "knn_coreset", "knn_k", "threshold_quantile", "seed")
+# Settings added after runs existed, with the value that reproduces the older
+# behaviour: hashed only when set otherwise, so upgrading leaves runs current.
+ADDED_TRAIN_SETTINGS: dict[str, Any] = {"score_loss": "hinge"}
+_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -142,8 +151,14 @@ class Config:
         }
 
     def train_settings(self) -> dict[str, Any]:
-        return {"code": TRAIN_CODE_VERSION, "labels": self.data.labels,
-                "train": dataclasses.asdict(self.train)}
+        """What a trained head depends on. The knn head reads a handful of
+        settings, so changing a CLAD setting (or a CLAD default) never makes a
+        knn run stale; a CLAD run hashes every [train] setting."""
+        train = dataclasses.asdict(self.train)
+        if self.train.head == "knn":
+            return {"code": TRAIN_CODE_VERSION, "train": {k: train[k] for k in KNN_SETTINGS}}
+        train = {k: v for k, v in train.items() if ADDED_TRAIN_SETTINGS.get(k, _UNSET) != v}
+        return {"code": TRAIN_CODE_VERSION, "labels": self.data.labels, "train": train}
 
     def evaluate_settings(self) -> dict[str, Any]:
         return {"code": EVALUATE_CODE_VERSION, "evaluate": dataclasses.asdict(self.evaluate)}
@@ -268,6 +283,20 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
         else:
             parts[name] = section_from_dict(cls, section, f"{where} [{name}]")
     return Config(**parts)
+
+
+def with_run_choices(base: Config, profile: str = "", head: str = "") -> Config:
+    """A run's configuration before ``--set``: the profile's schedule, under
+    the [train] keys written explicitly in config.toml (those still win)."""
+    cfg = base
+    if profile:
+        explicit = config_to_dict(base, train_overrides_only=True)["train"]
+        explicit.pop("profile", None)
+        train = with_profile(base.train, profile)
+        cfg = replace(cfg, train=section_from_dict(TrainConfig, explicit, "config.toml [train]", train))
+    if head:
+        cfg = replace(cfg, train=replace(cfg.train, head=head))
+    return cfg
 
 
 def with_profile(train: TrainConfig, profile: str, where: str = "--profile") -> TrainConfig:

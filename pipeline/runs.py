@@ -9,29 +9,16 @@ config.toml made the run stale.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, apply_sets, diff_settings, load_config, with_profile
+from pipeline.config import Config, apply_sets, diff_settings, load_config, with_run_choices, write_atomic
 from pipeline.workspace import StageState, Workspace, read_json
 
 
 def run_config(base: Config, overrides: dict[str, Any]) -> Config:
-    cfg = base
-    if overrides.get("profile"):
-        cfg = replace(cfg, train=with_profile(cfg.train, overrides["profile"]))
-        # explicit [train] keys of config.toml still win over the profile
-        from pipeline.config import TrainConfig, config_to_dict
-
-        explicit = config_to_dict(base, train_overrides_only=True)["train"]
-        explicit.pop("profile", None)
-        if explicit:
-            from pipeline.config import section_from_dict
-
-            cfg = replace(cfg, train=section_from_dict(TrainConfig, explicit, "config.toml [train]", cfg.train))
-    if overrides.get("head"):
-        cfg = replace(cfg, train=replace(cfg.train, head=overrides["head"]))
+    """The workspace configuration with a run's ``--profile``, ``--head`` and ``--set``."""
+    cfg = with_run_choices(base, overrides.get("profile") or "", overrides.get("head") or "")
     return apply_sets(cfg, overrides.get("sets", []))
 
 
@@ -98,6 +85,4 @@ def _headline(metrics: dict[str, Any]) -> str:
 
 
 def write_overrides(ws: Workspace, name: str, overrides: dict[str, Any]) -> None:
-    from pipeline.config import write_atomic
-
     write_atomic(overrides_path(ws, name), json.dumps(overrides, indent=2))

@@ -144,6 +144,25 @@ def hinge_loss(score: torch.Tensor, is_anomaly: torch.Tensor, delta: float = 0.5
     return per_row.mean()
 
 
+def bce_score_loss(score: torch.Tensor, is_anomaly: torch.Tensor) -> torch.Tensor:
+    """GLASS' objective on the raw score: BCE(sigmoid(s), label), mean over rows.
+
+    Unlike the hinge it never goes flat: normal rows keep being ranked by how
+    normal they look, which is what pixel-level ranking metrics reward.
+    """
+    a = is_anomaly.bool()
+    return torch.where(a, F.softplus(-score), F.softplus(score)).mean()
+
+
+def score_loss(score: torch.Tensor, is_anomaly: torch.Tensor, kind: str, delta: float) -> torch.Tensor:
+    """The discrimination loss L_d: ``hinge`` (eqs. 21-23) or ``bce`` (GLASS)."""
+    if kind == "hinge":
+        return hinge_loss(score, is_anomaly, delta)
+    if kind == "bce":
+        return bce_score_loss(score, is_anomaly)
+    raise ValueError(f"score loss {kind!r}: choose hinge or bce")
+
+
 def gas_ascent_loss(score: torch.Tensor) -> torch.Tensor:
     """GLASS' BCE(sigmoid(s), 1) = softplus(-s); ascending it makes features look normal."""
     return F.softplus(-score).mean()

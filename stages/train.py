@@ -33,8 +33,8 @@ from cache.stream import BatchStream, TrainCache, seeded
 from pipeline.config import Config
 from pipeline.errors import CladError, StaleError
 from stages.heads import KnnHead, greedy_coreset, score_rows
-from stages.losses import (classification_loss, contrastive_loss, gas_ascent_loss, hinge_loss,
-                           project_shell, variance_loss)
+from stages.losses import (classification_loss, contrastive_loss, gas_ascent_loss, project_shell, score_loss,
+                           variance_loss)
 from stages.maps import anomaly_maps, image_scores
 from stages.models import CladHead
 
@@ -257,7 +257,7 @@ class CladTrainer:
         x, y = torch.cat(parts_x), torch.cat(parts_y)
         z, logits, s = self.model(x)
         is_anom = y == n
-        losses = {"cls": classification_loss(logits, y), "hinge": hinge_loss(s, is_anom, t.delta)}
+        losses = {"cls": classification_loss(logits, y), t.score_loss: score_loss(s, is_anom, t.score_loss, t.delta)}
         if contrastive:
             mask = ~is_anom if t.contrast_normals_only else None
             losses["contrast"] = contrastive_loss(z, y, t.margin, t.alpha, t.gamma, mask)

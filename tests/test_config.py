@@ -53,3 +53,20 @@ def test_train_overrides_only_writes_what_differs_from_profile():
     assert tree["train"] == {"profile": "fast", "margin": 3.0}
     assert "margin = 3.0" in dump_toml(tree)
     assert TrainConfig().epochs_contrastive == 200  # the paper's schedule is the default
+
+
+def test_each_head_is_keyed_by_its_own_settings():
+    knn = Config(train=replace(TrainConfig(), head="knn"))
+    # a CLAD-only change (or a change of the CLAD defaults) leaves a knn run current ...
+    assert replace(knn, train=replace(knn.train, lr=1e-3, gas_scale="absolute")).train_key() == knn.train_key()
+    assert replace(knn, data=replace(knn.data, labels="pseudo")).train_key() == knn.train_key()
+    # ... a knn setting does not
+    assert replace(knn, train=replace(knn.train, knn_k=3)).train_key() != knn.train_key()
+    assert replace(knn, train=replace(knn.train, holdout=0.1)).train_key() != knn.train_key()
+
+
+def test_a_setting_added_later_is_keyed_only_when_changed():
+    cfg = Config()
+    assert "score_loss" not in cfg.train_settings()["train"]  # runs trained before it existed stay current
+    bce = replace(cfg, train=replace(cfg.train, score_loss="bce"))
+    assert bce.train_settings()["train"]["score_loss"] == "bce" and bce.train_key() != cfg.train_key()

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from stages.losses import (contrastive_loss, contrastive_reference, focal_weight, hinge_loss,
-                           project_shell, variance_loss)
+from stages.losses import (bce_score_loss, contrastive_loss, contrastive_reference, focal_weight, hinge_loss,
+                           project_shell, score_loss, variance_loss)
 
 
 def w(loss, gamma=-0.8):
@@ -56,6 +56,23 @@ def test_hinge_loss_eqs_21_23():
     is_anomaly = torch.tensor([1, 1, 0, 0])
     # anomalies: max(0, .5-1)=0, max(0, .5-0)=.5; normals: max(0, -1+.5)=0, max(0, .2+.5)=.7
     assert hinge_loss(s, is_anomaly, 0.5).item() == pytest.approx(1.2 / 4)
+
+
+def test_bce_score_loss_is_glass_bce_on_the_raw_score():
+    s = torch.tensor([2.0, 0.0, -1.0, 0.5])
+    is_anomaly = torch.tensor([1, 1, 0, 0])
+    # anomalies: -log(sigmoid(s)); normals: -log(1 - sigmoid(s))
+    expected = (math.log1p(math.exp(-2.0)) + math.log(2.0) + math.log1p(math.exp(-1.0)) + math.log1p(math.exp(0.5))) / 4
+    assert bce_score_loss(s, is_anomaly).item() == pytest.approx(expected)
+    assert score_loss(s, is_anomaly, "bce", 0.5).item() == pytest.approx(expected)
+    assert score_loss(s, is_anomaly, "hinge", 0.5).item() == pytest.approx(hinge_loss(s, is_anomaly, 0.5).item())
+    # the hinge goes flat once normals sit below -delta; BCE keeps ranking them
+    deep = torch.tensor([-0.6, -3.0], requires_grad=True)
+    hinge_loss(deep, torch.tensor([0, 0]), 0.5).backward()
+    assert deep.grad.abs().sum() == 0
+    deep.grad = None
+    bce_score_loss(deep, torch.tensor([0, 0])).backward()
+    assert (deep.grad > 0).all() and deep.grad[0] > deep.grad[1]
 
 
 def test_project_shell_bounds():
