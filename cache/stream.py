@@ -68,6 +68,14 @@ class TrainCache:
         return out
 
 
+def scaled_share(n_anomaly: int, n_normal: int, asked_normal: int) -> int:
+    """Synthetic rows per batch when a small cache clips the normal rows from
+    ``asked_normal`` to ``n_normal``: the same normal : synthetic ratio, at least 1."""
+    if not n_anomaly or n_normal >= asked_normal:
+        return n_anomaly
+    return max(1, n_anomaly * n_normal // max(asked_normal, 1))
+
+
 class BatchStream:
     """Reproducible batches of exactly ``n_normal`` + ``n_anomaly`` rows."""
 
@@ -83,8 +91,7 @@ class BatchStream:
         counts = cache.row_counts()
         self.total_normal = int(sum((~excluded_images[img]).sum() for _, img in counts))
         self.n_normal = min(n_normal, self.total_normal)  # a tiny cache cannot fill a huge batch
-        self.n_anomaly = n_anomaly if n_normal <= self.total_normal else max(
-            1, n_anomaly * self.n_normal // max(n_normal, 1)) if n_anomaly else 0
+        self.n_anomaly = scaled_share(n_anomaly, self.n_normal, n_normal)
         self.batches_per_epoch = max(1, self.total_normal // max(self.n_normal, 1))
 
     # -- producer ---------------------------------------------------------------

@@ -14,8 +14,16 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import (Config, DataConfig, FeatureConfig, TrainConfig, config_to_dict, load_config,
-                             save_config, with_profile)
+from pipeline.config import (
+    Config,
+    DataConfig,
+    FeatureConfig,
+    TrainConfig,
+    config_to_dict,
+    load_config,
+    save_config,
+    with_profile,
+)
 from pipeline.errors import CladError
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace

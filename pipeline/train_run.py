@@ -17,9 +17,9 @@ from pipeline.workspace import Workspace, extract_state, read_json
 
 
 def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restart: bool) -> None:
+    from cache.stream import TrainCache
     from stages.extract import resolve_device
     from stages.train import CladTrainer, RunFiles, train_knn, write_summary
-    from cache.stream import TrainCache
 
     base = ws.config()
     rd = ws.run_dir(name)

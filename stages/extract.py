@@ -28,7 +28,6 @@ from stages.data import Sample, index_dataset, load_image, load_mask
 from stages.features import FeatureEncoder
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
 
-
 EXTRACT_THREADS = 1  # intra-op threads of the backbone in every process (see run_local)
 
 

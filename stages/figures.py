@@ -60,7 +60,7 @@ def curves(name: str, labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, 
         axes[2].set_xlim(0, min(1.0, 3 * fpr_limit))
     axes[1].set_title(f"{name}: pixel ROC (400k px sample)", fontsize=9)
     axes[2].set_title(f"{name}: PRO curve", fontsize=9)
-    for a, (xl, yl) in zip(axes, [("FPR", "TPR"), ("FPR", "TPR"), ("FPR", "PRO")]):
+    for a, (xl, yl) in zip(axes, [("FPR", "TPR"), ("FPR", "TPR"), ("FPR", "PRO")], strict=True):
         a.set_xlabel(xl)
         a.set_ylabel(yl)
         a.plot([0, 1], [0, 1], color="lightgrey", lw=0.8)

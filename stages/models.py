@@ -8,7 +8,7 @@ from torch import nn
 
 def _mlp(dims: list[int], last_plain: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if not (last_plain and i == len(dims) - 2):
             layers += [nn.BatchNorm1d(b), nn.LeakyReLU(0.2)]

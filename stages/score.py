@@ -60,7 +60,7 @@ def score_images(cfg: Config, run_dir: Path, paths: list[Path], out_dir: Path, d
             feats = torch.from_numpy(encoder(arr).astype(np.float32))
             scores = score_rows(head, feats.reshape(-1, feats.shape[-1]), device).reshape(len(ok), -1)
             maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
-            for p, img, amap, sc in zip(ok, arr, maps, image_scores(maps)):
+            for p, img, amap, sc in zip(ok, arr, maps, image_scores(maps), strict=True):
                 verdict = "anomalous" if np.isfinite(threshold) and sc > threshold else "normal"
                 png = out_dir / f"{len(results):05d}_{p.stem}.png"
                 overlay(img, amap, png, f"{p.name}: score {sc:.3f} (threshold {threshold:.3f}) -> {verdict}",

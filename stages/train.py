@@ -33,8 +33,14 @@ from cache.stream import BatchStream, TrainCache, seeded
 from pipeline.config import Config
 from pipeline.errors import CladError, StaleError
 from stages.heads import KnnHead, greedy_coreset, score_rows
-from stages.losses import (classification_loss, contrastive_loss, gas_ascent_loss, project_shell, score_loss,
-                           variance_loss)
+from stages.losses import (
+    classification_loss,
+    contrastive_loss,
+    gas_ascent_loss,
+    project_shell,
+    score_loss,
+    variance_loss,
+)
 from stages.maps import anomaly_maps, image_scores
 from stages.models import CladHead
 

@@ -6,8 +6,7 @@ from PIL import Image
 
 from pipeline.errors import CladError
 from stages.backbone import _load_weights, create_backbone, map_efficientnet_pytorch_keys
-from stages.features import (PatchProjector, aggregate_local, max_embed_dim, patch_features,
-                             pool_channels)
+from stages.features import PatchProjector, aggregate_local, max_embed_dim, patch_features, pool_channels
 
 
 def _top5(net, name):

@@ -2,8 +2,17 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.config import (Config, FeatureConfig, TrainConfig, apply_sets, config_from_dict,
-                             config_to_dict, dump_toml, load_config, save_config)
+from pipeline.config import (
+    Config,
+    FeatureConfig,
+    TrainConfig,
+    apply_sets,
+    config_from_dict,
+    config_to_dict,
+    dump_toml,
+    load_config,
+    save_config,
+)
 from pipeline.errors import CladError
 
 

@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from stages.losses import (bce_score_loss, contrastive_loss, contrastive_reference, focal_weight, hinge_loss,
-                           project_shell, score_loss, variance_loss)
+from stages.losses import (
+    bce_score_loss,
+    contrastive_loss,
+    contrastive_reference,
+    focal_weight,
+    hinge_loss,
+    project_shell,
+    score_loss,
+    variance_loss,
+)
 
 
 def w(loss, gamma=-0.8):

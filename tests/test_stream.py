@@ -32,7 +32,7 @@ def test_epochs_are_reproducible_and_differ(extracted):
     _, _, s1 = _stream(extracted)
     _, _, s2 = _stream(extracted)
     a, b = list(s1.epoch(3)), list(s2.epoch(3))
-    assert all(torch.equal(x.normal, y.normal) and torch.equal(x.anomaly, y.anomaly) for x, y in zip(a, b))
+    assert all(torch.equal(x.normal, y.normal) and torch.equal(x.anomaly, y.anomaly) for x, y in zip(a, b, strict=True))
     c = list(s1.epoch(4))
     assert not torch.equal(a[0].normal, c[0].normal)
 
@@ -52,6 +52,16 @@ def test_batch_larger_than_cache_is_clipped(extracted):
     assert stream.n_normal == stream.total_normal and stream.batches_per_epoch == 1
     (b,) = list(stream.epoch(0))
     assert len(b.normal) == stream.total_normal and len(b.anomaly) == stream.n_anomaly > 0
+    assert stream.n_anomaly == 10**5 * stream.total_normal // 10**6  # the 10 : 1 ratio is kept
+
+
+def test_scaled_share_keeps_the_ratio_and_at_least_one_row():
+    from cache.stream import scaled_share
+
+    assert scaled_share(250, 1000, 1000) == 250  # not clipped
+    assert scaled_share(250, 400, 1000) == 100
+    assert scaled_share(3, 10, 1000) == 1  # never rounded down to none
+    assert scaled_share(0, 10, 1000) == 0  # LAS off stays off
 
 
 def test_greedy_coreset_picks_far_apart_rows():

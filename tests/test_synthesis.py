@@ -2,9 +2,19 @@ import numpy as np
 import pytest
 
 from pipeline.config import SynthesisConfig
-from stages.synthesis import (TextureSource, augment_texture, blend, combine_masks, feature_mask,
-                              foreground_mask, otsu_threshold, perlin_2d, perlin_mask, rng_for,
-                              synthesize)
+from stages.synthesis import (
+    TextureSource,
+    augment_texture,
+    blend,
+    combine_masks,
+    feature_mask,
+    foreground_mask,
+    otsu_threshold,
+    perlin_2d,
+    perlin_mask,
+    rng_for,
+    synthesize,
+)
 
 
 def test_perlin_shape_range_and_determinism():
