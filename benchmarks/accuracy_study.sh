@@ -56,4 +56,9 @@ for b in tf_efficientnet_lite2; do
   train_eval "$S/bottle-$b" clad-fast --profile fast
 done
 
+# 6. the discrimination loss: GLASS' BCE instead of the paper's hinge (graded scores for normal patches)
+train_eval "$S/bottle" bce --profile fast --set score_loss=bce
+
+# how the held-out synthetic anomalies rank the bottle runs (training data only; see RESULTS.md)
+.venv/bin/python benchmarks/heldout_probe.py "$S/bottle" knn gas-nn clad-fast no-gas no-las no-contrastive clad-long bce
 .venv/bin/python benchmarks/collect_results.py "$S"

@@ -20,6 +20,7 @@ LABELS = {
     "no-contrastive": "CLAD fast, no contrastive phase",
     "no-gas": "CLAD fast, no global synthesis (GAS)",
     "no-las": "CLAD fast, no local synthesis (LAS)",
+    "bce": "CLAD fast, BCE score loss (GLASS) instead of hinge",
 }
 
 
