@@ -59,6 +59,15 @@ class TrainCache:
         g = self.store.open_shard(shard)
         return {n: g[n][...] for n in names}
 
+    def normal_rows(self, excluded_images: np.ndarray) -> np.ndarray:
+        """Every normal row of the images not excluded, as one float32 array
+        (the knn head's memory bank: it has to fit in memory anyway)."""
+        parts = []
+        for s in range(self.n_shards):
+            d = self.load(s, ("features", "anomaly", "image"))
+            parts.append(d["features"][(d["anomaly"] == 0) & ~excluded_images[d["image"]]])
+        return np.concatenate(parts).astype(np.float32)
+
     def row_counts(self) -> list[tuple[int, np.ndarray]]:
         """Per shard: (rows, per-row image index) for anomaly==0 rows; cheap (no features)."""
         out = []

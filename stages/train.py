@@ -384,11 +384,7 @@ def train_knn(cfg: Config, cache: TrainCache, files: RunFiles, cache_key: str,
     """The baseline head: a memory bank of normal training rows (optional coreset)."""
     t = cfg.train
     held = holdout_images(cache, t.holdout, t.seed)
-    parts = []
-    for s in range(cache.n_shards):
-        d = cache.load(s, ("features", "anomaly", "image"))
-        parts.append(d["features"][(d["anomaly"] == 0) & ~held[d["image"]]])
-    bank = np.concatenate(parts).astype(np.float32)
+    bank = cache.normal_rows(held)
     if t.knn_coreset < 1.0:
         n = max(1, int(len(bank) * t.knn_coreset))
         log(f"train: greedy coreset {n} of {len(bank)} rows")

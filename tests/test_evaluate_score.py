@@ -41,8 +41,10 @@ def test_status_done_then_stale_after_edits(trained, tmp_path):
     work = tmp_path / "w"
     shutil.copytree(trained, work)
     clad("evaluate", str(work), "--run", "t")
+    clad("train", str(work), "--run", "nn", "--head", "knn")
     st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
     assert st["extract"]["state"] == "done" and st["train[t]"]["state"] == "done"
+    assert st["train[nn]"]["state"] == "done"
     assert st["evaluate[t]"]["state"] == "done"
     set_config(work, evaluate={"sigma": 2.0})  # evaluation setting: only evaluation goes stale
     st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
@@ -51,6 +53,10 @@ def test_status_done_then_stale_after_edits(trained, tmp_path):
     st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
     assert st["extract"]["state"] == "done" and st["train[t]"]["state"] == "stale"
     assert "margin" in st["train[t]"]["detail"]
+    assert st["train[nn]"]["state"] == "done"  # a CLAD setting leaves the knn head current
+    set_config(work, train={"margin": 2.0, "knn_k": 3})  # ... a knn setting does not
+    st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
+    assert st["train[nn]"]["state"] == "stale" and "knn_k" in st["train[nn]"]["detail"]
     res = clad("evaluate", str(work), "--run", "t", check=False)
     assert res.returncode != 0 and "stale" in res.stderr
     set_config(work, features={"crop": 192})  # feature setting: everything stale
