@@ -219,3 +219,46 @@ def synthesize(image: np.ndarray, fg: np.ndarray, textures: TextureSource, cfg: 
     tex = np.asarray(augment_texture(textures.draw(size, rng), rng), np.float32) / 255.0
     beta = float(np.clip(rng.normal(cfg.beta_mean, cfg.beta_std), cfg.beta_min, cfg.beta_max))
     return Synthetic(blend(image, tex, m, beta).astype(np.float32), m, pm, beta, used_fg)
+
+
+# -- validation-only synthesis ---------------------------------------------------
+def cut_paste(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator, scar: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste (Li et al., 2021): a piece of the same image, colour-jittered,
+    moved onto the foreground elsewhere; ``scar`` cuts a thin rotated stripe.
+
+    A structural defect with no foreign texture. Training never sees it, so a
+    probe built from it can rank settings without favouring the discriminator
+    that learned the training synthesis. Returns (image, uint8 pixel mask).
+    """
+    s = image.shape[0]
+    if scar:  # CutPaste-Scar: 2-16 x 10-25 px at 256, scaled to this size
+        w = max(1, int(rng.integers(2, 17) * s / 256))
+        h = max(2, int(rng.integers(10, 26) * s / 256))
+    else:  # area 2-15 % of the image, aspect ratio 0.3-3.3
+        area = rng.uniform(0.02, 0.15) * s * s
+        aspect = float(np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3))))
+        w = int(np.clip(round(np.sqrt(area * aspect)), 1, s - 1))
+        h = int(np.clip(round(np.sqrt(area / aspect)), 1, s - 1))
+    x0, y0 = int(rng.integers(0, s - w + 1)), int(rng.integers(0, s - h + 1))
+    piece = Image.fromarray((image[y0:y0 + h, x0:x0 + w] * 255).round().astype(np.uint8))
+    piece = ImageEnhance.Brightness(piece).enhance(rng.uniform(0.9, 1.1))
+    piece = ImageEnhance.Contrast(piece).enhance(rng.uniform(0.9, 1.1))
+    alpha = Image.new("L", piece.size, 255)
+    if scar:
+        angle = rng.uniform(-45, 45)
+        piece = piece.rotate(angle, Image.BILINEAR, expand=True)
+        alpha = alpha.rotate(angle, Image.NEAREST, expand=True)
+    pw, ph = piece.size
+    ys, xs = np.nonzero(fg > 0) if (fg > 0).any() else np.nonzero(np.ones_like(fg))
+    k = int(rng.integers(len(ys)))
+    top = int(np.clip(ys[k] - ph // 2, 0, max(0, s - ph)))
+    left = int(np.clip(xs[k] - pw // 2, 0, max(0, s - pw)))
+    a = (np.asarray(alpha) > 127)[: s - top, : s - left]
+    p = np.asarray(piece, np.float32)[: s - top, : s - left] / 255.0
+    out = image.copy()
+    region = out[top:top + a.shape[0], left:left + a.shape[1]]
+    region[a] = p[a]
+    mask = np.zeros((s, s), np.uint8)
+    mask[top:top + a.shape[0], left:left + a.shape[1]] = a
+    return out.astype(np.float32), mask

@@ -100,3 +100,21 @@ def test_texture_folder_and_augmentations(tmp_path):
 def test_perlin_mask_binary(size):
     m = perlin_mask(size, SynthesisConfig(), rng_for(0, size))
     assert set(np.unique(m)) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("scar", [False, True])
+def test_cut_paste_moves_a_piece_of_the_image_onto_the_foreground(scar):
+    from stages.synthesis import cut_paste
+
+    rng = np.random.default_rng(3)
+    image = rng.random((64, 64, 3)).astype(np.float32)
+    fg = np.zeros((64, 64), np.float32)
+    fg[16:48, 16:48] = 1
+    out, mask = cut_paste(image, fg, np.random.default_rng(7), scar=scar)
+    assert out.shape == image.shape and mask.dtype == np.uint8 and 0 < mask.sum() < 64 * 64 * 0.5
+    assert np.array_equal(out[mask == 0], image[mask == 0])  # nothing changes outside the mask
+    assert not np.allclose(out[mask == 1], image[mask == 1])  # the pasted piece is different
+    ys, xs = np.nonzero(mask)
+    assert fg[int(ys.mean()), int(xs.mean())] == 1 or scar  # centred on the foreground
+    again, mask2 = cut_paste(image, fg, np.random.default_rng(7), scar=scar)
+    assert np.array_equal(again, out) and np.array_equal(mask, mask2)  # a function of the generator

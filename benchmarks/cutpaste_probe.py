@@ -1,0 +1,119 @@
+"""Held-out structural-anomaly probe: rank runs without test labels.
+
+The accuracy study may only choose settings on held-out training data. The
+training synthesis (LAS textures, GAS) cannot judge the discriminator that
+learned it (see ``heldout_probe.py``), so this probe makes anomalies of a kind
+no run trains on: CutPaste and CutPaste-Scar (a piece of the same image moved
+onto its foreground; ``stages.synthesis.cut_paste``) on the held-out training
+images of each run's workspace. The held-out images themselves are the normal
+images. Each run is scored exactly as ``clad evaluate`` scores the test set
+(maps, image score = max, image AUROC, pixel AUROC, AUPRO@0.3), per class and
+on average; a JSON copy goes to bench-results/ and a picture of the first
+synthetic images next to it.
+
+Usage: python benchmarks/cutpaste_probe.py WORK RUN [RUN ...]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import OUT_DIR, table, write_result  # noqa: E402
+from cache.store import FeatureStore  # noqa: E402
+from cache.stream import TrainCache  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from stages.data import load_image  # noqa: E402
+from stages.features import FeatureEncoder  # noqa: E402
+from stages.heads import load_head, score_rows  # noqa: E402
+from stages.maps import anomaly_maps, image_scores  # noqa: E402
+from stages.metrics import class_metrics  # noqa: E402
+from stages.synthesis import cut_paste, foreground_mask, rng_for  # noqa: E402
+from stages.train import holdout_images  # noqa: E402
+
+VARIANTS = 4  # CutPaste and CutPaste-Scar images per held-out image, each
+KEYS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def probe_set(cfg: Config, cache: TrainCache) -> dict[str, dict[str, np.ndarray]]:
+    """Per class: held-out normal images and their CutPaste/Scar versions, encoded."""
+    held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
+    paths = [p for s in range(cache.n_shards) for p in cache.store.open_shard(s).attrs["paths"]]
+    encoder = FeatureEncoder(cfg.features, torch.device("cpu"))
+    out: dict[str, dict[str, list]] = {}
+    for i in np.nonzero(held)[0]:
+        name = cache.class_names[int(cache.image_class[i])]
+        image = load_image(paths[i], cfg.features)
+        fg = foreground_mask(image, name in cfg.data.texture_classes)
+        images, masks = [image], [np.zeros(image.shape[:2], np.uint8)]
+        for v in range(2 * VARIANTS):
+            x, m = cut_paste(image, fg, rng_for(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
+            images.append(x)
+            masks.append(m)
+        d = out.setdefault(name, {"features": [], "masks": [], "images": []})
+        d["features"].append(encoder(np.stack(images)).astype(np.float32))
+        d["masks"] += masks
+        d["images"] += images[:3]
+    return {k: {"features": np.concatenate(v["features"]), "masks": np.stack(v["masks"]),
+                "images": np.stack(v["images"])} for k, v in out.items()}
+
+
+def draw(sets: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name, d = next(iter(sets.items()))
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+    for ax, img, title in zip(axes, d["images"][:3], ("held-out normal", "CutPaste", "CutPaste-Scar"), strict=True):
+        ax.imshow(img)
+        ax.set_title(f"{name}: {title}", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(work: Path, runs: list[str]) -> None:
+    cfg = load_config(work / "runs" / runs[0] / "config.toml")
+    cache = TrainCache(FeatureStore(work / "cache" / "train.zarr"))
+    t0 = time.perf_counter()
+    sets = probe_set(cfg, cache)
+    n_img = sum(len(d["masks"]) for d in sets.values())
+    print(f"{work.name}: {n_img} probe images ({len(sets)} classes) encoded in {time.perf_counter() - t0:.1f} s")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    draw(sets, OUT_DIR / f"cutpaste_probe_{work.name}.png")
+    size = cfg.features.crop or cfg.features.resize
+    device = torch.device("cpu")
+    rows, classes = [], {}
+    for run in runs:
+        head, _ = load_head(work / "runs" / run / "checkpoints" / "final.pt", device)
+        per_class, by_class = [], {}
+        for name, d in sets.items():
+            x = torch.from_numpy(d["features"])
+            s = score_rows(head, x.reshape(-1, x.shape[-1]), device).reshape(len(x), -1)
+            maps = anomaly_maps(s, size, cfg.evaluate.sigma)
+            labels = (d["masks"].reshape(len(x), -1).max(1) > 0).astype(int)
+            per_class.append(class_metrics(labels, image_scores(maps), maps, d["masks"], cfg.evaluate.aupro_fpr))
+            by_class[name] = {k: round(100 * per_class[-1][k], 1) for k in KEYS}
+        mean = {k: round(100 * float(np.mean([m[k] for m in per_class])), 1) for k in KEYS}
+        rows.append({"run": run, **mean})
+        classes[run] = by_class
+        print(table([rows[-1]]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    path = write_result(f"cutpaste_probe_{work.name}", {"work": str(work), "probe_images": n_img, "rows": rows,
+                                                          "per_class": classes})
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(Path(sys.argv[1]), sys.argv[2:])
