@@ -11,17 +11,22 @@ import platform
 import sys
 from pathlib import Path
 
-LABELS = {
+LABELS = {  # also the order of the rows
     "knn": "knn head (full bank, exact L2)",
-    "clad-fast": "CLAD fast profile",
     "gas-nn": "CLAD fast profile",
+    "clad-fast": "CLAD fast profile",
     "clad-long": "CLAD long profile",
-    "clad-pseudo": "CLAD fast, pseudo-labels (k-means, K = 2 x classes)",
     "no-contrastive": "CLAD fast, no contrastive phase",
     "no-gas": "CLAD fast, no global synthesis (GAS)",
     "no-las": "CLAD fast, no local synthesis (LAS)",
     "bce": "CLAD fast, BCE score loss (GLASS) instead of hinge",
+    "clad-pseudo": "CLAD fast, pseudo-labels (k-means, K = 2 x classes)",
 }
+
+
+def _order(run: Path) -> tuple[int, str]:
+    names = list(LABELS)
+    return (names.index(run.name) if run.name in names else len(names), run.name)
 
 
 def _read(p: Path) -> dict | None:
@@ -41,7 +46,9 @@ def collect(study: Path) -> str:
         for b in ("lite1", "lite2"):
             if f"tf_efficientnet_{b}" in cfg_text:
                 backbone = b
-        for run in sorted(p for p in (work / "runs").iterdir() if p.is_dir()) if (work / "runs").is_dir() else []:
+        runs_dir = work / "runs"
+        runs = sorted((p for p in runs_dir.iterdir() if p.is_dir()), key=_order) if runs_dir.is_dir() else []
+        for run in runs:
             m = _read(run / "eval" / "metrics.json")
             t = _read(run / "train.json")
             if not m or not t:
