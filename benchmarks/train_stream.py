@@ -5,10 +5,15 @@ For each batch size (8,000 and 100,000 rows) the same optimizer steps run
 cache already in memory. Peak RSS is measured in a fresh subprocess per
 configuration for a small cache and one 10x larger. Prints a table and
 writes bench-results/train_stream.json.
+
+``--dim 1536 --batches 100000`` measures the feature width of a WideResNet-50
+cache (METHOD.md's C_d) instead of lite0's 360 (small cache, streamed only),
+written to train_stream_dim1536.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -29,16 +34,15 @@ from cache.stream import BatchStream, TrainCache  # noqa: E402
 from stages.losses import classification_loss, hinge_loss  # noqa: E402
 from stages.models import CladHead  # noqa: E402
 
-DIM = 360
 ROWS_PER_IMAGE = 784
 
 
-def synthetic_cache(path: Path, n_images: int, shard_images: int = 16) -> FeatureStore:
+def synthetic_cache(path: Path, n_images: int, dim: int, shard_images: int = 16) -> FeatureStore:
     """A train store with the real layout, filled with random features (fast to make)."""
     st = FeatureStore(path)
     plan = [[f"c{j % 3}/train/good/{j:05d}" for j in range(i, min(i + shard_images, n_images))]
             for i in range(0, n_images, shard_images)]
-    st.create_or_validate("bench", {"features": {"embed_dim": DIM}}, plan, ["c0", "c1", "c2"])
+    st.create_or_validate("bench", {"features": {"embed_dim": dim}}, plan, ["c0", "c1", "c2"])
     rng = np.random.default_rng(0)
     offset = 0
     for s, ids in enumerate(plan):
@@ -47,7 +51,7 @@ def synthetic_cache(path: Path, n_images: int, shard_images: int = 16) -> Featur
         img = np.repeat(np.arange(offset, offset + len(ids)), ROWS_PER_IMAGE).astype(np.int32)
         offset += len(ids)
         arrays = {
-            "features": rng.standard_normal((n_norm + n_anom, DIM)).astype(np.float16),
+            "features": rng.standard_normal((n_norm + n_anom, dim)).astype(np.float16),
             "class_id": np.zeros(n_norm + n_anom, np.int16),
             "anomaly": np.r_[np.zeros(n_norm, np.uint8), np.ones(n_anom, np.uint8)],
             "image": np.r_[img, img[:n_anom]],
@@ -64,7 +68,7 @@ def run_steps(cache_path: Path, batch: int, steps: int, in_memory: bool) -> dict
     cache = TrainCache(FeatureStore(cache_path))
     excluded = np.zeros(len(cache.image_ids), bool)
     stream = BatchStream(cache, batch // 2, batch // 4, 0, excluded, window=4)
-    model = CladHead(DIM, 3, (1024, 512, 256), 1024)
+    model = CladHead(cache.embed_dim, 3, (1024, 512, 256), 1024)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     batches = []
     if in_memory:  # everything decoded up front: the step rate without any streaming
@@ -99,26 +103,34 @@ def main() -> None:
         _, _, path, batch, steps, mode = sys.argv
         print(json.dumps(run_steps(Path(path), int(batch), int(steps), mode == "memory")))
         return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=360, help="feature width C_d of the synthetic cache")
+    ap.add_argument("--batches", default="8000,100000", help="comma-separated batch sizes")
+    args = ap.parse_args()
+    full = args.dim == 360  # the standard run: both cache sizes, streamed and in memory
     tmp = Path(tempfile.mkdtemp(prefix="clad-bench-stream-"))
-    small = synthetic_cache(tmp / "small.zarr", 160)  # 125k normal rows
-    large = synthetic_cache(tmp / "large.zarr", 1600)  # 1.25M normal rows
+    stores = {"small": synthetic_cache(tmp / "small.zarr", 160, args.dim)}  # 125k normal rows
+    if full:
+        stores["10x"] = synthetic_cache(tmp / "large.zarr", 1600, args.dim)  # 1.25M normal rows
     rows = []
-    for batch, steps in ((8000, 20), (100000, 4)):
-        for name, st in (("small", small), ("10x", large)):
-            for mode in ("stream", "memory"):
+    for batch in map(int, args.batches.split(",")):
+        steps = 20 if batch <= 10000 else 4
+        for name, st in stores.items():
+            for mode in ("stream", "memory") if full else ("stream",):
                 if mode == "memory" and name == "10x":
                     continue  # the in-memory baseline is the step rate; one cache size suffices
                 out = subprocess.run([sys.executable, __file__, "--child", str(st.path), str(batch), str(steps),
                                       mode], capture_output=True, text=True, check=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append({"batch": batch, "cache": name, "mode": mode, **r})
+                rows.append({"dim": args.dim, "batch": batch, "cache": name, "mode": mode, **r})
     for r in rows:
-        base = next(x for x in rows if x["batch"] == r["batch"] and x["mode"] == "memory")
-        r["vs_memory"] = r["steps_per_s"] / base["steps_per_s"]
+        base = next((x for x in rows if x["batch"] == r["batch"] and x["mode"] == "memory"), None)
+        r["vs_memory"] = r["steps_per_s"] / base["steps_per_s"] if base else float("nan")
     print(table(rows))
-    cache_mb = {n: s.nbytes_stored() / 2**20 for n, s in (("small", small), ("10x", large))}
-    print(f"\ncache sizes: small {cache_mb['small']:.0f} MiB, 10x {cache_mb['10x']:.0f} MiB")
-    path = write_result("train_stream", {"runs": rows, "cache_mib": cache_mb})
+    cache_mb = {n: s.nbytes_stored() / 2**20 for n, s in stores.items()}
+    print("\ncache sizes: " + ", ".join(f"{n} {v:.0f} MiB" for n, v in cache_mb.items()))
+    name = "train_stream" if full else f"train_stream_dim{args.dim}"
+    path = write_result(name, {"runs": rows, "cache_mib": cache_mb})
     print(f"wrote {path}")
 
 
