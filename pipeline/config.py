@@ -151,14 +151,16 @@ class Config:
             "synthesis": dataclasses.asdict(self.synthesis),
         }
 
-    def train_settings(self) -> dict[str, Any]:
+    def train_settings(self, keyed: bool = True) -> dict[str, Any]:
         """What a trained head depends on. The knn head reads a handful of
         settings, so changing a CLAD setting (or a CLAD default) never makes a
-        knn run stale; a CLAD run hashes every [train] setting."""
+        knn run stale; a CLAD run hashes every [train] setting. ``keyed=False``
+        keeps later-added settings at their defaults too (for showing diffs)."""
         train = dataclasses.asdict(self.train)
         if self.train.head == "knn":
             return {"code": TRAIN_CODE_VERSION, "train": {k: train[k] for k in KNN_SETTINGS}}
-        train = {k: v for k, v in train.items() if ADDED_TRAIN_SETTINGS.get(k, _UNSET) != v}
+        if keyed:
+            train = {k: v for k, v in train.items() if ADDED_TRAIN_SETTINGS.get(k, _UNSET) != v}
         return {"code": TRAIN_CODE_VERSION, "labels": self.data.labels, "train": train}
 
     def evaluate_settings(self) -> dict[str, Any]:
@@ -226,7 +228,22 @@ _SECTION_TYPES = {
 }
 
 
+# Settings that take one of a few words: checked when the configuration is read,
+# so a typo fails at once with the choices, not deep inside a stage.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("DataConfig", "layout"): ("auto", "mvtec", "visa", "folder"),
+    ("DataConfig", "labels"): ("classes", "pseudo"),
+    ("FeatureConfig", "compressor"): ("lz4", "zstd", "none"),
+    ("TrainConfig", "head"): ("clad", "knn"),
+    ("TrainConfig", "score_loss"): ("hinge", "bce"),
+    ("TrainConfig", "gas_scale"): ("nn", "absolute"),
+}
+
+
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    choices = CHOICES.get((cls.__name__, name))
+    if choices is not None and value not in choices:
+        raise CladError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {value!r}")
     default = next(f for f in fields(cls) if f.name == name).default
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):

@@ -47,8 +47,8 @@ def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> li
             out.append(StageState(f"train[{name}]", "missing", f"run 'clad train WORK --run {name}'"))
     elif summary.get("train_key") != expected.train_key():
         used = load_config(snap) if snap.is_file() else expected
-        changes = diff_settings(used.extract_settings() | used.train_settings(),
-                                expected.extract_settings() | expected.train_settings())
+        changes = diff_settings(used.extract_settings() | used.train_settings(keyed=False),
+                                expected.extract_settings() | expected.train_settings(keyed=False))
         out.append(StageState(f"train[{name}]", "stale", "; ".join(changes[:5]) +
                               f" (re-run 'clad train WORK --run {name} --restart')", extra={"changes": changes}))
     elif extract.state != "done":

@@ -49,7 +49,7 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
         old = load_config(rd / "config.toml")
         from pipeline.config import diff_settings
 
-        changes = diff_settings(old.train_settings(), cfg.train_settings())
+        changes = diff_settings(old.train_settings(keyed=False), cfg.train_settings(keyed=False))
         raise StaleError(f"run {name!r} was trained with other settings ({'; '.join(changes[:4])}); "
                          f"use another --run name or add --restart to retrain it")
     elif (rd / "config.toml").is_file() and files.latest.is_file():

@@ -79,3 +79,19 @@ def test_a_setting_added_later_is_keyed_only_when_changed():
     assert "score_loss" not in cfg.train_settings()["train"]  # runs trained before it existed stay current
     bce = replace(cfg, train=replace(cfg.train, score_loss="bce"))
     assert bce.train_settings()["train"]["score_loss"] == "bce" and bce.train_key() != cfg.train_key()
+
+
+def test_word_settings_are_checked_when_read():
+    with pytest.raises(CladError, match="'score_loss' must be one of hinge, bce; got 'foo'"):
+        apply_sets(Config(), ["score_loss=foo"])
+    with pytest.raises(CladError, match="'compressor' must be one of lz4, zstd, none"):
+        config_from_dict({"features": {"compressor": "gzip"}})
+
+
+def test_diffs_name_later_added_settings_with_their_old_value():
+    from pipeline.config import diff_settings
+
+    cfg = Config()
+    bce = replace(cfg, train=replace(cfg.train, score_loss="bce"))
+    assert diff_settings(cfg.train_settings(keyed=False), bce.train_settings(keyed=False)) == [
+        "train.score_loss: 'hinge' -> 'bce'"]
