@@ -11,11 +11,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from pipeline.errors import CladError
 
