@@ -51,6 +51,8 @@ train_eval "$S/bottle" clad-long --profile long
 
 # 6. the discrimination loss: GLASS' BCE instead of the paper's hinge (graded scores for normal patches)
 train_eval "$S/bottle" bce --profile fast --set score_loss=bce
+# 7. a cheaper yardstick: knn on a 10 % greedy coreset (PatchCore's default size)
+train_eval "$S/bottle" knn-coreset10 --head knn --set knn_coreset=0.1
 
 # how held-out training data ranks the bottle runs (no test labels; see RESULTS.md): the training
 # synthesis (LAS rows) and a structural synthesis no run trains on (CutPaste / Scar)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 LABELS = {  # also the order of the rows
     "knn": "knn head (full bank, exact L2)",
+    "knn-coreset10": "knn head (10 % greedy coreset, exact L2)",
     "gas-nn": "CLAD fast profile",
     "clad-fast": "CLAD fast profile",
     "clad-long": "CLAD long profile",

@@ -3,6 +3,7 @@ PatchCore-style nearest-neighbour baseline. Both expose ``score(rows)``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,25 +37,36 @@ class KnnHead:
         return self
 
 
-def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128, batch: int = 65536) -> np.ndarray:
-    """Indices of ``n`` rows chosen by greedy k-centre on a random projection.
+def greedy_k_center(z: torch.Tensor, n: int, first: int,
+                    progress: Callable[[int, int], None] | None = None) -> list[int]:
+    """Greedy k-centre: start at ``first``, then repeatedly take the row
+    farthest from everything taken so far. Distances come from the expansion
+    |a - b|^2 = |a|^2 - 2 a.b + |b|^2 (one matrix-vector product per pick, no
+    [N, d] temporaries), which makes a 10 % coreset of 150k rows take seconds."""
+    sq = (z * z).sum(1)
+    chosen = [first]
+    mind = (sq - 2 * (z @ z[first]) + sq[first]).clamp_min_(0)
+    every = max(1, n // 10)
+    for k in range(1, n):
+        i = int(torch.argmax(mind))
+        chosen.append(i)
+        torch.minimum(mind, (sq - 2 * (z @ z[i]) + sq[i]).clamp_min_(0), out=mind)
+        if progress is not None and (k + 1) % every == 0:
+            progress(k + 1, n)
+    return chosen
 
-    PatchCore's greedy coreset, made cheap: distances are computed in a
-    ``proj_dim``-dimensional Johnson-Lindenstrauss projection, in batches.
-    """
+
+def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Sorted indices of ``n`` rows chosen by PatchCore's greedy coreset,
+    computed in a ``proj_dim``-dimensional random (Johnson-Lindenstrauss)
+    projection to make it cheap."""
     rng = np.random.default_rng(seed)
     if n >= len(x):
         return np.arange(len(x))
     proj = torch.from_numpy((rng.normal(size=(x.shape[1], proj_dim)) / np.sqrt(proj_dim)).astype(np.float32))
     z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) @ proj
-    chosen = [int(rng.integers(len(x)))]
-    mind = torch.full((len(x),), float("inf"))
-    for _ in range(n - 1):
-        c = z[chosen[-1]]
-        for s in range(0, len(z), batch):
-            mind[s:s + batch] = torch.minimum(mind[s:s + batch], ((z[s:s + batch] - c) ** 2).sum(1))
-        chosen.append(int(torch.argmax(mind)))
-    return np.array(sorted(chosen))
+    return np.array(sorted(greedy_k_center(z, n, int(rng.integers(len(x))), progress)))
 
 
 def load_head(final_path: Path, device: torch.device) -> tuple[Any, dict[str, Any]]:

@@ -64,6 +64,19 @@ def test_scaled_share_keeps_the_ratio_and_at_least_one_row():
     assert scaled_share(0, 10, 1000) == 0  # LAS off stays off
 
 
+def test_greedy_k_center_equals_the_textbook_loop():
+    from stages.heads import greedy_k_center
+
+    z = torch.from_numpy(np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32))
+    expected, mind = [7], ((z - z[7]) ** 2).sum(1)
+    for _ in range(19):
+        expected.append(int(torch.argmax(mind)))
+        mind = torch.minimum(mind, ((z - z[expected[-1]]) ** 2).sum(1))
+    seen = []
+    assert greedy_k_center(z, 20, 7, progress=lambda k, n: seen.append(k)) == expected
+    assert seen == [2 * i for i in range(1, 11)]  # a report every tenth of the picks
+
+
 def test_greedy_coreset_picks_far_apart_rows():
     from stages.heads import greedy_coreset
 
