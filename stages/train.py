@@ -388,7 +388,8 @@ def train_knn(cfg: Config, cache: TrainCache, files: RunFiles, cache_key: str,
     if t.knn_coreset < 1.0:
         n = max(1, int(len(bank) * t.knn_coreset))
         log(f"train: greedy coreset {n} of {len(bank)} rows")
-        bank = bank[greedy_coreset(bank, n, t.seed, progress=lambda k, total: log(f"train: coreset {k}/{total}"))]
+        bank = bank[greedy_coreset(bank, n, t.seed, progress=lambda k, total: log(f"train: coreset {k}/{total}"),
+                                   device=device)]
     head = KnnHead(bank, t.knn_k)
     _, _, per_image = held_out_rows(cache, held, 0, t.seed)
     threshold, held_scores = calibrate_threshold(head, per_image, cfg, device)
