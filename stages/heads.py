@@ -51,7 +51,7 @@ def greedy_k_center(z: torch.Tensor, n: int, first: int,
         i = int(torch.argmax(mind))
         chosen.append(i)
         torch.minimum(mind, (sq - 2 * (z @ z[i]) + sq[i]).clamp_min_(0), out=mind)
-        if progress is not None and (k + 1) % every == 0:
+        if progress is not None and ((k + 1) % every == 0 or k + 1 == n):
             progress(k + 1, n)
     return chosen
 

@@ -40,6 +40,10 @@ def test_second_head_trains_on_the_same_cache_without_extraction(trained):
     assert _tree_mtimes(trained / "cache") == before
     summary = json.loads((trained / "runs" / "knn" / "train.json").read_text())
     assert summary["head"] == "knn" and summary["bank_rows"] == 8 * 784
+    res = clad("train", str(trained), "--run", "core", "--head", "knn", "--set", "knn_coreset=0.25")
+    assert "coreset 1568/1568" in res.stderr  # progress lines while it picks
+    core = json.loads((trained / "runs" / "core" / "train.json").read_text())
+    assert core["bank_rows"] == 8 * 784 // 4
 
 
 def test_pseudo_labels(trained):
