@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,14 +59,19 @@ class TrainCache:
         g = self.store.open_shard(shard)
         return {n: g[n][...] for n in names}
 
+    def normal_parts(self, excluded_images: np.ndarray, order: Iterable[int] | None = None
+                     ) -> Iterator[np.ndarray]:
+        """Per shard (in ``order``, default storage order): the float16 normal
+        rows of the images not excluded."""
+        for s in range(self.n_shards) if order is None else order:
+            d = self.load(int(s), ("features", "anomaly", "image"))
+            yield d["features"][(d["anomaly"] == 0) & ~excluded_images[d["image"]]]
+
     def normal_rows(self, excluded_images: np.ndarray) -> np.ndarray:
         """Every normal row of the images not excluded, as one float32 array
-        (the knn head's memory bank: it has to fit in memory anyway)."""
-        parts = []
-        for s in range(self.n_shards):
-            d = self.load(s, ("features", "anomaly", "image"))
-            parts.append(d["features"][(d["anomaly"] == 0) & ~excluded_images[d["image"]]])
-        return np.concatenate(parts).astype(np.float32)
+        (the knn head's memory bank: it has to fit in memory anyway). The
+        float16 parts are cast while concatenating: no second full-size copy."""
+        return np.concatenate(list(self.normal_parts(excluded_images)), dtype=np.float32)
 
     def row_counts(self) -> list[tuple[int, np.ndarray]]:
         """Per shard: (rows, per-row image index) for anomaly==0 rows; cheap (no features)."""

@@ -140,13 +140,13 @@ def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, s
     """Median distance of held-out normal rows to their nearest training normal row."""
     import faiss
 
-    bank = []
-    for s in seeded(seed, "nn-bank").permutation(cache.n_shards):
-        d = cache.load(int(s), ("features", "anomaly", "image"))
-        bank.append(d["features"][(d["anomaly"] == 0) & ~held[d["image"]]])
-        if sum(len(b) for b in bank) >= n_bank:
+    bank, rows = [], 0
+    for part in cache.normal_parts(held, seeded(seed, "nn-bank").permutation(cache.n_shards)):
+        bank.append(part)
+        rows += len(part)
+        if rows >= n_bank:
             break
-    x = np.concatenate(bank)[:n_bank].astype(np.float32)
+    x = np.concatenate(bank, dtype=np.float32)[:n_bank]
     q = probe[seeded(seed, "nn-probe").permutation(len(probe))[:n_probe]].astype(np.float32)
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(x)
