@@ -23,6 +23,7 @@ from pipeline.config import (
     load_config,
     save_config,
     with_profile,
+    write_atomic,
 )
 from pipeline.errors import CladError
 from pipeline.progress import progress, say
@@ -137,8 +138,6 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
             timings = run_local(cfg, plan, st, units, dev, done)
     dt = time.perf_counter() - t0
     size = sum(s.nbytes_stored() for s in st.values())
-    from pipeline.config import write_atomic
-
     write_atomic(ws.cache_dir / "extract.json", json.dumps(
         {"seconds": dt, "images": n_images, "img_per_s": n_images / dt, "rows": timings.rows,
          "bytes": size, "device": dev.type, "scheduler": scheduler or "in-process",

@@ -216,6 +216,13 @@ def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
+def training_changes(old: Config, new: Config) -> list[str]:
+    """What differs between the settings a run was trained with and the current
+    ones, as ``diff_settings`` lines (extraction and training settings)."""
+    return diff_settings(old.extract_settings() | old.train_settings(keyed=False),
+                         new.extract_settings() | new.train_settings(keyed=False))
+
+
 def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 

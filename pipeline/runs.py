@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, apply_sets, diff_settings, load_config, with_run_choices, write_atomic
+from pipeline.config import Config, apply_sets, load_config, training_changes, with_run_choices, write_atomic
 from pipeline.workspace import StageState, Workspace, read_json
 
 
@@ -47,8 +47,7 @@ def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> li
             out.append(StageState(f"train[{name}]", "missing", f"run 'clad train WORK --run {name}'"))
     elif summary.get("train_key") != expected.train_key():
         used = load_config(snap) if snap.is_file() else expected
-        changes = diff_settings(used.extract_settings() | used.train_settings(keyed=False),
-                                expected.extract_settings() | expected.train_settings(keyed=False))
+        changes = training_changes(used, expected)
         out.append(StageState(f"train[{name}]", "stale", "; ".join(changes[:5]) +
                               f" (re-run 'clad train WORK --run {name} --restart')", extra={"changes": changes}))
     elif extract.state != "done":

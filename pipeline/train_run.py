@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from cache.store import FeatureStore
-from pipeline.config import load_config, save_config
+from pipeline.config import load_config, save_config, training_changes
 from pipeline.errors import CladError, StaleError
 from pipeline.progress import progress, say
 from pipeline.runs import run_config, saved_overrides, write_overrides
@@ -46,16 +46,14 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
             write_overrides(ws, name, overrides)  # the same settings, maybe spelled differently
             say(f"train: run {name!r} is already trained with these settings; nothing to do")
             return
-        old = load_config(rd / "config.toml")
-        from pipeline.config import diff_settings
-
-        changes = diff_settings(old.train_settings(keyed=False), cfg.train_settings(keyed=False))
+        changes = training_changes(load_config(rd / "config.toml"), cfg)
         raise StaleError(f"run {name!r} was trained with other settings ({'; '.join(changes[:4])}); "
                          f"use another --run name or add --restart to retrain it")
     elif (rd / "config.toml").is_file() and files.latest.is_file():
         old = load_config(rd / "config.toml")
         if old.train_key() != cfg.train_key():
-            raise StaleError(f"run {name!r} has a partial training with other settings; "
+            changes = training_changes(old, cfg)
+            raise StaleError(f"run {name!r} has a partial training with other settings ({'; '.join(changes[:4])}); "
                              "use another --run name or add --restart")
     rd.mkdir(parents=True, exist_ok=True)
     save_config(cfg, rd / "config.toml")
