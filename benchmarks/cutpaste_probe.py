@@ -55,10 +55,9 @@ def probe_set(cfg: Config, cache: TrainCache) -> dict[str, dict[str, np.ndarray]
             x, m = cut_paste(image, fg, rng_for(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
             images.append(x)
             masks.append(m)
-        d = out.setdefault(name, {"features": [], "masks": [], "images": []})
+        d = out.setdefault(name, {"features": [], "masks": [], "images": images[:3]})  # drawn: the first
         d["features"].append(encoder(np.stack(images)).astype(np.float32))
         d["masks"] += masks
-        d["images"] += images[:3]
     return {k: {"features": np.concatenate(v["features"]), "masks": np.stack(v["masks"]),
                 "images": np.stack(v["images"])} for k, v in out.items()}
 
@@ -71,7 +70,7 @@ def draw(sets: dict[str, dict[str, np.ndarray]], path: Path) -> None:
 
     name, d = next(iter(sets.items()))
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
-    for ax, img, title in zip(axes, d["images"][:3], ("held-out normal", "CutPaste", "CutPaste-Scar"), strict=True):
+    for ax, img, title in zip(axes, d["images"], ("held-out normal", "CutPaste", "CutPaste-Scar"), strict=True):
         ax.imshow(img)
         ax.set_title(f"{name}: {title}", fontsize=9)
         ax.axis("off")

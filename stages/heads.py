@@ -41,8 +41,8 @@ def greedy_k_center(z: torch.Tensor, n: int, first: int,
                     progress: Callable[[int, int], None] | None = None) -> list[int]:
     """Greedy k-centre: start at ``first``, then repeatedly take the row
     farthest from everything taken so far. Distances come from the expansion
-    |a - b|^2 = |a|^2 - 2 a.b + |b|^2 (one matrix-vector product per pick, no
-    [N, d] temporaries), which makes a 10 % coreset of 150k rows take seconds."""
+    |a - b|^2 = |a|^2 - 2 a.b + |b|^2: one matrix-vector product per pick and
+    no [N, d] temporaries (a 10 % coreset of 156k rows: 241 s on 2 CPU cores)."""
     sq = (z * z).sum(1)
     chosen = [first]
     mind = (sq - 2 * (z @ z[first]) + sq[first]).clamp_min_(0)
@@ -61,7 +61,7 @@ def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,
                    device: torch.device | None = None) -> np.ndarray:
     """Sorted indices of ``n`` rows chosen by PatchCore's greedy coreset,
     computed in a ``proj_dim``-dimensional random (Johnson-Lindenstrauss)
-    projection to make it cheap (on ``device``: a GPU makes it seconds)."""
+    projection to make it cheap, on ``device``."""
     rng = np.random.default_rng(seed)
     if n >= len(x):
         return np.arange(len(x))

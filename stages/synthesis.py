@@ -256,9 +256,9 @@ def cut_paste(image: np.ndarray, fg: np.ndarray, rng: np.random.Generator, scar:
     left = int(np.clip(xs[k] - pw // 2, 0, max(0, s - pw)))
     a = (np.asarray(alpha) > 127)[: s - top, : s - left]
     p = np.asarray(piece, np.float32)[: s - top, : s - left] / 255.0
-    out = image.copy()
+    out = image.astype(np.float32)  # a copy
     region = out[top:top + a.shape[0], left:left + a.shape[1]]
     region[a] = p[a]
     mask = np.zeros((s, s), np.uint8)
     mask[top:top + a.shape[0], left:left + a.shape[1]] = a
-    return out.astype(np.float32), mask
+    return out, mask
