@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.common import progress_row, report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -68,10 +68,8 @@ def main(work: Path, run: str) -> None:
             rows.append({"class": name, "scorer": label, "image_auroc": round(100 * m["image_auroc"], 1),
                          "pixel_auroc": round(100 * m["pixel_auroc"], 1), "aupro": round(100 * m["aupro"], 1),
                          "seconds": round(time.perf_counter() - t0, 1)})
-            print(table([rows[-1]]).splitlines()[-1], flush=True)
-    print()
-    print(table(rows))
-    print(f"\nwritten: {write_result(f'adaptor_knn_{work.name}_{run}', {'work': str(work), 'run': run, 'rows': rows})}")
+            progress_row(rows[-1])
+    report(f"adaptor_knn_{work.name}_{run}", rows, work=str(work), run=run)
 
 
 if __name__ == "__main__":

@@ -38,5 +38,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def progress_row(row: dict[str, Any]) -> None:
+    """Print one finished row at once (long diagnostics), without the header."""
+    print(table([row]).splitlines()[-1], flush=True)
+
+
+def report(name: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
+    """Print the whole table and write it, with ``extra``, to bench-results/NAME.json."""
+    print()
+    print(table(rows))
+    path = write_result(name, {**extra, "rows": rows})
+    print(f"\nwritten: {path}")
+    return path
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)

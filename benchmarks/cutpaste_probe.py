@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import OUT_DIR, table, write_result  # noqa: E402
+from benchmarks.common import OUT_DIR, progress_row, report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
@@ -104,12 +104,8 @@ def main(work: Path, runs: list[str]) -> None:
         mean = {k: round(100 * float(np.mean([m[k] for m in per_class])), 1) for k in KEYS}
         rows.append({"run": run, **mean})
         classes[run] = by_class
-        print(table([rows[-1]]).splitlines()[-1], flush=True)
-    print()
-    print(table(rows))
-    path = write_result(f"cutpaste_probe_{work.name}", {"work": str(work), "probe_images": n_img, "rows": rows,
-                                                          "per_class": classes})
-    print(f"\nwritten: {path}")
+        progress_row(rows[-1])
+    report(f"cutpaste_probe_{work.name}", rows, work=str(work), probe_images=n_img, per_class=classes)
 
 
 if __name__ == "__main__":

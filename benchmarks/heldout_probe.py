@@ -27,7 +27,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import table, write_result  # noqa: E402
+from benchmarks.common import progress_row, report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
@@ -69,13 +69,10 @@ def main(work: Path, runs: list[str]) -> None:
             y = np.r_[np.zeros(len(s_normal)), np.ones(len(s))]
             row[name] = round(float(roc_auc_score(y, np.r_[s_normal, s])), 4)
         rows.append(row)
-        print(table([row]).splitlines()[-1], flush=True)
+        progress_row(row)
     print(f"\n{work.name}: {int(held.sum())} held-out images, {len(normal)} normal rows, "
-          f"{len(sets['las'])} synthetic rows per set\n")
-    print(table(rows))
-    path = write_result(f"heldout_probe_{work.name}", {"work": str(work), "held_out_images": int(held.sum()),
-                                                        "rows": rows})
-    print(f"\nwritten: {path}")
+          f"{len(sets['las'])} synthetic rows per set")
+    report(f"heldout_probe_{work.name}", rows, work=str(work), held_out_images=int(held.sum()))
 
 
 if __name__ == "__main__":
