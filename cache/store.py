@@ -16,7 +16,6 @@ order in which Dask workers finish does not matter.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from pipeline.config import diff_settings
-from pipeline.errors import CladError, StaleError
+from core.errors import CladError, StaleError
+from core.settings import diff_settings
 
 ROW_CHUNK = 2048  # rows per chunk: ~1.5 MB at C_d = 360 float16
 
@@ -143,7 +142,3 @@ class FeatureStore:
 
     def nbytes_stored(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
-
-
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text())

@@ -13,7 +13,6 @@ batch, whatever the cache size.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -23,11 +22,7 @@ import numpy as np
 import torch
 
 from cache.store import FeatureStore
-
-
-def seeded(seed: int, *parts: object) -> np.random.Generator:
-    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+from core.files import seeded
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from core.errors import CladError
 from pipeline.config import (
     Config,
     DataConfig,
@@ -25,7 +26,6 @@ from pipeline.config import (
     with_profile,
     write_atomic,
 )
-from pipeline.errors import CladError
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace
 

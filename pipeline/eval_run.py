@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
+from core.errors import CladError, StaleError
+from core.files import read_json
 from pipeline.config import load_config
-from pipeline.errors import CladError, StaleError
 from pipeline.progress import progress, say
 from pipeline.runs import run_states
-from pipeline.workspace import Workspace, extract_state, read_json
+from pipeline.workspace import Workspace, extract_state
 
 
 def _trained_config(ws: Workspace, name: str) -> Any:

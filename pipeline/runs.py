@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from core.files import read_json
 from pipeline.config import Config, apply_sets, load_config, training_changes, with_run_choices, write_atomic
-from pipeline.workspace import StageState, Workspace, read_json
+from pipeline.workspace import StageState, Workspace
 
 
 def run_config(base: Config, overrides: dict[str, Any]) -> Config:

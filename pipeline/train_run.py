@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from cache.store import FeatureStore
+from core.errors import CladError, StaleError
+from core.files import read_json
 from pipeline.config import load_config, save_config, training_changes
-from pipeline.errors import CladError, StaleError
 from pipeline.progress import progress, say
 from pipeline.runs import run_config, saved_overrides, write_overrides
-from pipeline.workspace import Workspace, extract_state, read_json
+from pipeline.workspace import Workspace, extract_state
 
 
 def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restart: bool) -> None:

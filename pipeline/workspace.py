@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import CladError
 from pipeline.config import Config, diff_settings, load_config, settings_hash
-from pipeline.errors import CladError
 
 
 @dataclass
@@ -81,7 +80,3 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         return StageState("extract", "partial", f"{done}/{total} shards; run 'clad extract WORK' to finish",
                           (done, total))
     return StageState("extract", "done", f"{total} shards", (done, total))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import CladError
+from core.errors import CladError
 
 # name -> (python module, class holding get_model_file_path())
 _PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {}

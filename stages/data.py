@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import DataConfig, FeatureConfig
-from pipeline.errors import CladError
+from core.errors import CladError
+from core.settings import DataConfig, FeatureConfig
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from pipeline.errors import CladError
+from core.errors import CladError
 from stages.synthesis import perlin_2d, rng_for
 
 SIZE = 256

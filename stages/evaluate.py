@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from cache.store import FeatureStore
-from pipeline.config import Config
-from pipeline.errors import StaleError
+from core.errors import StaleError
+from core.settings import Config
 from stages.data import load_image
 from stages.figures import curves, overlay, score_histogram
 from stages.heads import load_head, score_rows

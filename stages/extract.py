@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from cache.store import FeatureStore, compressors
-from pipeline.config import Config
-from pipeline.errors import CladError
+from core.errors import CladError
+from core.settings import Config
 from stages.data import Sample, index_dataset, load_image, load_mask
 from stages.features import FeatureEncoder
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
@@ -234,7 +234,7 @@ def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False)
     """Create the stores or validate existing ones against this configuration."""
     out = stores(cache_dir)
     settings = store_settings(cfg, plan)
-    from pipeline.config import settings_hash
+    from core.settings import settings_hash
 
     key = settings_hash(settings)
     for split, store in out.items():

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import FeatureConfig
-from pipeline.errors import CladError
+from core.errors import CladError
+from core.settings import FeatureConfig
 
 
 def aggregate_local(feature: torch.Tensor, patch: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import CladError
+from core.errors import CladError
 from stages.models import CladHead
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import Config
-from pipeline.errors import CladError
+from core.errors import CladError
+from core.settings import Config
 from stages.data import IMAGE_SUFFIXES, load_image
 from stages.features import FeatureEncoder
 from stages.figures import overlay

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 from scipy import ndimage
 
-from pipeline.config import SynthesisConfig
+from core.settings import SynthesisConfig
 from stages.data import IMAGE_SUFFIXES, load_rgb
 
 

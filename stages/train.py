@@ -15,10 +15,8 @@ killed at any point and resumed ends with bit-identical weights on the CPU.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +27,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cache.stream import BatchStream, TrainCache, seeded
-from pipeline.config import Config
-from pipeline.errors import CladError, StaleError
+from cache.stream import BatchStream, TrainCache
+from core.errors import CladError, StaleError
+from core.files import save_torch_atomic, seed_from, seeded, write_atomic
+from core.settings import Config
 from stages.heads import KnnHead, greedy_coreset, score_rows
 from stages.losses import (
     classification_loss,
@@ -45,21 +44,6 @@ from stages.maps import anomaly_maps, image_scores
 from stages.models import CladHead
 
 VAL_ROWS = 20000  # held-out rows per kind used for the per-epoch validation AUROC
-
-
-def torch_seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") % (2**63)
-
-
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary name, fsync, then rename: a file that exists is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # -- labels and held-out images ------------------------------------------------
@@ -190,7 +174,7 @@ class CladTrainer:
         self.held = holdout_images(cache, self.t.holdout, self.t.seed)
         self.labels_of_image, self.n_labels = image_labels(cfg, cache)
         self.labels_t = torch.from_numpy(self.labels_of_image)
-        torch.manual_seed(torch_seed(self.t.seed, "init"))  # same initial weights every time
+        torch.manual_seed(seed_from(self.t.seed, "init"))  # same initial weights every time
         self.model = CladHead(cache.embed_dim, self.n_labels, self.t.adaptor_dims, self.t.disc_hidden).to(device)
         self.val = held_out_rows(cache, self.held, VAL_ROWS, self.t.seed)
         self.r1, self.noise, self.eta = self._gas_scale()
@@ -314,7 +298,7 @@ class CladTrainer:
                     f"{stream.n_normal // 2 if self.t.use_gas else 0} global synthetic rows)")
             bar = make_bar(name, epoch, epochs)
             while epoch < epochs:
-                torch.manual_seed(torch_seed(self.t.seed, phase, epoch))
+                torch.manual_seed(seed_from(self.t.seed, phase, epoch))
                 self.model.train()
                 sums: dict[str, float] = {}
                 rows, t0 = 0, time.perf_counter()
@@ -334,8 +318,8 @@ class CladTrainer:
                 epoch += 1
                 if contrastive and not (rec["val_auroc"] <= best):  # NaN counts as better than nothing
                     best = rec["val_auroc"] if rec["val_auroc"] == rec["val_auroc"] else best
-                    save_atomic({"model": self.model.state_dict(), "epoch": epoch}, self.files.best_phase1)
-                save_atomic(self._state(phase, epoch, opt, best, history), self.files.latest)
+                    save_torch_atomic({"model": self.model.state_dict(), "epoch": epoch}, self.files.best_phase1)
+                save_torch_atomic(self._state(phase, epoch, opt, best, history), self.files.latest)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("phase", "epoch")})
                 bar.update(1)
             bar.close()
@@ -345,10 +329,10 @@ class CladTrainer:
                     self.model.load_state_dict(torch.load(self.files.best_phase1, map_location="cpu",
                                                           weights_only=True)["model"])
                 opt = self._optimizer()
-                save_atomic(self._state(phase, 0, opt, best, history), self.files.latest)
+                save_torch_atomic(self._state(phase, 0, opt, best, history), self.files.latest)
         threshold, held_scores = self.calibrate()
         meta = self.meta(threshold)
-        save_atomic({"model": self.model.state_dict(), "meta": meta}, self.files.final)
+        save_torch_atomic({"model": self.model.state_dict(), "meta": meta}, self.files.final)
         return {"history": history, "threshold": threshold, "held_out_image_scores": held_scores,
                 "labels": self.cfg.data.labels, "n_labels": self.n_labels,
                 "gas": {"r1": self.r1, "r2": self.r2, "noise": self.noise, "eta": self.eta},
@@ -395,12 +379,10 @@ def train_knn(cfg: Config, cache: TrainCache, files: RunFiles, cache_key: str,
     threshold, held_scores = calibrate_threshold(head, per_image, cfg, device)
     meta = {"head": "knn", "embed_dim": cache.embed_dim, "knn_k": t.knn_k, "class_names": cache.class_names,
             "threshold": threshold, "cache_key": cache_key, "train_key": cfg.train_key(), "bank_rows": len(bank)}
-    save_atomic({"bank": torch.from_numpy(bank), "meta": meta}, files.final)
+    save_torch_atomic({"bank": torch.from_numpy(bank), "meta": meta}, files.final)
     return {"history": [], "threshold": threshold, "held_out_image_scores": held_scores,
             "bank_rows": len(bank)}
 
 
 def write_summary(files: RunFiles, summary: dict[str, Any]) -> None:
-    tmp = files.summary.with_name(f".{files.summary.name}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, files.summary)
+    write_atomic(files.summary, json.dumps(summary, indent=2, default=float))

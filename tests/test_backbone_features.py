@@ -4,7 +4,7 @@ import timm
 import torch
 from PIL import Image
 
-from pipeline.errors import CladError
+from core.errors import CladError
 from stages.backbone import _load_weights, create_backbone, map_efficientnet_pytorch_keys
 from stages.features import PatchProjector, aggregate_local, max_embed_dim, patch_features, pool_channels
 

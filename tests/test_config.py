@@ -2,6 +2,7 @@ from dataclasses import replace
 
 import pytest
 
+from core.errors import CladError
 from pipeline.config import (
     Config,
     FeatureConfig,
@@ -13,7 +14,6 @@ from pipeline.config import (
     load_config,
     save_config,
 )
-from pipeline.errors import CladError
 
 
 def test_training_change_keeps_extract_key_but_changes_train_key():

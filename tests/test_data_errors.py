@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import CladError
 from pipeline.config import DataConfig, FeatureConfig
-from pipeline.errors import CladError
 from stages.data import index_dataset, load_image, load_mask
 from tests.conftest import clad
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import CladError
+from core.errors import CladError
 from stages.demo_data import write_demo_dataset
 
 
