@@ -16,7 +16,8 @@ from typing import Any
 
 # Bump when the extraction code changes what it writes for the same settings.
 EXTRACT_CODE_VERSION = 1
-TRAIN_CODE_VERSION = 1
+TRAIN_CODE_VERSION = 1  # pre-registry runs; see stages/heads/legacy.py
+RUN_CODE_VERSION = 2  # keys of runs trained through the head registry
 EVALUATE_CODE_VERSION = 1
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
@@ -69,50 +70,69 @@ class SynthesisConfig:
 
 
 @dataclass(frozen=True)
+class HeadSpec:
+    """What the configuration needs to know of a registered head (filled by
+    ``stages.heads.register_head``): its settings dataclass, the settings'
+    values per profile, and settings added after runs existed with the value
+    that reproduces the older behaviour (hashed only when set otherwise)."""
+
+    name: str
+    settings: type
+    profiles: dict[str, dict[str, Any]]
+    added: dict[str, Any]
+
+    def defaults(self, profile: str) -> Any:
+        """The head's settings under a profile (a profile it does not name = the defaults)."""
+        return dataclasses.replace(self.settings(), **self.profiles.get(profile, {}))
+
+
+HEADS: dict[str, HeadSpec] = {}  # head name -> spec, in registration order
+PROFILE_NAMES = ("fast", "long", "paper")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """Head training; fields default to the paper's schedule ('paper' profile)."""
+    """Run-level training settings shared by every head.
+
+    Each head's own settings (its dataclass, declared in its module) are in
+    ``heads``; a head missing there has its defaults under ``profile``.
+    """
 
     profile: str = "paper"
-    head: str = "clad"  # clad | knn
-    epochs_contrastive: int = 200
-    epochs_finetune: int = 2000
-    batch_contrastive: int = 8000
-    batch_finetune: int = 100000
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    adaptor_dims: tuple[int, ...] = (1024, 512, 256)
-    disc_hidden: int = 1024
-    margin: float = 1.0  # M of eq. 12
-    alpha: float = 1.0  # alpha of eqs. 13-14
-    gamma: float = -0.8
-    delta: float = 0.5  # hinge margin of eqs. 21-23
-    score_loss: str = "hinge"  # L_d: hinge (eqs. 21-23) | bce (GLASS: graded, never flat)
-    contrast_normals_only: bool = False
-    fusion_p: float = 0.5
-    gas_steps: int = 20
-    gas_eta: float = 0.001
-    gas_project_every: int = 5
-    gas_noise: float = 0.015
-    gas_scale: str = "nn"  # nn: radii in units of the normal NN distance | absolute: METHOD.md's constants
-    gas_nn_factor: float = 1.0  # with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1
-    use_contrastive: bool = True
-    use_gas: bool = True
-    use_las: bool = True
-    holdout: float = 0.05
-    window_shards: int = 4
-    pseudo_k: int = 0  # 0 = 2 x number of class folders
-    knn_coreset: float = 1.0  # fraction of normal rows kept by greedy coreset (knn head); 1.0 = all
-    knn_k: int = 1
-    threshold_quantile: float = 0.99
+    head: str = "clad"
+    holdout: float = 0.05  # fraction of each class's training images never trained on
+    pseudo_k: int = 0  # labels = pseudo: k-means clusters; 0 = 2 x number of class folders
     seed: int = 0
+    heads: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def head_settings(self, name: str = "") -> Any:
+        """Settings of head ``name`` (default: the selected head)."""
+        name = name or self.head
+        if name in self.heads:
+            return self.heads[name]
+        if name not in HEADS:
+            raise KeyError(name)
+        return HEADS[name].defaults(self.profile)
+
+    def all_heads(self) -> dict[str, Any]:
+        """Every registered head's settings (filled with defaults where missing)."""
+        return {name: self.head_settings(name) for name in HEADS}
 
 
-# What the knn head reads; every other [train] setting belongs to CLAD.
-KNN_SETTINGS = ("head", "holdout", "knn_coreset", "knn_k", "threshold_quantile", "seed")
-# Settings added after runs existed, with the value that reproduces the older
-# behaviour: hashed only when set otherwise, so upgrading leaves runs current.
-ADDED_TRAIN_SETTINGS: dict[str, Any] = {"score_loss": "hinge"}
-_UNSET = object()
+# Run-level settings a head may declare that it reads (only those enter its key).
+COMMON_TRAIN = ("holdout", "pseudo_k", "seed")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Per-class verdict thresholds from training normals (``clad calibrate``)."""
+
+    quantile: float = 0.99  # of unseen normal training images' scores, per class
+    min_images: int = 8  # fewer unseen normals than this: widen the threshold (see stages/calibrate.py)
+    folds: int = 5  # cross-fitting folds for heads that can refit cheaply
+    normalized_at: float = 0.5  # the normalised score of a class's threshold
+    route_quantile: float = 0.99  # out-of-distribution: farther from every class than this quantile
+    overrides: str = ""  # optional TOML file of per-class thresholds set by the user
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,7 @@ class Config:
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
     # -- cache keys -------------------------------------------------------
     def extract_settings(self) -> dict[str, Any]:
@@ -146,29 +167,15 @@ class Config:
             "synthesis": dataclasses.asdict(self.synthesis),
         }
 
-    def train_settings(self, keyed: bool = True) -> dict[str, Any]:
-        """What a trained head depends on. The knn head reads a handful of
-        settings, so changing a CLAD setting (or a CLAD default) never makes a
-        knn run stale; a CLAD run hashes every [train] setting. ``keyed=False``
-        keeps later-added settings at their defaults too (for showing diffs)."""
-        train = dataclasses.asdict(self.train)
-        if self.train.head == "knn":
-            return {"code": TRAIN_CODE_VERSION, "train": {k: train[k] for k in KNN_SETTINGS}}
-        if keyed:
-            train = {k: v for k, v in train.items() if ADDED_TRAIN_SETTINGS.get(k, _UNSET) != v}
-        return {"code": TRAIN_CODE_VERSION, "labels": self.data.labels, "train": train}
-
     def evaluate_settings(self) -> dict[str, Any]:
         return {"code": EVALUATE_CODE_VERSION, "evaluate": dataclasses.asdict(self.evaluate)}
 
     def extract_key(self) -> str:
         return settings_hash(self.extract_settings())
 
-    def train_key(self) -> str:
-        return settings_hash({"extract": self.extract_key(), **self.train_settings()})
-
-    def evaluate_key(self) -> str:
-        return settings_hash({"train": self.train_key(), **self.evaluate_settings()})
+    def evaluate_key(self, train_key: str) -> str:
+        """Key of an evaluation of the run whose training key is ``train_key``."""
+        return settings_hash({"train": train_key, **self.evaluate_settings()})
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -188,13 +195,6 @@ def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
         elif norm_value(a) != norm_value(b):
             out.append(f"{name}: {a!r} -> {b!r}")
     return out
-
-
-def training_changes(old: Config, new: Config) -> list[str]:
-    """What differs between the settings a run was trained with and the current
-    ones, as ``diff_settings`` lines (extraction and training settings)."""
-    return diff_settings(old.extract_settings() | old.train_settings(keyed=False),
-                         new.extract_settings() | new.train_settings(keyed=False))
 
 
 def norm_value(v: Any) -> Any:

@@ -28,6 +28,7 @@ from pipeline.config import (
 )
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace
+from stages.heads import head_class, head_names
 
 
 class CladGroup(click.Group):
@@ -152,16 +153,21 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
 @click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
 @click.option("--profile", type=click.Choice(["fast", "long", "paper"]), default=None,
               help="Training schedule (default: config.toml's train.profile).")
-@click.option("--head", type=click.Choice(["clad", "knn"]), default=None, help="Head to train.")
+@click.option("--head", default=None, metavar="NAME",
+              help="Head to train (default: config.toml's train.head). Registered: "
+              + "; ".join(f"{n}: {head_class(n).summary}" for n in head_names()) + ".")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override a setting, e.g. --set lr=1e-4 --set use_gas=false.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--restart", is_flag=True, help="Discard this run's checkpoints and train anew.")
 def train(work: Path, run_name: str, profile: str | None, head: str | None, sets: tuple[str, ...],
           device: str, restart: bool) -> None:
-    """Stage 2: train a head on the cached features into runs/NAME (resumable)."""
+    """Stage 2: train a head on the cached features into runs/NAME (resumable),
+    then calibrate its per-class verdict thresholds."""
     from pipeline.train_run import train_run
 
+    if head:
+        head_class(head)  # an unknown name is refused with the list
     train_run(Workspace(work), run_name, {"profile": profile, "head": head, "sets": list(sets)},
               device, restart)
 
@@ -179,16 +185,30 @@ def evaluate(work: Path, run_name: str, device: str) -> None:
 
 @main.command()
 @click.argument("work", type=click.Path(path_type=Path))
+@click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+def calibrate(work: Path, run_name: str, device: str) -> None:
+    """Per-class verdict thresholds of a trained run, from training data only (no retraining)."""
+    from pipeline.eval_run import calibrate_cli
+
+    calibrate_cli(Workspace(work), run_name, device)
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder (default: WORK/runs/NAME/scores).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | None, device: str) -> None:
-    """Score new images (files or folders) with a trained run: score, verdict, heat map."""
+@click.option("--class", "class_name", default="", help="Class of every image (default: the nearest enclosing "
+              "folder named like a trained class, else predicted by the run).")
+def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | None, device: str,
+          class_name: str) -> None:
+    """Score new images (files or folders) with a trained run: class, score, verdict, heat map."""
     from pipeline.eval_run import score_cli
 
-    score_cli(Workspace(work), run_name, list(paths), out_dir, device)
+    score_cli(Workspace(work), run_name, list(paths), out_dir, device, class_name)
 
 
 @main.command()

@@ -14,9 +14,13 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+import stages.heads  # noqa: F401 - registers every head and its settings
 from core.errors import CladError
 from core.files import write_atomic
 from core.settings import (
+    HEADS,
+    PROFILE_NAMES,
+    CalibrateConfig,
     Config,
     DataConfig,
     EvaluateConfig,
@@ -26,54 +30,34 @@ from core.settings import (
     diff_settings,
     norm_value,
     settings_hash,
-    training_changes,
 )
 
-__all__ = ["Config", "DataConfig", "EvaluateConfig", "FeatureConfig", "SynthesisConfig", "TrainConfig",
-           "diff_settings", "settings_hash", "training_changes", "write_atomic"]
+__all__ = ["CalibrateConfig", "Config", "DataConfig", "EvaluateConfig", "FeatureConfig", "SynthesisConfig",
+           "TrainConfig", "diff_settings", "settings_hash", "write_atomic"]
 
-# The fast profile: a short schedule that finishes in minutes on 2 CPU cores.
-PROFILES: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "fast": {
-        "epochs_contrastive": 2,
-        "epochs_finetune": 4,
-        "batch_contrastive": 4000,
-        "batch_finetune": 20000,
-        "gas_steps": 3,
-        "gas_project_every": 3,
-    },
-    "long": {
-        "epochs_contrastive": 4,
-        "epochs_finetune": 12,
-        "batch_contrastive": 8000,
-        "batch_finetune": 50000,
-        "gas_steps": 5,
-        "gas_project_every": 5,
-    },
-}
-
-
-# -- TOML in and out --------------------------------------------------------
-_SECTION_TYPES = {
+_SECTION_TYPES: dict[str, type] = {
     "data": DataConfig, "features": FeatureConfig, "synthesis": SynthesisConfig,
-    "train": TrainConfig, "evaluate": EvaluateConfig,
+    "train": TrainConfig, "evaluate": EvaluateConfig, "calibrate": CalibrateConfig,
 }
+_COMMON_TRAIN = tuple(f.name for f in fields(TrainConfig) if f.name != "heads")
+# [train] keys of configurations written before the head registry that now live elsewhere
+_MOVED = {"threshold_quantile": ("calibrate", "quantile")}
 
 
 # Settings that take one of a few words: checked when the configuration is read,
-# so a typo fails at once with the choices, not deep inside a stage.
+# so a typo fails at once with the choices, not deep inside a stage. (Head
+# settings check their own words in their dataclasses.)
 CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("DataConfig", "layout"): ("auto", "mvtec", "visa", "folder"),
     ("DataConfig", "labels"): ("classes", "pseudo"),
     ("FeatureConfig", "compressor"): ("lz4", "zstd", "none"),
-    ("TrainConfig", "head"): ("clad", "knn"),
-    ("TrainConfig", "score_loss"): ("hinge", "bce"),
-    ("TrainConfig", "gas_scale"): ("nn", "absolute"),
+    ("TrainConfig", "profile"): PROFILE_NAMES,
 }
 
 
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    if (cls, name) == (TrainConfig, "head") and value not in HEADS:
+        raise CladError(f"{where}: unknown head {value!r}; registered heads: {', '.join(HEADS)}")
     choices = CHOICES.get((cls.__name__, name))
     if choices is not None and value not in choices:
         raise CladError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {value!r}")
@@ -109,13 +93,56 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
 
 def section_from_dict(cls: type, raw: dict[str, Any], where: str, base: Any = None) -> Any:
     """Build a section dataclass, refusing unknown keys (typos are errors)."""
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls)} - {"heads"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise CladError(
             f"{where}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     base = base if base is not None else cls()
     return replace(base, **{k: _coerce(cls, k, v, where) for k, v in raw.items()})
+
+
+def _owner(name: str, selected: str) -> str | None:
+    """The head whose settings have ``name``: the selected head first, then in registration order."""
+    for head in [selected] + [h for h in HEADS if h != selected]:
+        if name in {f.name for f in fields(HEADS[head].settings)}:
+            return head
+    return None
+
+
+def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = None
+                    ) -> tuple[TrainConfig, dict[str, Any]]:
+    """[train] with its head tables ([train.clad], ...), and the older flat
+    spelling (a head's setting directly under [train]). Returns the section
+    and settings of other sections found there (``threshold_quantile``)."""
+    raw = dict(raw)
+    nested = {k: raw.pop(k) for k in list(raw) if isinstance(raw[k], dict)}
+    unknown_heads = sorted(set(nested) - set(HEADS))
+    if unknown_heads:
+        raise CladError(f"{where}: unknown head table(s) {', '.join(unknown_heads)}; "
+                        f"registered heads: {', '.join(HEADS)}")
+    base = base or TrainConfig()
+    common = section_from_dict(TrainConfig, {k: v for k, v in raw.items() if k in _COMMON_TRAIN}, where, base)
+    heads = {n: dict(v) for n, v in nested.items()}
+    moved: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in _COMMON_TRAIN:
+            continue
+        if k in _MOVED:
+            moved[k] = v
+            continue
+        owner = _owner(k, common.head)
+        if owner is None:
+            valid = sorted(set(_COMMON_TRAIN) | {f.name for h in HEADS.values() for f in fields(h.settings)})
+            raise CladError(f"{where}: unknown setting {k}; valid: {', '.join(valid)}")
+        heads.setdefault(owner, {})[k] = v
+    if common.profile != base.profile:
+        base_heads = {n: HEADS[n].defaults(common.profile) for n in HEADS}
+    else:
+        base_heads = base.all_heads()
+    settings = {n: section_from_dict(HEADS[n].settings, heads.get(n, {}), f"{where} [train.{n}]", base_heads[n])
+                for n in HEADS}
+    return replace(common, heads=settings), moved
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
@@ -125,13 +152,12 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
                         f"valid: {', '.join(_SECTION_TYPES)}")
     train_raw = dict(raw.get("train", {}))
     profile = str(train_raw.get("profile", TrainConfig.profile))
-    parts = {}
+    train, moved = train_from_dict(train_raw, f"{where} [train]", with_profile(TrainConfig(), profile, where))
+    calibrate = {_MOVED[k][1]: v for k, v in moved.items()} | dict(raw.get("calibrate", {}))
+    parts: dict[str, Any] = {"train": train}
     for name, cls in _SECTION_TYPES.items():
-        section = raw.get(name, {})
-        if name == "train":
-            base = with_profile(TrainConfig(), profile, where)
-            parts[name] = section_from_dict(cls, section, f"{where} [train]", base)
-        else:
+        if name != "train":
+            section = calibrate if name == "calibrate" else raw.get(name, {})
             parts[name] = section_from_dict(cls, section, f"{where} [{name}]")
     return Config(**parts)
 
@@ -143,17 +169,18 @@ def with_run_choices(base: Config, profile: str = "", head: str = "") -> Config:
     if profile:
         explicit = config_to_dict(base, train_overrides_only=True)["train"]
         explicit.pop("profile", None)
-        train = with_profile(base.train, profile)
-        cfg = replace(cfg, train=section_from_dict(TrainConfig, explicit, "config.toml [train]", train))
+        train, _ = train_from_dict(explicit, "config.toml [train]", with_profile(base.train, profile))
+        cfg = replace(cfg, train=train)
     if head:
-        cfg = replace(cfg, train=replace(cfg.train, head=head))
+        cfg = replace(cfg, train=section_from_dict(TrainConfig, {"head": head}, "--head", cfg.train))
     return cfg
 
 
 def with_profile(train: TrainConfig, profile: str, where: str = "--profile") -> TrainConfig:
-    if profile not in PROFILES:
-        raise CladError(f"{where}: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
-    return replace(train, profile=profile, **PROFILES[profile])
+    """Every head's settings as the profile sets them (run-level settings kept)."""
+    if profile not in PROFILE_NAMES:
+        raise CladError(f"{where}: unknown profile {profile!r}; choose one of {', '.join(PROFILE_NAMES)}")
+    return replace(train, profile=profile, heads={n: HEADS[n].defaults(profile) for n in HEADS})
 
 
 def load_config(path: Path) -> Config:
@@ -167,12 +194,21 @@ def load_config(path: Path) -> Config:
 
 
 def config_to_dict(cfg: Config, train_overrides_only: bool = False) -> dict[str, Any]:
-    out = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTION_TYPES}
+    """The configuration as nested dicts (``train`` holds a table per head).
+    ``train_overrides_only`` keeps, in [train], only the profile and what
+    differs from the defaults (so a later profile change still applies)."""
+    out: dict[str, Any] = {name: dataclasses.asdict(getattr(cfg, name)) for name in _SECTION_TYPES if name != "train"}
+    train: dict[str, Any] = {k: getattr(cfg.train, k) for k in _COMMON_TRAIN}
+    heads = {n: dataclasses.asdict(s) for n, s in cfg.train.all_heads().items()}
     if train_overrides_only:
-        base = dataclasses.asdict(with_profile(TrainConfig(), cfg.train.profile))
-        out["train"] = {k: v for k, v in out["train"].items()
-                        if k == "profile" or norm_value(base[k]) != norm_value(v)}
-    return out
+        default = TrainConfig()
+        train = {k: v for k, v in train.items() if k == "profile" or norm_value(getattr(default, k)) != norm_value(v)}
+        for n in list(heads):
+            base = dataclasses.asdict(HEADS[n].defaults(cfg.train.profile))
+            heads[n] = {k: v for k, v in heads[n].items() if norm_value(base[k]) != norm_value(v)}
+    out["train"] = train | {n: v for n, v in heads.items() if v}
+    order = list(_SECTION_TYPES)
+    return {k: out[k] for k in order}
 
 
 def _toml_value(v: Any) -> str:
@@ -186,11 +222,17 @@ def _toml_value(v: Any) -> str:
 
 
 def dump_toml(tree: dict[str, dict[str, Any]]) -> str:
+    """Sections of scalars, and one level of sub-tables (``[train.clad]``)."""
     lines = []
     for section, values in tree.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
         lines.append("")
+        for sub, table in values.items():
+            if isinstance(table, dict):
+                lines.append(f"[{section}.{sub}]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -199,21 +241,32 @@ def save_config(cfg: Config, path: Path, train_overrides_only: bool = False) -> 
 
 
 def apply_sets(cfg: Config, sets: tuple[str, ...] | list[str]) -> Config:
-    """Apply ``--set section.key=value`` (section defaults to train)."""
+    """Apply ``--set [section.]key=value``. Without a section the key is a
+    run-level [train] setting or one of the selected head's settings (another
+    head's setting is found too); ``knn.knn_k=3`` names the head explicitly."""
     sections: dict[str, dict[str, Any]] = {}
     for item in sets:
         if "=" not in item:
             raise CladError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=1e-4")
         key, value = item.split("=", 1)
         section, _, name = key.strip().rpartition(".")
-        section = section or "train"
-        if section not in _SECTION_TYPES:
-            raise CladError(f"--set {item!r}: unknown section {section!r}")
+        section = section.removeprefix("train.") or "train"
         try:
             parsed: Any = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             parsed = value
-        sections.setdefault(section, {})[name] = parsed
+        if section in HEADS:
+            sections.setdefault("train", {}).setdefault(section, {})[name] = parsed
+        elif section in _SECTION_TYPES:
+            sections.setdefault(section, {})[name] = parsed
+        else:
+            raise CladError(f"--set {item!r}: unknown section {section!r}; "
+                            f"valid: {', '.join([*_SECTION_TYPES, *HEADS])}")
+    if "train" in sections:
+        train, moved = train_from_dict(sections.pop("train"), "--set", cfg.train)
+        cfg = replace(cfg, train=train)
+        for k, v in moved.items():
+            sections.setdefault(_MOVED[k][0], {})[_MOVED[k][1]] = v
     for section, raw in sections.items():
         cls = _SECTION_TYPES[section]
         cfg = replace(cfg, **{section: section_from_dict(cls, raw, "--set", getattr(cfg, section))})

@@ -1,67 +1,110 @@
-"""``clad evaluate`` and ``clad score``: checks, progress and summaries around stage 3."""
+"""``clad calibrate``, ``clad evaluate`` and ``clad score``: checks, progress and
+summaries around the calibration and stage 3."""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import click
 
 from core.errors import CladError, StaleError
 from core.files import read_json
+from core.layout import RunFiles
+from core.settings import Config
 from pipeline.config import load_config
 from pipeline.progress import progress, say
 from pipeline.runs import run_states
 from pipeline.workspace import Workspace, extract_state
 
 
-def _trained_config(ws: Workspace, name: str) -> Any:
-    rd = ws.run_dir(name)
-    if not (rd / "train.json").is_file():
+def trained_config(ws: Workspace, name: str) -> tuple[Config, str]:
+    """The run's configuration (evaluation and calibration settings from the
+    workspace's config.toml: they do not touch training) and its train key."""
+    files = RunFiles(ws.run_dir(name))
+    summary = read_json(files.summary)
+    if summary is None:
         raise CladError(f"run {name!r} has no finished training; run 'clad train {ws.root} --run {name}'")
-    cfg = load_config(rd / "config.toml")
+    cfg = load_config(files.config)
     current = ws.config()
     states = run_states(ws, current, name, extract_state(ws, current))
     if states[0].state != "done":
         raise StaleError(f"run {name!r} is {states[0].state}: {states[0].detail}")
-    # evaluation settings come from the workspace's config.toml (they do not touch training)
-    from dataclasses import replace
+    return replace(cfg, evaluate=current.evaluate, calibrate=current.calibrate), summary["train_key"]
 
-    return replace(cfg, evaluate=current.evaluate)
+
+def calibrate_cli(ws: Workspace, name: str, device: str, force: bool = True) -> None:
+    """(Re)calibrate a trained run's verdict thresholds from training data only."""
+    from cache.store import FeatureStore
+    from cache.stream import TrainCache
+    from stages.calibrate import calibrate_run, calibration_key, read_calibration
+    from stages.extract import resolve_device
+    from stages.heads import load_trained_head
+    from stages.train import train_context
+
+    cfg, key = trained_config(ws, name)
+    files = RunFiles(ws.run_dir(name))
+    cal = read_calibration(files)
+    if not force and cal is not None and cal.get("key") == calibration_key(cfg, key):
+        return
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    head, _ = load_trained_head(files.final, dev)
+    store = FeatureStore(ws.cache_dir / "train.zarr")
+    ctx = train_context(cfg, TrainCache(store), files, dev, store.info().key, say, lambda *a: None)
+    cal = calibrate_run(cfg, head, ctx, key)
+    say(f"calibrate: run {name!r}: {len(cal['classes'])} class thresholds ({cal['source']}) in "
+        f"{time.perf_counter() - t0:.1f} s; {files.calibration}")
 
 
 def evaluate_run_cli(ws: Workspace, name: str, device: str) -> None:
-    from stages.evaluate import evaluate_run, metrics_table
+    from stages.calibrate import verdict_key
+    from stages.evaluate import evaluate_run, metrics_table, verdict_table
     from stages.extract import resolve_device
 
-    cfg = _trained_config(ws, name)
-    rd = ws.run_dir(name)
-    done = read_json(rd / "eval" / "metrics.json")
-    if done and done.get("evaluate_key") == cfg.evaluate_key():
+    calibrate_cli(ws, name, device, force=False)  # a missing or stale calibration is redone first
+    cfg, key = trained_config(ws, name)
+    files = RunFiles(ws.run_dir(name))
+    eval_key = cfg.evaluate_key(key + verdict_key(cfg, files, key))
+    done = read_json(files.metrics)
+    if done and done.get("evaluate_key") == eval_key:
         say(f"evaluate: run {name!r} is already evaluated with these settings; nothing to do")
         click.echo(metrics_table(done["per_class"], done["mean"]))
+        click.echo(verdict_table(done["per_class"]))
         return
     t0 = time.perf_counter()
-    result = evaluate_run(cfg, ws.cache_dir, rd, resolve_device(device), say,
+    result = evaluate_run(cfg, ws.cache_dir, files, key, eval_key, resolve_device(device), say,
                           lambda n: progress(n, "evaluate", unit="img"))
     click.echo(metrics_table(result["per_class"], result["mean"]))
-    say(f"evaluate: done in {time.perf_counter() - t0:.1f} s; report {rd / 'eval' / 'report.md'}, "
-        f"pictures in {rd / 'eval' / 'figures'}")
+    click.echo(verdict_table(result["per_class"]))
+    say(f"evaluate: done in {time.perf_counter() - t0:.1f} s; report {files.eval_dir / 'report.md'}, "
+        f"pictures in {files.eval_dir / 'figures'}")
 
 
-def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, device: str) -> None:
+def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, device: str,
+              class_name: str) -> None:
+    from stages.calibrate import ensure_calibrated
     from stages.extract import resolve_device
     from stages.score import expand_inputs, score_images
 
-    cfg = _trained_config(ws, name)
-    files = expand_inputs(paths)
-    out = out_dir or ws.run_dir(name) / "scores"
+    cfg, key = trained_config(ws, name)
+    files = RunFiles(ws.run_dir(name))
+    ensure_calibrated(cfg, files, key)
+    inputs = expand_inputs(paths)
+    out = out_dir or files.scores_dir
     t0 = time.perf_counter()
-    results = score_images(cfg, ws.run_dir(name), files, out, resolve_device(device), say,
-                           lambda n: progress(n, "score", unit="img"))
+    results = score_images(cfg, files, inputs, out, resolve_device(device), say,
+                           lambda n: progress(n, "score", unit="img"), class_name)
+    counts: Counter = Counter((r["class"], r["verdict"]) for r in results)
+    classes = sorted({c for c, _ in counts})
+    for c in classes:
+        say(f"score: {c}: " + ", ".join(f"{counts[(c, v)]} {v}" for v in ("anomalous", "normal", "unjudged",
+                                                                            "unreadable") if counts[(c, v)]))
     bad = sum(r["verdict"] == "anomalous" for r in results)
     skipped = sum(r["verdict"] == "unreadable" for r in results)
     say(f"score: {len(results)} images in {time.perf_counter() - t0:.1f} s: {bad} anomalous, "
-        f"{len(results) - bad - skipped} normal, {skipped} unreadable; table {out / 'results.csv'}, "
-        f"heat maps in {out}")
+        f"{sum(r['verdict'] == 'normal' for r in results)} normal, "
+        f"{sum(r['verdict'] == 'unjudged' for r in results)} unjudged (no trained class fits), "
+        f"{skipped} unreadable; table {out / 'results.csv'}, heat maps in {out}")

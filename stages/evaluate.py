@@ -22,14 +22,18 @@ import torch
 
 from cache.store import FeatureStore
 from core.errors import StaleError
+from core.layout import RunFiles
 from core.settings import Config
+from stages.calibrate import load_router, read_calibration, verdicts_in_force
 from stages.data import load_image
-from stages.figures import curves, overlay, score_histogram
-from stages.heads import load_head, score_rows
+from stages.figures import curves, overlay, score_histogram, score_strips
+from stages.heads import load_trained_head
 from stages.maps import anomaly_maps, image_scores
-from stages.metrics import class_metrics
+from stages.metrics import class_metrics, verdict_metrics
+from stages.routing import descriptors
 
 METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "aupro_ader")
+VERDICT = ("verdict_recall", "verdict_false_alarm", "verdict_precision", "verdict_f1", "routing_accuracy")
 
 
 def iter_classes(store: FeatureStore) -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -53,27 +57,30 @@ def iter_classes(store: FeatureStore) -> Iterator[tuple[str, list[dict[str, Any]
         yield current, items
 
 
-def evaluate_run(cfg: Config, cache_dir: Path, run_dir: Path, device: torch.device,
-                 log: Callable[[str], None], bar: Callable[[int], Any]) -> dict[str, Any]:
-    """Score every test image, compute metrics per class, draw, write eval/."""
+def evaluate_run(cfg: Config, cache_dir: Path, files: RunFiles, train_key: str, eval_key: str,
+                 device: torch.device, log: Callable[[str], None], bar: Callable[[int], Any]) -> dict[str, Any]:
+    """Score every test image, compute metrics and verdict quality per class, draw, write eval/."""
+    run_dir = files.root
     store = FeatureStore(cache_dir / "test.zarr")
-    head, meta = load_head(run_dir / "checkpoints" / "final.pt", device)
+    head, meta = load_trained_head(files.final, device)
     if meta["cache_key"] != store.info().key:
         raise StaleError(f"{run_dir}: trained on another feature cache; re-train it "
                          f"('clad train WORK --run {run_dir.name} --restart')")
     size = cfg.features.crop or cfg.features.resize
-    threshold = float(meta.get("threshold", float("nan")))
+    verdicts = verdicts_in_force(read_calibration(files), files, cfg.calibrate)
+    router = load_router(files)
     tmp = run_dir / f".eval.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     figs = tmp / "figures"
     per_class: dict[str, dict[str, float]] = {}
     figures: dict[str, list[str]] = {}
+    all_scores: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     n_total = sum(len(p) for p in store.info().plan)
     progress = bar(n_total)
     for name, items in iter_classes(store):
-        rows = torch.from_numpy(np.stack([it["features"] for it in items]).astype(np.float32))
-        scores = score_rows(head, rows.reshape(-1, rows.shape[-1]), device).reshape(len(items), -1)
+        rows = np.stack([it["features"] for it in items]).astype(np.float32)
+        scores = head.score_maps(torch.from_numpy(rows))
         maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
         masks = np.stack([it["mask"] for it in items])
         labels = np.array([it["label"] for it in items])
@@ -81,16 +88,24 @@ def evaluate_run(cfg: Config, cache_dir: Path, run_dir: Path, device: torch.devi
         m = class_metrics(labels, img_scores, maps, masks, cfg.evaluate.aupro_fpr)
         m["n_images"] = len(items)
         m["n_defective"] = int(labels.sum())
+        threshold = verdicts.thresholds.get(name, float("nan"))
+        m.update(verdict_metrics(labels, img_scores, threshold))
+        m["threshold"], m["threshold_from"] = threshold, verdicts.sources.get(name, "")
+        if router is not None:
+            routes = router.route(descriptors(rows))
+            m["routing_accuracy"] = float(np.mean([r.class_name == name for r in routes]))
+        all_scores[name] = {"labels": labels.tolist(), "scores": img_scores.tolist(), "threshold": threshold}
         per_class[name] = m
         figures[name] = _draw_class(name, items, maps, img_scores, labels, masks, m, threshold, figs, cfg)
         progress.update(len(items))
         log(f"evaluate: {name}: image AUROC {m['image_auroc']:.3f}, pixel AUROC {m['pixel_auroc']:.3f}, "
             f"AUPRO {m['aupro']:.3f}")
     progress.close()
-    mean = {k: float(np.nanmean([per_class[c][k] for c in per_class])) for k in METRICS}
+    mean = {k: float(np.nanmean([per_class[c].get(k, np.nan) for c in per_class])) for k in METRICS + VERDICT}
+    score_strips(all_scores, figs / "verdicts.png")
     result = {"run": run_dir.name, "protocol": "final model (no test-set selection)",
-              "evaluate_key": cfg.evaluate_key(), "mean": mean, "per_class": per_class,
-              "threshold": threshold, "seconds": time.perf_counter() - t0, "figures": figures}
+              "evaluate_key": eval_key, "train_key": train_key, "mean": mean, "per_class": per_class,
+              "seconds": time.perf_counter() - t0, "figures": figures, "image_scores": all_scores}
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_nan))
     (tmp / "metrics.csv").write_text(_csv(per_class, mean))
     (tmp / "report.md").write_text(report_markdown(result))
@@ -155,6 +170,20 @@ def metrics_table(per_class: dict[str, dict[str, float]], mean: dict[str, float]
     return head + body + "| **mean** | " + " | ".join(f"**{_pct(mean[k])}**" for k in cols) + " |\n"
 
 
+def verdict_table(per_class: dict[str, dict[str, Any]]) -> str:
+    """Markdown table of the verdicts at the thresholds in force, per class."""
+    head = ("| class | threshold | from | recall | false alarms | precision | F1 | F1-max (oracle) | routing |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for c, m in per_class.items():
+        thr = m.get("threshold", float("nan"))
+        rows.append(f"| {c} | {thr:.4g} | {m.get('threshold_from', '')} | {_pct(m.get('verdict_recall'))} | "
+                    f"{_pct(m.get('verdict_false_alarm'))} | {_pct(m.get('verdict_precision'))} | "
+                    f"{_pct(m.get('verdict_f1'))} | {_pct(m.get('image_f1_max'))} | "
+                    f"{_pct(m.get('routing_accuracy'))} |\n")
+    return head + "".join(rows)
+
+
 def _pct(v: float) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
@@ -165,7 +194,14 @@ def report_markdown(result: dict[str, Any]) -> str:
              "image score = max of the map. AUPRO: exact MVTec definition, integrated to FPR 0.3 "
              "and divided by 0.3 (`aupro_ader` in metrics.csv is ADer's 200-threshold variant).", "",
              metrics_table(result["per_class"], result["mean"]), "",
-             f"Verdict threshold (from held-out training normals): {result['threshold']:.4g}", "",
+             "## Verdicts at the run's own thresholds", "",
+             "Each class has its own threshold, calibrated on training normals only (`calibration.json`) "
+             "unless a user threshold is in force. Recall: defective test images flagged; false alarms: "
+             "normal test images flagged; F1 beside the oracle F1-max (the best any threshold could do, "
+             "chosen with test labels: a yardstick, never used). Routing: test images whose predicted "
+             "class is their class.", "",
+             verdict_table(result["per_class"]), "",
+             "![verdicts](figures/verdicts.png)", "",
              "## Pictures", ""]
     for c, figs in result["figures"].items():
         lines.append(f"### {c}")

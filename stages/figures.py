@@ -78,3 +78,31 @@ def score_histogram(name: str, labels: np.ndarray, scores: np.ndarray, threshold
     ax.set_title(f"{name}: image scores", fontsize=9)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def score_strips(per_class: dict[str, dict], path: Path) -> None:
+    """One row per class: normal (o) and defective (x) image scores, each
+    class scaled so its threshold sits at 0 and its score range spans the row;
+    the threshold is the vertical line. Where a person sees at once which
+    classes the verdicts get wrong."""
+    names = list(per_class)
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    for row, name in enumerate(names):
+        d = per_class[name]
+        s, y, thr = np.asarray(d["scores"], float), np.asarray(d["labels"], bool), float(d["threshold"])
+        if not len(s):
+            continue
+        ref = thr if np.isfinite(thr) else float(np.median(s))
+        span = max(float(np.abs(s - ref).max()), 1e-9)
+        x = (s - ref) / span
+        jitter = (np.random.default_rng(row).random(len(s)) - 0.5) * 0.3
+        ax.scatter(x[~y], row + jitter[~y], marker="o", s=14, facecolors="none", edgecolors="tab:blue",
+                   label="normal" if row == 0 else None)
+        ax.scatter(x[y], row + jitter[y], marker="x", s=14, color="tab:red", label="defective" if row == 0 else None)
+    ax.axvline(0, color="k", lw=1, ls="--", label="class threshold")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("image score, per class: (score - threshold) / largest distance from it")
+    ax.set_xlim(-1.05, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("verdicts per class: right of the line = flagged anomalous", fontsize=9)
+    _save(fig, path)

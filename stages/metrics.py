@@ -147,3 +147,23 @@ def class_metrics(image_labels: np.ndarray, image_scores: np.ndarray, maps: np.n
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     fpr, tpr, _ = roc_curve(labels, scores)
     return fpr, tpr
+
+
+def verdict_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """Quality of yes/no verdicts ``score > threshold`` against image labels (1 = defective).
+
+    recall = flagged defective / defective, false_alarm = flagged normal / normal,
+    precision = flagged defective / flagged, f1 = harmonic mean of precision and
+    recall (0 when nothing is flagged); NaN where a denominator is empty.
+    """
+    labels = np.asarray(labels).astype(bool)
+    flagged = np.asarray(scores) > threshold if np.isfinite(threshold) else np.zeros(len(labels), bool)
+    tp = int((flagged & labels).sum())
+    fp = int((flagged & ~labels).sum())
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    recall = tp / n_pos if n_pos else float("nan")
+    precision = tp / (tp + fp) if tp + fp else (0.0 if n_pos else float("nan"))
+    f1 = 2 * precision * recall / (precision + recall) if n_pos and precision + recall > 0 else (
+        0.0 if n_pos else float("nan"))
+    return {"verdict_recall": recall, "verdict_false_alarm": fp / n_neg if n_neg else float("nan"),
+            "verdict_precision": precision, "verdict_f1": f1}

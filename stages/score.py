@@ -1,10 +1,16 @@
-"""Scoring new images with a trained run (the deploy path; no cache needed)."""
+"""Scoring new images with a trained run (the deploy path; no cache needed).
+
+Each image gets a class (``--class``; else the nearest enclosing folder named
+like a trained class; else predicted by ``stages.routing``), a raw score, a
+normalised score (its class threshold at ``calibrate.normalized_at``) and a
+verdict against its class's threshold. An image that fits no trained class
+is reported as out of distribution and not judged.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,12 +19,19 @@ import numpy as np
 import torch
 
 from core.errors import CladError
+from core.files import write_atomic
+from core.layout import RunFiles
 from core.settings import Config
+from stages.calibrate import load_router, read_calibration, verdicts_in_force
 from stages.data import IMAGE_SUFFIXES, load_image
 from stages.features import FeatureEncoder
 from stages.figures import overlay
-from stages.heads import load_head, score_rows
+from stages.heads import load_trained_head
 from stages.maps import anomaly_maps, image_scores
+from stages.routing import OOD, descriptors
+
+FIELDS = ["path", "class", "class_from", "confidence", "predicted_class", "score", "normalized", "threshold",
+          "threshold_from", "verdict", "heatmap"]
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
@@ -36,12 +49,26 @@ def expand_inputs(paths: list[str]) -> list[Path]:
     return out
 
 
-def score_images(cfg: Config, run_dir: Path, paths: list[Path], out_dir: Path, device: torch.device,
-                 log: Callable[[str], None], bar: Callable[[int], Any], batch: int = 16) -> list[dict[str, Any]]:
+def folder_class(path: Path, classes: list[str]) -> str:
+    """The nearest enclosing folder of ``path`` named like a trained class ("" if none)."""
+    for parent in path.parents:
+        if parent.name in classes:
+            return parent.name
+    return ""
+
+
+def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path, device: torch.device,
+                 log: Callable[[str], None], bar: Callable[[int], Any], class_name: str = "",
+                 batch: int = 16) -> list[dict[str, Any]]:
     """Score each image; write a heat map per image and results.csv/json. Unreadable images are skipped."""
-    head, meta = load_head(run_dir / "checkpoints" / "final.pt", device)
+    head, meta = load_trained_head(files.final, device)
+    classes = list(meta["class_names"])
+    if class_name and class_name not in classes:
+        raise CladError(f"--class {class_name!r}: not a class of run {files.name!r} ({', '.join(classes)})")
+    cal = read_calibration(files)
+    verdicts = verdicts_in_force(cal, files, cfg.calibrate)
+    router = load_router(files)
     encoder = FeatureEncoder(cfg.features, device)
-    threshold = float(meta.get("threshold", float("nan")))
     size = cfg.features.crop or cfg.features.resize
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
@@ -54,31 +81,54 @@ def score_images(cfg: Config, run_dir: Path, paths: list[Path], out_dir: Path, d
                 ok.append(p)
             except CladError as exc:
                 log(f"score: skipped {exc}")
-                results.append({"path": str(p), "score": None, "verdict": "unreadable", "heatmap": ""})
+                results.append({"path": str(p), "class": "", "verdict": "unreadable"})
         if images:
             arr = np.stack(images)
-            feats = torch.from_numpy(encoder(arr).astype(np.float32))
-            scores = score_rows(head, feats.reshape(-1, feats.shape[-1]), device).reshape(len(ok), -1)
+            feats = encoder(arr).astype(np.float32)
+            scores = head.score_maps(torch.from_numpy(feats))
             maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
-            for p, img, amap, sc in zip(ok, arr, maps, image_scores(maps), strict=True):
-                verdict = "anomalous" if np.isfinite(threshold) and sc > threshold else "normal"
-                png = out_dir / f"{len(results):05d}_{p.stem}.png"
-                overlay(img, amap, png, f"{p.name}: score {sc:.3f} (threshold {threshold:.3f}) -> {verdict}",
-                        vmin=min(float(amap.min()), threshold), vmax=max(float(amap.max()), threshold))
-                results.append({"path": str(p), "score": float(sc), "verdict": verdict, "heatmap": str(png)})
+            routes = router.route(descriptors(feats)) if router is not None else [None] * len(ok)
+            for p, img, amap, sc, rt in zip(ok, arr, maps, image_scores(maps), routes, strict=True):
+                results.append(_judge(p, img, amap, float(sc), rt, class_name, classes, verdicts, out_dir,
+                                      len(results)))
         progress.update(len(paths[s:s + batch]))
     progress.close()
-    _write_table(results, out_dir, threshold)
+    _write_table(results, out_dir, verdicts)
     return results
 
 
-def _write_table(results: list[dict[str, Any]], out_dir: Path, threshold: float) -> None:
-    tmp = out_dir / f".results.tmp-{os.getpid()}.csv"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "score", "verdict", "heatmap"])
-        w.writeheader()
-        w.writerows(results)
-    os.replace(tmp, out_dir / "results.csv")
-    tmpj = out_dir / f".results.tmp-{os.getpid()}.json"
-    tmpj.write_text(json.dumps({"threshold": threshold, "images": results}, indent=2))
-    os.replace(tmpj, out_dir / "results.json")
+def _judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any, class_name: str,
+           classes: list[str], verdicts: Any, out_dir: Path, index: int) -> dict[str, Any]:
+    """Class, normalised score and verdict of one image, and its heat map."""
+    predicted = route.class_name if route is not None else (classes[0] if len(classes) == 1 else OOD)
+    confidence = route.confidence if route is not None else float("nan")
+    if class_name:
+        cls, how = class_name, "user (--class)"
+    elif folder_class(p, classes):
+        cls, how = folder_class(p, classes), "folder"
+    else:
+        cls, how = predicted, "predicted"
+    norm, verdict = verdicts.judge(cls, score) if cls != OOD else (float("nan"), "unjudged")
+    thr = verdicts.thresholds.get(cls, float("nan"))
+    png = out_dir / f"{index:05d}_{p.stem}.png"
+    title = (f"{p.name} [{cls}]: score {score:.3f} (threshold {thr:.3f}, normalised {norm:.2f}) -> {verdict}"
+             if verdict != "unjudged" else f"{p.name}: score {score:.3f}; fits no trained class -> unjudged")
+    lo, hi = float(amap.min()), float(amap.max())
+    overlay(img, amap, png, title, vmin=min(lo, thr) if np.isfinite(thr) else lo,
+            vmax=max(hi, thr) if np.isfinite(thr) else hi)
+    return {"path": str(p), "class": cls, "class_from": how, "confidence": round(confidence, 4),
+            "predicted_class": predicted, "score": score, "normalized": round(norm, 4), "threshold": thr,
+            "threshold_from": verdicts.sources.get(cls, ""), "verdict": verdict, "heatmap": str(png)}
+
+
+def _write_table(results: list[dict[str, Any]], out_dir: Path, verdicts: Any) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS, restval="")
+    w.writeheader()
+    w.writerows(results)
+    write_atomic(out_dir / "results.csv", buf.getvalue())
+    write_atomic(out_dir / "results.json", json.dumps(
+        {"thresholds": verdicts.thresholds, "threshold_from": verdicts.sources,
+         "normalized_at": verdicts.normalized_at, "images": results}, indent=2, default=str))

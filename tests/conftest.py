@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config, save_config
+from pipeline.config import load_config, save_config, train_from_dict
 from stages.demo_data import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,10 @@ def set_config(work: Path, **sections: dict) -> None:
 
     cfg = load_config(work / "config.toml")
     for name, values in sections.items():
-        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **values)})
+        if name == "train":  # run-level and head settings, spelled as in config.toml's [train]
+            cfg = replace(cfg, train=train_from_dict(values, "test", cfg.train)[0])
+        else:
+            cfg = replace(cfg, **{name: replace(getattr(cfg, name), **values)})
     save_config(cfg, work / "config.toml", train_overrides_only=True)
 
 

@@ -46,9 +46,16 @@ def test_status_done_then_stale_after_edits(trained, tmp_path):
     assert st["extract"]["state"] == "done" and st["train[t]"]["state"] == "done"
     assert st["train[nn]"]["state"] == "done"
     assert st["evaluate[t]"]["state"] == "done"
-    set_config(work, evaluate={"sigma": 2.0})  # evaluation setting: only evaluation goes stale
+    assert st["calibrate[t]"]["state"] == "done"
+    set_config(work, evaluate={"sigma": 2.0})  # evaluation setting: calibration and evaluation go stale
     st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
     assert st["train[t]"]["state"] == "done" and st["evaluate[t]"]["state"] == "stale"
+    assert st["calibrate[t]"]["state"] == "stale"  # thresholds were taken on maps of the old sigma
+    res = clad("score", str(work), "--run", "t", str(work.parent), check=False)
+    assert res.returncode != 0 and "clad calibrate" in res.stderr  # never judged with stale thresholds
+    clad("calibrate", str(work), "--run", "t")
+    st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
+    assert st["calibrate[t]"]["state"] == "done" and st["evaluate[t]"]["state"] == "stale"
     set_config(work, train={"margin": 2.0})  # training setting: training and evaluation stale
     st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
     assert st["extract"]["state"] == "done" and st["train[t]"]["state"] == "stale"
@@ -78,6 +85,10 @@ def test_score_new_images_skips_unreadable(trained, tiny_data, tmp_path):
     scored = [r for r in rows if r["verdict"] != "unreadable"]
     assert len(scored) == 3 and all(_png_ok(r["heatmap"]) for r in scored)
     data = json.loads((out / "results.json").read_text())
-    assert np.isfinite(data["threshold"])
-    assert all(r["verdict"] == ("anomalous" if float(r["score"]) > data["threshold"] else "normal")
+    assert np.isfinite(data["thresholds"]["washer"]) and data["threshold_from"]["washer"] == "calibrated"
+    # no folder names a class here: the run predicts it
+    assert all(r["class"] == "washer" and r["class_from"] == "predicted" for r in scored)
+    assert all(r["verdict"] == ("anomalous" if float(r["score"]) > float(r["threshold"]) else "normal")
                for r in scored)
+    assert all((float(r["normalized"]) > 0.5) == (r["verdict"] == "anomalous") for r in scored)
+    assert "washer: " in res.stderr  # per-class counts

@@ -5,7 +5,7 @@ import torch
 
 from cache.store import FeatureStore
 from cache.stream import BatchStream, TrainCache
-from stages.train import holdout_images
+from stages.labels import holdout_images
 
 
 def _stream(work, n_normal=500, n_anomaly=200, window=2, seed=0):
@@ -65,7 +65,7 @@ def test_scaled_share_keeps_the_ratio_and_at_least_one_row():
 
 
 def test_greedy_k_center_equals_the_textbook_loop():
-    from stages.heads import greedy_k_center
+    from stages.heads.knn import greedy_k_center
 
     z = torch.from_numpy(np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32))
     expected, mind = [7], ((z - z[7]) ** 2).sum(1)
@@ -78,7 +78,7 @@ def test_greedy_k_center_equals_the_textbook_loop():
 
 
 def test_greedy_coreset_picks_far_apart_rows():
-    from stages.heads import greedy_coreset
+    from stages.heads.knn import greedy_coreset
 
     rng = np.random.default_rng(0)
     clusters = np.concatenate([rng.normal(c, 0.01, (200, 8)) for c in (0.0, 5.0, 10.0)]).astype(np.float32)

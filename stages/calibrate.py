@@ -1,0 +1,210 @@
+"""Per-class verdict thresholds from training normals only (never test labels).
+
+For each class: the image scores (max of the anomaly map, exactly as
+evaluation and scoring compute them) of its normal training images, scored
+by a model that did not see them where the head can arrange that
+(cross-fitting), give the class threshold as a high quantile. A normalised
+score puts every class's threshold at one fixed value, so scores of
+different products share one dashboard. The calibration records the settings
+it used (run key, sigma, map size, quantile) and is stale when they change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import CladError
+from core.files import read_json, save_torch_atomic, write_atomic
+from core.layout import RunFiles
+from core.settings import CalibrateConfig, Config, settings_hash
+from stages.heads.base import Head, TrainContext
+from stages.labels import image_means
+from stages.maps import anomaly_maps, image_scores
+from stages.routing import Router
+
+CALIBRATE_CODE_VERSION = 1
+
+
+# -- the mathematics (pure) -------------------------------------------------------
+def class_threshold(scores: np.ndarray, quantile: float, min_images: int) -> dict[str, float]:
+    """Threshold and evidence for one class from its normal image scores.
+
+    ``quantile`` of the scores (linear interpolation) when there are at least
+    ``min_images``; with fewer, a quantile is not estimable, so the threshold
+    is the largest score plus one standard deviation (wider: fewer false
+    alarms on a class we know little about). ``scale`` (the scores' standard
+    deviation, floored) sets the width of the normalised score.
+    """
+    s = np.asarray(scores, np.float64)
+    if not len(s):
+        return {"threshold": math.nan, "n_images": 0, "rule": "none", "mean": math.nan, "std": math.nan,
+                "min": math.nan, "max": math.nan, "scale": math.nan}
+    std = float(s.std())
+    if len(s) >= min_images:
+        thr, rule = float(np.quantile(s, quantile)), f"quantile {quantile:g}"
+    else:
+        thr, rule = float(s.max() + std), f"max + std (fewer than {min_images} images)"
+    scale = max(std, 1e-3 * max(abs(thr), 1e-6))
+    return {"threshold": thr, "n_images": int(len(s)), "rule": rule, "mean": float(s.mean()), "std": std,
+            "min": float(s.min()), "max": float(s.max()), "scale": scale}
+
+
+def normalized_score(score: float | np.ndarray, threshold: float, scale: float, at: float = 0.5
+                     ) -> float | np.ndarray:
+    """Map a raw score to (0, 1) with the class threshold at exactly ``at``:
+    ``sigmoid((s - threshold) / scale + logit(at))``. One class-normal spread
+    above the threshold is 0.73 (for at = 0.5)."""
+    z = (np.asarray(score, np.float64) - threshold) / scale + math.log(at / (1 - at))
+    out = 1.0 / (1.0 + np.exp(-z))
+    return float(out) if np.ndim(out) == 0 else out
+
+
+# -- thresholds in force (calibrated, or set by the user) ---------------------------------
+@dataclass(frozen=True)
+class Verdicts:
+    """The thresholds in force for a run: per class value, scale and source."""
+
+    thresholds: dict[str, float]
+    scales: dict[str, float]
+    sources: dict[str, str]  # calibrated | user (FILE)
+    normalized_at: float
+
+    def judge(self, class_name: str, score: float) -> tuple[float, str]:
+        """(normalised score, verdict) of an image of ``class_name``."""
+        if class_name not in self.thresholds or not math.isfinite(self.thresholds[class_name]):
+            return math.nan, "unjudged"
+        thr = self.thresholds[class_name]
+        norm = normalized_score(score, thr, self.scales[class_name], self.normalized_at)
+        return float(norm), "anomalous" if score > thr else "normal"
+
+
+def read_user_thresholds(path: Path) -> dict[str, float]:
+    """``[thresholds]`` table of a TOML file: ``class = raw threshold``."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CladError(f"{path}: unreadable threshold file ({exc}); write '[thresholds]' then 'CLASS = VALUE' "
+                        "lines") from None
+    table = raw.get("thresholds", raw)
+    try:
+        return {str(k): float(v) for k, v in table.items()}
+    except (TypeError, ValueError):
+        raise CladError(f"{path}: thresholds must be numbers, e.g. 'bottle = 1.5' under [thresholds]") from None
+
+
+def verdicts_in_force(cal: dict[str, Any], files: RunFiles, cfg: CalibrateConfig) -> Verdicts:
+    """The calibrated thresholds, with the user's overrides (config file, then
+    the run's ``thresholds.toml``) winning class by class."""
+    classes = cal["classes"]
+    thr = {c: v["threshold"] for c, v in classes.items()}
+    scales = {c: v["scale"] for c, v in classes.items()}
+    sources = dict.fromkeys(classes, "calibrated")
+    for path in [Path(cfg.overrides)] * bool(cfg.overrides) + [files.user_thresholds]:
+        if not path.is_file():
+            if path != files.user_thresholds:
+                raise CladError(f"calibrate.overrides={cfg.overrides!r}: no such file; fix config.toml")
+            continue
+        for c, v in read_user_thresholds(path).items():
+            if c not in thr:
+                raise CladError(f"{path}: class {c!r} is not a class of this run ({', '.join(thr)})")
+            thr[c], sources[c] = v, f"user ({path.name})"
+            if not math.isfinite(scales.get(c, math.nan)):
+                scales[c] = max(abs(v) * 0.05, 1e-6)
+    return Verdicts(thr, scales, sources, cfg.normalized_at)
+
+
+# -- the stage ----------------------------------------------------------------------
+def calibration_key(cfg: Config, train_key: str) -> str:
+    """What a calibration depends on: the trained run, map settings, calibration settings."""
+    cal = dataclasses.asdict(cfg.calibrate)
+    cal.pop("overrides")  # read when verdicts are made, never baked in
+    size = cfg.features.crop or cfg.features.resize
+    return settings_hash({"code": CALIBRATE_CODE_VERSION, "train": train_key, "calibrate": cal,
+                          "maps": {"sigma": cfg.evaluate.sigma, "size": size}})
+
+
+def image_scores_of(patch_scores: dict[int, np.ndarray], size: int, sigma: float, batch: int = 64
+                    ) -> dict[int, float]:
+    """``{image: [H*W] patch scores}`` -> ``{image: image score}`` (max of the smoothed map)."""
+    ids = sorted(patch_scores)
+    out: dict[int, float] = {}
+    for s in range(0, len(ids), batch):
+        chunk = ids[s:s + batch]
+        maps = anomaly_maps(torch.from_numpy(np.stack([patch_scores[i] for i in chunk])), size, sigma)
+        out.update(zip(chunk, map(float, image_scores(maps)), strict=True))
+    return out
+
+
+def calibrate_run(cfg: Config, head: Head, ctx: TrainContext, train_key: str) -> dict[str, Any]:
+    """Per-class thresholds and the router of a trained run; writes
+    ``calibration.json`` and ``routing.pt`` and returns the calibration."""
+    c = cfg.calibrate
+    size = cfg.features.crop or cfg.features.resize
+    patch, unseen = head.calibration_scores(ctx, c.folds)
+    scores = image_scores_of(patch, size, cfg.evaluate.sigma)
+    names = ctx.cache.class_names
+    per_class: dict[str, Any] = {}
+    for k, name in enumerate(names):
+        ids = [i for i in scores if ctx.cache.image_class[i] == k]
+        ev = class_threshold(np.array([scores[i] for i in ids]), c.quantile, c.min_images)
+        seen = [scores[i] for i in ids if i not in unseen]
+        fresh = [scores[i] for i in ids if i in unseen]
+        ev["n_unseen"] = len(fresh)
+        ev["unseen_minus_seen_mean"] = float(np.mean(fresh) - np.mean(seen)) if seen and fresh else None
+        per_class[name] = ev
+        ctx.log(f"calibrate: {name}: threshold {ev['threshold']:.4g} from {ev['n_images']} normal images "
+                f"({len(fresh)} unseen), {ev['rule']}")
+    router = Router(image_means(ctx.cache), ctx.cache.image_class, names, c.route_quantile)
+    save_torch_atomic(router.state(), ctx.files.routing)
+    cal = {"key": calibration_key(cfg, train_key), "train_key": train_key,
+           "source": "cross-fitted (every image unseen)" if len(unseen) == len(scores)
+           else "held-out images unseen, the rest seen by the model",
+           "sigma": cfg.evaluate.sigma, "size": size, "settings": dataclasses.asdict(c),
+           "classes": per_class, "image_scores": {ctx.cache.image_ids[i]: v for i, v in scores.items()},
+           "routing": {n: {"ood_limit": float(router.ood_limit[k])} for k, n in enumerate(names)}}
+    write_atomic(ctx.files.calibration, json.dumps(cal, indent=2, default=_nan))
+    return cal
+
+
+def _nan(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else float(v)
+
+
+def read_calibration(files: RunFiles) -> dict[str, Any] | None:
+    return read_json(files.calibration)
+
+
+def load_router(files: RunFiles) -> Router | None:
+    if not files.routing.is_file():
+        return None
+    return Router.from_state(torch.load(files.routing, map_location="cpu", weights_only=True))
+
+
+def verdict_key(cfg: Config, files: RunFiles, train_key: str) -> str:
+    """What verdicts depend on: the calibration and the thresholds in force
+    (user overrides included); part of the evaluation's key."""
+    cal = read_calibration(files)
+    if cal is None:
+        return "uncalibrated"
+    v = verdicts_in_force(cal, files, cfg.calibrate)
+    return settings_hash({"calibration": calibration_key(cfg, train_key), "thresholds": v.thresholds})
+
+
+def ensure_calibrated(cfg: Config, files: RunFiles, train_key: str) -> dict[str, Any]:
+    """The run's current calibration, or a one-line error saying how to make it."""
+    cal = read_calibration(files)
+    if cal is None:
+        raise CladError(f"run {files.name!r} has no verdict calibration; run 'clad calibrate WORK --run {files.name}'")
+    if cal.get("key") != calibration_key(cfg, train_key):
+        raise CladError(f"{files.calibration}: made with other settings (sigma, map size or [calibrate]); "
+                        f"run 'clad calibrate WORK --run {files.name}'")
+    return cal

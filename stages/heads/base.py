@@ -1,0 +1,125 @@
+"""The Head interface: what every head declares and does.
+
+A head turns cached patch features into anomaly scores. Its module declares
+a settings dataclass (only those settings, plus the run-level ones it names
+in ``reads``, enter its run key), profiles, how it trains from the cache
+(resumable), how it saves and loads its state (weights_only checkpoints) and
+how it scores whole feature maps. Training, evaluation, calibration, scoring
+and status only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from cache.stream import TrainCache
+from core.files import read_json
+from core.layout import RunFiles
+from core.settings import FeatureConfig, TrainConfig
+
+Log = Callable[[str], None]
+MakeBar = Callable[[str, int, int], Any]  # (phase, done, total) -> bar with update/set_postfix/close
+
+
+@dataclass
+class TrainContext:
+    """Everything a head's training reads, built once by ``stages.train``."""
+
+    cache: TrainCache
+    held: np.ndarray  # [n_images] bool: held out of training
+    labels: np.ndarray  # [n_images] int64: class (or pseudo-class) label per image
+    n_labels: int
+    train: TrainConfig  # run-level settings (seed, holdout, ...)
+    features: FeatureConfig
+    device: torch.device
+    files: RunFiles
+    cache_key: str
+    run_key: str
+    accepted_keys: tuple[str, ...]  # run keys a resumable checkpoint may carry (this one, older spellings)
+    log: Log
+    make_bar: MakeBar
+
+    @property
+    def seed(self) -> int:
+        return self.train.seed
+
+
+class Head(ABC):
+    """One registered head (see ``stages.heads.registry.register_head``)."""
+
+    name: ClassVar[str]
+    settings_class: ClassVar[type]
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {}
+    reads: ClassVar[tuple[str, ...]] = ("holdout", "seed")  # run-level settings in the run key
+    uses_labels: ClassVar[bool] = False  # does data.labels (classes | pseudo) change what it learns?
+    added: ClassVar[dict[str, Any]] = {}  # settings added after runs existed -> the older behaviour
+    summary: str = ""  # one line for --help
+
+    # -- training ---------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def fit(cls, settings: Any, ctx: TrainContext) -> tuple[Head, dict[str, Any]]:
+        """Train on the cache (resuming from ``ctx.files.latest`` if present) and
+        return the ready head and a JSON-able summary (history, sizes, ...)."""
+
+    @classmethod
+    def progress(cls, files: RunFiles) -> tuple[int, int] | None:
+        """(units done, units in all) of an unfinished training, for ``clad status``.
+
+        Default: the ``progress`` pair that ``stages.epochs`` stores in every
+        ``latest.pt``; None where there is none or it cannot be read.
+        """
+        if not files.latest.is_file():
+            return None
+        try:
+            ck = torch.load(files.latest, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a checkpoint being replaced right now, or damaged
+            return None
+        pr = ck.get("progress")
+        return (int(pr[0]), int(pr[1])) if pr is not None else None
+
+    # -- state --------------------------------------------------------------------
+    @abstractmethod
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to score again, as tensors and plain values
+        (``torch.load(weights_only=True)`` must read it back). Must hold
+        ``meta`` with at least ``head``, ``embed_dim`` and ``class_names``."""
+
+    @classmethod
+    @abstractmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> Head:
+        """Rebuild the head from ``checkpoint()``'s dict (also older runs' files)."""
+
+    # -- scoring ----------------------------------------------------------------
+    @abstractmethod
+    def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """``[n, H*W, C_d]`` float32 patch features of n whole images -> ``[n, H*W]``
+        anomaly scores (high = anomalous), on the CPU. Row-wise heads score each
+        row alone; reconstruction heads need the whole map."""
+
+    def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
+        """Patch scores ``{image index: [H*W]}`` of normal training images for
+        verdict calibration, and which of them the scoring model never saw.
+
+        Default: every training image, scored by the trained model; only the
+        held-out ones are unseen (``stages.calibrate`` reports the gap between
+        the two groups as evidence). A head that can refit cheaply overrides
+        this with cross-fitting, so that every image is unseen.
+        """
+        from stages.labels import normal_maps
+
+        maps = normal_maps(ctx.cache, np.ones(len(ctx.held), bool))
+        scores = {i: self.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
+                  for i, m in maps.items()}
+        return scores, {int(i) for i in np.nonzero(ctx.held)[0]}
+
+
+def read_summary(files: RunFiles) -> dict[str, Any] | None:
+    """The finished run's train.json (None while unfinished)."""
+    return read_json(files.summary)

@@ -1,0 +1,347 @@
+"""The CLAD head (seed 001): adaptor + discriminator trained contrastively.
+
+Phase 1 (contrastive) trains with L_contrast + L_var + L_c + L_d on batches
+of ``batch_contrastive`` rows; phase 2 (fine-tune) starts from the best
+phase-1 model (by AUROC on held-out training images and their synthetic
+anomalies, never the test set) and trains L_c + L_d on ``batch_finetune``
+rows. A batch is normal : local (LAS, eq. 4 fusion with p) : global (GAS)
+synthetic rows = 2 : 1 : 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from cache.stream import BatchStream, TrainCache
+from core.errors import CladError
+from core.files import seed_from, seeded
+from stages.epochs import EpochLoop, Phase
+from stages.heads.base import Head, TrainContext
+from stages.heads.registry import register_head
+from stages.heads.rows import score_in_chunks
+from stages.labels import held_out_rows
+from stages.losses import (
+    classification_loss,
+    contrastive_loss,
+    gas_ascent_loss,
+    project_shell,
+    score_loss,
+    variance_loss,
+)
+
+VAL_ROWS = 20000  # held-out rows per kind used for the per-epoch validation AUROC
+
+
+@dataclass(frozen=True)
+class CladSettings:
+    """CLAD's own settings; defaults are the paper's schedule ('paper' profile)."""
+
+    epochs_contrastive: int = 200
+    epochs_finetune: int = 2000
+    batch_contrastive: int = 8000
+    batch_finetune: int = 100000
+    lr: float = 2e-4
+    weight_decay: float = 1e-2
+    adaptor_dims: tuple[int, ...] = (1024, 512, 256)
+    disc_hidden: int = 1024
+    margin: float = 1.0  # M of eq. 12
+    alpha: float = 1.0  # alpha of eqs. 13-14
+    gamma: float = -0.8
+    delta: float = 0.5  # hinge margin of eqs. 21-23
+    score_loss: str = "hinge"  # L_d: hinge (eqs. 21-23) | bce (GLASS: graded, never flat)
+    contrast_normals_only: bool = False
+    fusion_p: float = 0.5
+    gas_steps: int = 20
+    gas_eta: float = 0.001
+    gas_project_every: int = 5
+    gas_noise: float = 0.015
+    gas_scale: str = "nn"  # nn: radii in units of the normal NN distance | absolute: METHOD.md's constants
+    gas_nn_factor: float = 1.0  # with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1
+    use_contrastive: bool = True
+    use_gas: bool = True
+    use_las: bool = True
+    window_shards: int = 4
+
+    def __post_init__(self) -> None:
+        _choice("score_loss", self.score_loss, ("hinge", "bce"))
+        _choice("gas_scale", self.gas_scale, ("nn", "absolute"))
+        for name in ("epochs_contrastive", "epochs_finetune", "gas_steps"):
+            _at_least(name, getattr(self, name), 0)
+        for name in ("batch_contrastive", "batch_finetune", "disc_hidden", "gas_project_every", "window_shards"):
+            _at_least(name, getattr(self, name), 1)
+        if self.lr <= 0 or not 0 <= self.fusion_p <= 1 or not self.adaptor_dims or min(self.adaptor_dims) < 1:
+            raise CladError(f"train.clad: lr must be > 0, fusion_p in [0, 1] and adaptor_dims positive; got "
+                            f"lr={self.lr}, fusion_p={self.fusion_p}, adaptor_dims={list(self.adaptor_dims)}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CladError(f"train.{name}={value!r}: choose one of {', '.join(choices)}")
+
+
+def _at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise CladError(f"train.{name}={value}: must be >= {low}; fix config.toml or --set")
+
+
+# -- the model ---------------------------------------------------------------------
+def _mlp(dims: list[int], last_plain: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if not (last_plain and i == len(dims) - 2):
+            layers += [nn.BatchNorm1d(b), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers)
+
+
+class Adaptor(nn.Module):
+    """3-layer MLP with batch norm reducing C_d (e.g. 360 -> 1024 -> 512 -> 256)."""
+
+    def __init__(self, in_dim: int, dims: tuple[int, ...] = (1024, 512, 256)):
+        super().__init__()
+        self.net = _mlp([in_dim, *dims], last_plain=True)
+        self.out_dim = dims[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C_d]`` -> ``[B, dims[-1]]``."""
+        return self.net(x)
+
+
+class Discriminator(nn.Module):
+    """3-layer MLP with two heads: N+1 class logits (classes + anomaly) and a raw score."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 1024):
+        super().__init__()
+        self.n_classes = n_classes
+        self.net = _mlp([in_dim, hidden, hidden, n_classes + 2], last_plain=True)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D]`` -> (logits ``[B, N+1]``, anomaly score ``[B]``; high = anomalous)."""
+        out = self.net(z)
+        return out[:, :-1], out[:, -1]
+
+
+class CladModel(nn.Module):
+    """Adaptor + discriminator; ``score`` gives per-patch anomaly scores."""
+
+    def __init__(self, in_dim: int, n_classes: int, adaptor_dims: tuple[int, ...], hidden: int):
+        super().__init__()
+        self.adaptor = Adaptor(in_dim, adaptor_dims)
+        self.disc = Discriminator(adaptor_dims[-1], n_classes, hidden)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.adaptor(x)
+        logits, s = self.disc(z)
+        return z, logits, s
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, C_d]`` -> ``[n]`` anomaly scores (eval mode)."""
+        return self.forward(x)[2]
+
+
+def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
+                       n_probe: int = 2000, n_bank: int = 50000) -> float:
+    """Median distance of held-out normal rows to their nearest training normal row."""
+    import faiss
+
+    bank, rows = [], 0
+    for part in cache.normal_parts(held, seeded(seed, "nn-bank").permutation(cache.n_shards)):
+        bank.append(part)
+        rows += len(part)
+        if rows >= n_bank:
+            break
+    x = np.concatenate(bank, dtype=np.float32)[:n_bank]
+    q = probe[seeded(seed, "nn-probe").permutation(len(probe))[:n_probe]].astype(np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    dist, _ = index.search(q, 1)
+    return float(np.median(np.sqrt(np.maximum(dist[:, 0], 0))))
+
+
+# -- training ------------------------------------------------------------------------
+class _Trainer:
+    """Both phases of CLAD training for one run."""
+
+    def __init__(self, t: CladSettings, ctx: TrainContext):
+        self.t, self.ctx, self.device = t, ctx, ctx.device
+        self.n_labels = ctx.n_labels
+        self.labels_t = torch.from_numpy(ctx.labels)
+        torch.manual_seed(seed_from(ctx.seed, "init"))  # same initial weights every time
+        self.model = CladModel(ctx.cache.embed_dim, self.n_labels, t.adaptor_dims, t.disc_hidden).to(self.device)
+        self.val = held_out_rows(ctx.cache, ctx.held, VAL_ROWS, ctx.seed)
+        self.r1, self.noise, self.eta = self._gas_scale()
+        self.r2 = 2 * self.r1
+        self.streams: dict[str, BatchStream] = {}
+
+    def _gas_scale(self) -> tuple[float, float, float]:
+        """GAS radius r1, per-dimension noise and ascent step.
+
+        ``absolute``: METHOD.md's constants (noise 0.015, r1 = 0.85 * noise *
+        sqrt(C_d), i.e. [0.5, 1.0] at 1536). ``nn``: the same geometry in units
+        of this cache's data: r1 = factor x the median distance of held-out
+        normal patches to their nearest training patch, noise = r1 / sqrt(C_d),
+        and the step keeps GLASS' step-to-radius ratio (0.001 / 0.5).
+        """
+        c, t = self.ctx.cache.embed_dim, self.t
+        if t.gas_scale == "absolute" or not len(self.val[0]):
+            return 0.85 * t.gas_noise * math.sqrt(c), t.gas_noise, t.gas_eta
+        d = median_nn_distance(self.ctx.cache, self.ctx.held, self.val[0], self.ctx.seed)
+        r1 = t.gas_nn_factor * d
+        return r1, r1 / math.sqrt(c), t.gas_eta * r1 / 0.5
+
+    def phases(self) -> list[tuple[Phase, int]]:
+        out = []
+        if self.t.use_contrastive and self.t.epochs_contrastive > 0:
+            out.append((Phase("contrastive", self.t.epochs_contrastive, select_best=True), self.t.batch_contrastive))
+        out.append((Phase("finetune", self.t.epochs_finetune), self.t.batch_finetune))
+        return out
+
+    def optimizer(self, _phase: Phase) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+
+    def stream(self, batch: int) -> BatchStream:
+        n_syn = (batch // 4) if self.t.use_las else 0
+        return BatchStream(self.ctx.cache, batch // 2, n_syn, self.ctx.seed, self.ctx.held, self.t.window_shards,
+                           self.device)
+
+    # -- one step ------------------------------------------------------------------
+    def gas(self, x: torch.Tensor) -> torch.Tensor:
+        """Global anomaly synthesis: noise, gradient ascent, projection to the shell."""
+        t = self.t
+        x_g = x + self.noise * torch.randn_like(x)
+        for step in range(1, t.gas_steps + 1):
+            x_g = x_g.detach().requires_grad_(True)
+            loss = gas_ascent_loss(self.model(x_g)[2])
+            (grad,) = torch.autograd.grad(loss, x_g)
+            x_g = x_g + self.eta * grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
+            if step % t.gas_project_every == 0 or step == t.gas_steps:
+                x_g = project_shell(x_g, x, self.r1, self.r2)
+        return project_shell(x_g.detach(), x, self.r1, self.r2)
+
+    def step(self, batch: Any, contrastive: bool) -> dict[str, torch.Tensor]:
+        t, n = self.t, self.n_labels
+        xn = batch.normal
+        yn = self.labels_t[batch.normal_image.cpu()].to(self.device)
+        parts_x, parts_y = [xn], [yn]
+        if len(batch.anomaly):
+            xa = batch.anomaly
+            fuse = torch.rand(len(xa), device=self.device) < t.fusion_p
+            beta = batch.anomaly_beta[:, None]
+            fused = (1 - beta) * xa + beta * batch.anomaly_pair  # eq. 4
+            parts_x.append(torch.where(fuse[:, None], fused, xa))
+            parts_y.append(torch.full((len(xa),), n, device=self.device))
+        if t.use_gas:
+            n_gas = len(xn) // 2
+            parts_x.append(self.gas(xn[:n_gas]))
+            parts_y.append(torch.full((n_gas,), n, device=self.device))
+        x, y = torch.cat(parts_x), torch.cat(parts_y)
+        z, logits, s = self.model(x)
+        is_anom = y == n
+        losses = {"cls": classification_loss(logits, y), t.score_loss: score_loss(s, is_anom, t.score_loss, t.delta)}
+        if contrastive:
+            mask = ~is_anom if t.contrast_normals_only else None
+            losses["contrast"] = contrastive_loss(z, y, t.margin, t.alpha, t.gamma, mask)
+            losses["var"] = variance_loss(z, y)
+        return losses
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """AUROC of s on held-out normal rows vs their synthetic rows (NaN if none)."""
+        normal, anomaly, _ = self.val
+        if not len(normal) or not len(anomaly):
+            return float("nan")
+        self.model.eval()
+        s = score_in_chunks(self.model.score, torch.from_numpy(np.concatenate([normal, anomaly])), self.device)
+        self.model.train()
+        y = np.r_[np.zeros(len(normal)), np.ones(len(anomaly))]
+        return float(roc_auc_score(y, s.numpy()))
+
+    # -- the loop ---------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        phases = self.phases()
+        batches = {ph.name: b for ph, b in phases}
+
+        def on_phase(ph: Phase, first: int) -> None:
+            st = self.streams.setdefault(ph.name, self.stream(batches[ph.name]))
+            self.ctx.log(f"train: phase {ph.name}: {ph.epochs} epochs of {st.batches_per_epoch} batches "
+                         f"({st.n_normal} normal + {st.n_anomaly} local + "
+                         f"{st.n_normal // 2 if self.t.use_gas else 0} global synthetic rows)")
+
+        def run_epoch(_i: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
+            st = self.streams.setdefault(ph.name, self.stream(batches[ph.name]))
+            sums: dict[str, float] = {}
+            rows, t0 = 0, time.perf_counter()
+            for b in st.epoch(epoch):
+                losses = self.step(b, ph.name == "contrastive")
+                total = sum(losses.values())
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                opt.step()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v.item()
+                rows += len(b.normal) + len(b.anomaly) + (len(b.normal) // 2 if self.t.use_gas else 0)
+            n_b = st.batches_per_epoch
+            return {**{k: v / n_b for k, v in sums.items()}, "val_auroc": self.validate(),
+                    "rows_per_s": rows / (time.perf_counter() - t0)}
+
+        loop = EpochLoop(self.ctx, [ph for ph, _ in phases])
+        return loop.run(self.model, self.optimizer, run_epoch, on_phase)
+
+
+@register_head
+class CladHead(Head):
+    """Adaptor + discriminator (CLAD, seed 001); scores each patch row alone."""
+
+    name = "clad"
+    settings_class = CladSettings
+    summary = "CLAD adaptor + discriminator, contrastive (seed 001)"
+    reads = ("holdout", "pseudo_k", "seed")
+    uses_labels = True
+    added = {"score_loss": "hinge"}
+    profiles = {
+        "paper": {},
+        # a short schedule that finishes the demo in minutes on 2 CPU cores
+        "fast": {"epochs_contrastive": 2, "epochs_finetune": 4, "batch_contrastive": 4000, "batch_finetune": 20000,
+                 "gas_steps": 3, "gas_project_every": 3},
+        "long": {"epochs_contrastive": 4, "epochs_finetune": 12, "batch_contrastive": 8000, "batch_finetune": 50000,
+                 "gas_steps": 5, "gas_project_every": 5},
+    }
+
+    def __init__(self, model: CladModel, meta: dict[str, Any], device: torch.device):
+        self.model, self.meta, self.device = model.to(device).eval(), meta, device
+
+    @classmethod
+    def fit(cls, settings: CladSettings, ctx: TrainContext) -> tuple[CladHead, dict[str, Any]]:
+        tr = _Trainer(settings, ctx)
+        history = tr.run()
+        meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "n_labels": ctx.n_labels,
+                "adaptor_dims": list(settings.adaptor_dims), "disc_hidden": settings.disc_hidden,
+                "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
+        summary = {"history": history, "n_labels": ctx.n_labels,
+                   "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta}}
+        return cls(tr.model, meta, ctx.device), summary
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "meta": self.meta}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> CladHead:
+        meta = ckpt["meta"]
+        model = CladModel(int(meta["embed_dim"]), int(meta["n_labels"]), tuple(meta["adaptor_dims"]),
+                          int(meta["disc_hidden"]))
+        model.load_state_dict(ckpt["model"])
+        return cls(model, meta, device)
+
+    def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        n, hw, c = maps.shape
+        return score_in_chunks(self.model.score, maps.reshape(-1, c), self.device).reshape(n, hw)
+

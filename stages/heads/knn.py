@@ -1,0 +1,164 @@
+"""The knn head: a PatchCore-style memory bank of normal training rows.
+
+Exact L2 search with faiss (optionally on a greedy coreset). Because refitting
+is only dropping rows, verdict calibration cross-fits: each training image is
+scored against a bank without the rows of its own fold of images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.errors import CladError
+from core.files import seeded
+from stages.heads.base import Head, TrainContext
+from stages.heads.registry import register_head
+from stages.labels import normal_maps
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """knn's own settings (the same in every profile)."""
+
+    knn_coreset: float = 1.0  # fraction of normal rows kept by the greedy coreset; 1.0 = all
+    knn_k: int = 1  # neighbours averaged per row
+
+    def __post_init__(self) -> None:
+        if not 0 < self.knn_coreset <= 1 or self.knn_k < 1:
+            raise CladError(f"train.knn_coreset={self.knn_coreset}, knn_k={self.knn_k}: need 0 < knn_coreset <= 1 "
+                            "and knn_k >= 1; fix config.toml or --set")
+
+
+class MemoryBank:
+    """Exact L2 nearest-neighbour search over ``[M, C]`` float32 rows (faiss)."""
+
+    def __init__(self, rows: np.ndarray, k: int = 1):
+        import faiss
+
+        self.rows, self.k = rows, k
+        self.index = faiss.IndexFlatL2(rows.shape[1])
+        self.index.add(np.ascontiguousarray(rows, dtype=np.float32))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, C]`` -> ``[n]`` mean distance to the k nearest bank rows."""
+        d2, _ = self.index.search(np.ascontiguousarray(x.float().cpu().numpy()), self.k)
+        return torch.from_numpy(np.sqrt(np.maximum(d2, 0)).mean(1))
+
+
+def greedy_k_center(z: torch.Tensor, n: int, first: int,
+                    progress: Callable[[int, int], None] | None = None) -> list[int]:
+    """Greedy k-centre: start at ``first``, then repeatedly take the row
+    farthest from everything taken so far. Distances come from the expansion
+    |a - b|^2 = |a|^2 - 2 a.b + |b|^2: one matrix-vector product per pick and
+    no [N, d] temporaries (a 10 % coreset of 156k rows: 241 s on 2 CPU cores)."""
+    sq = (z * z).sum(1)
+    chosen = [first]
+    mind = (sq - 2 * (z @ z[first]) + sq[first]).clamp_min_(0)
+    every = max(1, n // 10)
+    for k in range(1, n):
+        i = int(torch.argmax(mind))
+        chosen.append(i)
+        torch.minimum(mind, (sq - 2 * (z @ z[i]) + sq[i]).clamp_min_(0), out=mind)
+        if progress is not None and ((k + 1) % every == 0 or k + 1 == n):
+            progress(k + 1, n)
+    return chosen
+
+
+def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,
+                   progress: Callable[[int, int], None] | None = None,
+                   device: torch.device | None = None) -> np.ndarray:
+    """Sorted indices of ``n`` rows chosen by PatchCore's greedy coreset,
+    computed in a ``proj_dim``-dimensional random (Johnson-Lindenstrauss)
+    projection to make it cheap, on ``device``."""
+    rng = np.random.default_rng(seed)
+    if n >= len(x):
+        return np.arange(len(x))
+    proj = torch.from_numpy((rng.normal(size=(x.shape[1], proj_dim)) / np.sqrt(proj_dim)).astype(np.float32))
+    device = device or torch.device("cpu")
+    z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device) @ proj.to(device)
+    return np.array(sorted(greedy_k_center(z, n, int(rng.integers(len(x))), progress)))
+
+
+def bank_rows(ctx: TrainContext) -> tuple[np.ndarray, np.ndarray]:
+    """Normal rows of every training (not held-out) image, float32 ``[M, C]``,
+    and the image index of each row ``[M]``."""
+    rows, images = [], []
+    for s in range(ctx.cache.n_shards):
+        d = ctx.cache.load(s, ("features", "anomaly", "image"))
+        keep = (d["anomaly"] == 0) & ~ctx.held[d["image"]]
+        rows.append(d["features"][keep])
+        images.append(d["image"][keep])
+    return np.concatenate(rows, dtype=np.float32), np.concatenate(images)
+
+
+@register_head
+class KnnHead(Head):
+    """Nearest-neighbour distance to a bank of normal training patches (PatchCore-style)."""
+
+    name = "knn"
+    settings_class = KnnSettings
+    summary = "nearest-neighbour memory bank (PatchCore-style baseline)"
+    reads = ("holdout", "seed")
+
+    def __init__(self, bank: np.ndarray, k: int, meta: dict[str, Any], bank_images: np.ndarray | None = None):
+        self.bank, self.meta, self.bank_images = MemoryBank(bank, k), meta, bank_images
+
+    @classmethod
+    def fit(cls, settings: KnnSettings, ctx: TrainContext) -> tuple[KnnHead, dict[str, Any]]:
+        bank, images = bank_rows(ctx)
+        if settings.knn_coreset < 1.0:
+            n = max(1, int(len(bank) * settings.knn_coreset))
+            ctx.log(f"train: greedy coreset {n} of {len(bank)} rows")
+            keep = greedy_coreset(bank, n, ctx.seed, device=ctx.device,
+                                  progress=lambda k, total: ctx.log(f"train: coreset {k}/{total}"))
+            bank, images = bank[keep], images[keep]
+        meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "knn_k": settings.knn_k,
+                "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key,
+                "bank_rows": len(bank)}
+        return cls(bank, settings.knn_k, meta, images), {"history": [], "bank_rows": len(bank)}
+
+    def checkpoint(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"bank": torch.from_numpy(self.bank.rows), "meta": self.meta}
+        if self.bank_images is not None:
+            out["bank_images"] = torch.from_numpy(self.bank_images.astype(np.int64))
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> KnnHead:
+        images = ckpt.get("bank_images")
+        return cls(ckpt["bank"].numpy(), int(ckpt["meta"]["knn_k"]), ckpt["meta"],
+                   images.numpy() if images is not None else None)
+
+    def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        n, hw, c = maps.shape
+        out = [self.bank.score(maps.reshape(-1, c)[s:s + 65536]) for s in range(0, n * hw, 65536)]
+        return (torch.cat(out) if out else torch.zeros(0)).reshape(n, hw)
+
+    def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
+        """Cross-fitting: held-out images against the whole bank; every training
+        image against the bank without the rows of its fold of images (``folds``
+        folds per class, seeded). A fold bank is a little smaller than the real
+        one, so these scores err high: thresholds from them err towards fewer
+        false alarms. All images count as unseen."""
+        if self.bank_images is None or folds < 2:  # a run trained before bank rows recorded their image
+            return super().calibration_scores(ctx, folds)
+        held = normal_maps(ctx.cache, ctx.held)
+        out = {i: self.bank.score(torch.from_numpy(m.astype(np.float32))).numpy() for i, m in held.items()}
+        fold = np.full(len(ctx.held), -1)
+        for c in np.unique(ctx.cache.image_class):
+            idx = np.nonzero((ctx.cache.image_class == c) & ~ctx.held)[0]
+            fold[seeded(ctx.seed, "calibration-folds", int(c)).permutation(idx)] = np.arange(len(idx)) % folds
+        for f in range(folds):
+            members = fold == f
+            if not members.any():
+                continue
+            ctx.log(f"calibrate: cross-fitting fold {f + 1}/{folds} ({int(members.sum())} images)")
+            sub = MemoryBank(self.bank.rows[~members[self.bank_images]], self.bank.k)
+            for i, m in normal_maps(ctx.cache, members).items():
+                out[i] = sub.score(torch.from_numpy(m.astype(np.float32))).numpy()
+        return out, set(out)

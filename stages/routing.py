@@ -1,0 +1,98 @@
+"""Which trained class an image belongs to: one rule for every head.
+
+An image's descriptor is the mean of its patch features (``[C_d]``, the same
+backbone features every head reads). A scored image goes to the class of its
+nearest training image descriptor. Confidence compares that distance with the
+nearest image of any other class; an image farther from its nearest class
+than ``ood_factor`` times that class's own spread (a high quantile of the
+leave-one-out nearest-neighbour distances among the class's training
+images) fits no trained class and is reported as out of distribution,
+never judged against a wrong class's threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+OOD = "out-of-distribution"
+
+
+@dataclass(frozen=True)
+class Route:
+    """The routing decision for one image."""
+
+    class_name: str  # OOD when it fits no class
+    nearest: str  # nearest class, even when out of distribution
+    confidence: float  # 1 - d_best / d_other_class in [0, 1]; 1 with a single class
+    distance: float  # to the nearest training image descriptor
+    ood_limit: float  # the nearest class's out-of-distribution distance
+
+
+def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[n, m]`` Euclidean distances (float64 for stable small values)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+    return np.sqrt(np.maximum(d2, 0))
+
+
+def class_spreads(desc: np.ndarray, cls: np.ndarray, n_classes: int, quantile: float) -> np.ndarray:
+    """Per class: the ``quantile`` of leave-one-out nearest-neighbour distances
+    among its training descriptors (NaN for a class of one image)."""
+    out = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        x = desc[cls == c]
+        if len(x) < 2:
+            continue
+        d = pairwise(x, x)
+        np.fill_diagonal(d, np.inf)
+        out[c] = float(np.quantile(d.min(1), quantile))
+    return out
+
+
+class Router:
+    """Nearest-descriptor routing with an out-of-distribution test."""
+
+    def __init__(self, descriptors: np.ndarray, image_class: np.ndarray, class_names: list[str],
+                 quantile: float = 0.99, ood_factor: float = 2.0):
+        self.desc = descriptors.astype(np.float32)
+        self.cls = image_class.astype(np.int64)
+        self.names = list(class_names)
+        self.quantile, self.ood_factor = quantile, ood_factor
+        spread = class_spreads(self.desc, self.cls, len(self.names), quantile)
+        fallback = np.nanmax(spread) if np.isfinite(spread).any() else np.inf
+        self.ood_limit = ood_factor * np.where(np.isfinite(spread), spread, fallback)
+
+    def route(self, descriptors: np.ndarray) -> list[Route]:
+        """``[n, C]`` descriptors -> one ``Route`` per image."""
+        d = pairwise(descriptors, self.desc)
+        out = []
+        for row in d:
+            per_class = np.array([row[self.cls == c].min() if (self.cls == c).any() else np.inf
+                                  for c in range(len(self.names))])
+            best = int(np.argmin(per_class))
+            others = np.delete(per_class, best)
+            conf = 1.0 if not len(others) or not np.isfinite(others.min()) else \
+                float(1 - per_class[best] / max(others.min(), 1e-12))
+            name = self.names[best] if per_class[best] <= self.ood_limit[best] else OOD
+            out.append(Route(name, self.names[best], max(conf, 0.0), float(per_class[best]),
+                             float(self.ood_limit[best])))
+        return out
+
+    def state(self) -> dict[str, Any]:
+        import torch
+
+        return {"descriptors": torch.from_numpy(self.desc), "image_class": torch.from_numpy(self.cls),
+                "class_names": self.names, "quantile": self.quantile, "ood_factor": self.ood_factor}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Router:
+        return cls(state["descriptors"].numpy(), state["image_class"].numpy(), list(state["class_names"]),
+                   float(state["quantile"]), float(state["ood_factor"]))
+
+
+def descriptors(maps: np.ndarray) -> np.ndarray:
+    """``[n, H*W, C]`` patch features -> ``[n, C]`` float32 image descriptors (mean)."""
+    return maps.astype(np.float32).mean(1)
