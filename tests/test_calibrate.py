@@ -1,0 +1,91 @@
+"""Verdict calibration, normalised scores, routing and user thresholds: exact values on hand-built cases."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from core.errors import CladError
+from core.layout import RunFiles
+from core.settings import CalibrateConfig
+from stages.calibrate import class_threshold, normalized_score, verdicts_in_force
+from stages.metrics import verdict_metrics
+from stages.routing import OOD, Router
+from tests.conftest import clad
+
+
+def test_class_threshold_is_the_quantile_of_the_class_scores():
+    ev = class_threshold(np.arange(1, 101, dtype=float), quantile=0.99, min_images=8)
+    assert ev["threshold"] == pytest.approx(99.01, abs=1e-12)  # position 0.99 * 99 = 98.01 -> 99 + 0.01
+    assert ev["n_images"] == 100 and ev["min"] == 1 and ev["max"] == 100 and ev["mean"] == 50.5
+    assert class_threshold(np.arange(1, 101, dtype=float), 0.5, 8)["threshold"] == 50.5
+
+
+def test_a_small_class_gets_a_wider_threshold():
+    ev = class_threshold(np.array([1.0, 2.0, 3.0]), quantile=0.99, min_images=8)
+    assert ev["threshold"] == pytest.approx(3 + math.sqrt(2 / 3))  # max + population std
+    assert "fewer than 8" in ev["rule"]
+
+
+def test_normalised_score_puts_every_threshold_at_the_fixed_value():
+    for thr, scale in ((2.47, 0.3), (-0.1, 5.0), (1e4, 1.0)):
+        assert normalized_score(thr, thr, scale) == 0.5
+        assert normalized_score(thr, thr, scale, at=0.8) == pytest.approx(0.8)
+        s = normalized_score(np.array([thr - scale, thr + scale]), thr, scale)
+        assert s[0] < 0.5 < s[1] and s[1] == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_verdict_metrics_on_a_hand_case():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.2, 0.9, 0.3, 0.8, 0.95, 0.4])
+    m = verdict_metrics(labels, scores, threshold=0.5)  # flags 0.9 (normal), 0.8, 0.95
+    assert m["verdict_recall"] == 2 / 3 and m["verdict_false_alarm"] == 1 / 4
+    assert m["verdict_precision"] == 2 / 3 and m["verdict_f1"] == pytest.approx(2 / 3)
+
+
+def test_router_picks_the_nearest_class_and_refuses_what_fits_none():
+    desc = np.array([[0, 0], [0, 1], [1, 0], [10, 10], [10, 11], [11, 10]], float)
+    r = Router(desc, np.array([0, 0, 0, 1, 1, 1]), ["a", "b"], quantile=1.0, ood_factor=2.0)
+    assert r.ood_limit.tolist() == [2.0, 2.0]  # leave-one-out NN distances are all 1
+    near_a, near_b, far = r.route(np.array([[0.5, 0.5], [10, 10.5], [50, -50]]))
+    assert near_a.class_name == "a" and near_b.class_name == "b" and far.class_name == OOD
+    assert far.nearest in ("a", "b") and 0.9 < near_a.confidence <= 1
+
+
+def test_user_threshold_wins_and_says_so(tmp_path):
+    files = RunFiles(tmp_path)
+    cal = {"classes": {"a": {"threshold": 1.0, "scale": 0.5}, "b": {"threshold": 2.0, "scale": 0.5}}}
+    files.user_thresholds.write_text("[thresholds]\nb = 3.5\n")
+    v = verdicts_in_force(cal, files, CalibrateConfig())
+    assert v.thresholds == {"a": 1.0, "b": 3.5} and v.sources["b"] == "user (thresholds.toml)"
+    assert v.judge("b", 3.5) == (0.5, "normal") and v.judge("b", 3.6)[1] == "anomalous"
+    files.user_thresholds.write_text("[thresholds]\nc = 1\n")
+    with pytest.raises(CladError, match="class 'c' is not a class of this run"):
+        verdicts_in_force(cal, files, CalibrateConfig())
+
+
+def test_routing_and_verdicts_through_the_cli(trained, tiny_data, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    clad("evaluate", str(work), "--run", "t")
+    m = json.loads((work / "runs" / "t" / "eval" / "metrics.json").read_text())
+    assert all(c["routing_accuracy"] == 1.0 for c in m["per_class"].values())  # every test image routed right
+    assert "## Verdicts at the run's own thresholds" in (work / "runs" / "t" / "eval" / "report.md").read_text()
+    assert (work / "runs" / "t" / "eval" / "figures" / "verdicts.png").is_file()
+    # the folder names the class; a user threshold for it wins and the table says so
+    (work / "runs" / "t" / "thresholds.toml").write_text("[thresholds]\nweave = -1e9\n")
+    out = tmp_path / "out"
+    clad("score", str(work), "--run", "t", str(tiny_data / "weave" / "test"), "--out", str(out))
+    rows = json.loads((out / "results.json").read_text())["images"]
+    assert rows and all(r["class"] == "weave" and r["class_from"] == "folder" for r in rows)
+    assert all(r["verdict"] == "anomalous" and r["threshold_from"] == "user (thresholds.toml)" for r in rows)
+    res = clad("score", str(work), "--run", "t", str(tiny_data / "weave" / "test"), "--out", str(out),
+               "--class", "washer")
+    rows = json.loads((out / "results.json").read_text())["images"]
+    assert all(r["class"] == "washer" and r["class_from"] == "user (--class)" for r in rows)
+    assert all(r["predicted_class"] == "weave" for r in rows)  # what the run would have said
+    bad = clad("score", str(work), "--run", "t", str(out), "--class", "nope", check=False)
+    assert bad.returncode != 0 and "--class 'nope'" in bad.stderr
+    assert "weave" in res.stderr or "washer" in res.stderr

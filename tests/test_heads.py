@@ -1,0 +1,137 @@
+"""The Head interface: registry, round trip for every registered head, runs trained before it."""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cache.store import FeatureStore
+from cache.stream import TrainCache
+from core.layout import RunFiles
+from pipeline.config import config_from_dict, load_config, save_config
+from stages.heads import head_class, head_names, run_key
+from stages.train import train_context, train_head
+from tests.conftest import clad
+
+# Settings that make each head train in seconds on the tiny data (others: the fast profile).
+TINY = {"clad": {"epochs_contrastive": 1, "epochs_finetune": 1, "batch_contrastive": 1200, "batch_finetune": 2000,
+                 "gas_steps": 1, "gas_project_every": 1}}
+
+
+def test_unknown_head_is_refused_with_the_list(extracted):
+    res = clad("train", str(extracted), "--run", "x", "--head", "nope", check=False)
+    assert res.returncode != 0 and "unknown head 'nope'" in res.stderr
+    assert all(n in res.stderr for n in head_names())
+    assert len(res.stderr.strip().splitlines()) == 1
+    helptext = clad("train", "--help").stdout
+    assert all(n in helptext for n in head_names())
+
+
+@pytest.mark.parametrize("name", head_names())
+def test_every_head_trains_saves_loads_and_scores(name, extracted, tmp_path):
+    cfg = config_from_dict({"train": {"profile": "fast", "head": name, name: TINY.get(name, {})}})
+    cfg = dataclasses.replace(cfg, data=load_config(extracted / "config.toml").data,
+                              features=load_config(extracted / "config.toml").features)
+    store = FeatureStore(extracted / "cache" / "train.zarr")
+    cache = TrainCache(store)
+    files = RunFiles(tmp_path / name)
+    ctx = train_context(cfg, cache, files, torch.device("cpu"), store.info().key, lambda m: None,
+                        lambda *a: _NullBar())
+    head, summary = train_head(cfg, ctx)
+    assert json.dumps(summary, default=float)  # the summary is JSON-able
+    ckpt = torch.load(files.final, map_location="cpu", weights_only=True)  # weights_only: no pickled code
+    again = head_class(name).from_checkpoint(ckpt, torch.device("cpu"))
+    maps = torch.from_numpy(np.stack(list(_two_maps(cache).values())).astype(np.float32))
+    a, b = head.score_maps(maps), again.score_maps(maps)
+    assert a.shape == (2, 784) and torch.isfinite(a).all() and torch.equal(a, b)
+    assert ckpt["meta"]["head"] == name and ckpt["meta"]["train_key"] == run_key(cfg)
+
+
+def _two_maps(cache):
+    from stages.labels import normal_maps
+
+    sel = np.zeros(len(cache.image_ids), bool)
+    sel[[0, len(sel) - 1]] = True
+    return normal_maps(cache, sel)
+
+
+class _NullBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+# -- runs trained before the head registry -----------------------------------------------
+_OLD_KNN = ("head", "holdout", "knn_coreset", "knn_k", "threshold_quantile", "seed")
+
+
+def _old_key(extract_key: str, flat: dict, labels: str) -> str:
+    """The pre-registry train key, written out independently of the code under test."""
+    if flat["head"] == "knn":
+        settings = {"code": 1, "train": {k: flat[k] for k in _OLD_KNN}}
+    else:
+        settings = {"code": 1, "labels": labels,
+                    "train": {k: v for k, v in flat.items() if not (k == "score_loss" and v == "hinge")}}
+    blob = json.dumps({"extract": extract_key, **settings}, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _make_old(run_dir):
+    """Turn a run into what the pre-registry code wrote: a flat [train] table
+    (with threshold_quantile), no calibration, the old key, meta with one threshold."""
+    from pipeline.config import dump_toml
+
+    cfg = load_config(run_dir / "config.toml")
+    flat = {"profile": cfg.train.profile, "head": cfg.train.head,
+            **dataclasses.asdict(cfg.train.head_settings("clad")), "holdout": cfg.train.holdout,
+            "pseudo_k": cfg.train.pseudo_k, **dataclasses.asdict(cfg.train.head_settings("knn")),
+            "threshold_quantile": cfg.calibrate.quantile, "seed": cfg.train.seed}
+    tree = {"data": dataclasses.asdict(cfg.data), "features": dataclasses.asdict(cfg.features),
+            "synthesis": dataclasses.asdict(cfg.synthesis), "train": flat, "evaluate": dataclasses.asdict(cfg.evaluate)}
+    (run_dir / "config.toml").write_text(dump_toml(tree))
+    key = _old_key(cfg.extract_key(), flat, cfg.data.labels)
+    final = run_dir / "checkpoints" / "final.pt"
+    ck = torch.load(final, weights_only=True)
+    ck.pop("bank_images", None)
+    ck["meta"] |= {"threshold": 1.0, "train_key": key}
+    torch.save(ck, final)
+    summary = json.loads((run_dir / "train.json").read_text())
+    summary.pop("thresholds", None)
+    (run_dir / "train.json").write_text(json.dumps(summary | {"train_key": key, "threshold": 1.0}))
+    for f in ("calibration.json", "routing.pt"):
+        (run_dir / f).unlink()
+    shutil.rmtree(run_dir / "eval", ignore_errors=True)
+
+
+def test_runs_trained_before_the_registry_still_load_score_and_calibrate(trained, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    clad("train", str(work), "--run", "nn", "--head", "knn")
+    for run in ("t", "nn"):
+        _make_old(work / "runs" / run)
+    st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
+    assert st["train[t]"]["state"] == "done" and st["train[nn]"]["state"] == "done"
+    assert st["calibrate[t]"]["state"] == "missing"
+    res = clad("score", str(work), "--run", "nn", str(work.parent), check=False)
+    assert res.returncode != 0 and "clad calibrate" in res.stderr
+    for run in ("t", "nn"):
+        clad("calibrate", str(work), "--run", run)
+        clad("evaluate", str(work), "--run", run)
+        m = json.loads((work / "runs" / run / "eval" / "metrics.json").read_text())
+        assert all(np.isfinite(c["threshold"]) for c in m["per_class"].values())
+    st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
+    assert all(st[f"{s}[{r}]"]["state"] == "done" for s in ("train", "calibrate", "evaluate") for r in ("t", "nn"))
+    # an old configuration file (flat [train] with threshold_quantile) reads into today's settings
+    old = load_config(work / "runs" / "nn" / "config.toml")
+    assert old.calibrate.quantile == 0.99 and old.train.head_settings("knn").knn_k == 1
+    save_config(old, tmp_path / "rewritten.toml")
+    assert run_key(load_config(tmp_path / "rewritten.toml")) == run_key(old)
