@@ -100,11 +100,12 @@ def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, 
     counts: Counter = Counter((r["class"], r["verdict"]) for r in results)
     classes = sorted({c for c, _ in counts})
     for c in classes:
-        say(f"score: {c}: " + ", ".join(f"{counts[(c, v)]} {v}" for v in ("anomalous", "normal", "unjudged",
-                                                                            "unreadable") if counts[(c, v)]))
+        say(f"score: {c or '(unread)'}: " + ", ".join(
+            f"{counts[(c, v)]} {v}" for v in ("anomalous", "normal", "out-of-distribution", "unjudged", "unreadable")
+            if counts[(c, v)]))
     bad = sum(r["verdict"] == "anomalous" for r in results)
     skipped = sum(r["verdict"] == "unreadable" for r in results)
     say(f"score: {len(results)} images in {time.perf_counter() - t0:.1f} s: {bad} anomalous, "
         f"{sum(r['verdict'] == 'normal' for r in results)} normal, "
-        f"{sum(r['verdict'] == 'unjudged' for r in results)} unjudged (no trained class fits), "
+        f"{sum(r['verdict'] == 'out-of-distribution' for r in results)} out of distribution (fit no trained class), "
         f"{skipped} unreadable; table {out / 'results.csv'}, heat maps in {out}")

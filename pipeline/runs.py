@@ -24,7 +24,14 @@ def run_config(base: Config, overrides: dict[str, Any]) -> Config:
 
 
 def saved_overrides(ws: Workspace, name: str) -> dict[str, Any]:
-    return read_json(RunFiles(ws.run_dir(name)).overrides) or {}
+    """The run's remembered command-line choices. Its head is always among
+    them: runs that took the default head before the default changed have it
+    filled in from their own configuration snapshot."""
+    files = RunFiles(ws.run_dir(name))
+    out = read_json(files.overrides) or {}
+    if not out.get("head") and files.config.is_file():
+        out["head"] = load_config(files.config).train.head
+    return out
 
 
 def write_overrides(ws: Workspace, name: str, overrides: dict[str, Any]) -> None:

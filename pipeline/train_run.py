@@ -35,6 +35,7 @@ def resolve_overrides(ws: Workspace, name: str, cli: dict[str, Any], restart: bo
     for key in ("sets", "head"):
         if not cli.get(key) and previous.get(key):
             overrides[key] = previous[key]
+    overrides.setdefault("head", base.train.head)  # remembered, so a later change of the default leaves it alone
     return overrides
 
 

@@ -94,6 +94,9 @@ def evaluate_run(cfg: Config, cache_dir: Path, files: RunFiles, train_key: str, 
         if router is not None:
             routes = router.route(descriptors(rows))
             m["routing_accuracy"] = float(np.mean([r.class_name == name for r in routes]))
+            ood = np.array([r.ood for r in routes])
+            m["ood_normal"] = float(ood[labels == 0].mean()) if (labels == 0).any() else float("nan")
+            m["ood_defective"] = float(ood[labels == 1].mean()) if (labels == 1).any() else float("nan")
         all_scores[name] = {"labels": labels.tolist(), "scores": img_scores.tolist(), "threshold": threshold}
         per_class[name] = m
         figures[name] = _draw_class(name, items, maps, img_scores, labels, masks, m, threshold, figs, cfg)

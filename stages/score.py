@@ -30,8 +30,8 @@ from stages.heads import load_trained_head
 from stages.maps import anomaly_maps, image_scores
 from stages.routing import OOD, descriptors
 
-FIELDS = ["path", "class", "class_from", "confidence", "predicted_class", "score", "normalized", "threshold",
-          "threshold_from", "verdict", "heatmap"]
+FIELDS = ["path", "class", "class_from", "confidence", "predicted_class", "in_distribution", "score", "normalized",
+          "threshold", "threshold_from", "verdict", "heatmap"]
 
 
 def expand_inputs(paths: list[str]) -> list[Path]:
@@ -100,24 +100,28 @@ def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path,
 def _judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any, class_name: str,
            classes: list[str], verdicts: Any, out_dir: Path, index: int) -> dict[str, Any]:
     """Class, normalised score and verdict of one image, and its heat map."""
-    predicted = route.class_name if route is not None else (classes[0] if len(classes) == 1 else OOD)
+    predicted = route.class_name if route is not None else classes[0]
     confidence = route.confidence if route is not None else float("nan")
+    fits = route is None or not route.ood
     if class_name:
         cls, how = class_name, "user (--class)"
     elif folder_class(p, classes):
         cls, how = folder_class(p, classes), "folder"
     else:
         cls, how = predicted, "predicted"
-    norm, verdict = verdicts.judge(cls, score) if cls != OOD else (float("nan"), "unjudged")
+    norm, verdict = verdicts.judge(cls, score)
+    if how == "predicted" and not fits:
+        verdict = OOD  # fits no trained class: rejected, never judged "normal" against a wrong class
     thr = verdicts.thresholds.get(cls, float("nan"))
     png = out_dir / f"{index:05d}_{p.stem}.png"
     title = (f"{p.name} [{cls}]: score {score:.3f} (threshold {thr:.3f}, normalised {norm:.2f}) -> {verdict}"
-             if verdict != "unjudged" else f"{p.name}: score {score:.3f}; fits no trained class -> unjudged")
+             if verdict != OOD else f"{p.name}: score {score:.3f}; fits no trained class (nearest {cls}) -> {OOD}")
     lo, hi = float(amap.min()), float(amap.max())
     overlay(img, amap, png, title, vmin=min(lo, thr) if np.isfinite(thr) else lo,
             vmax=max(hi, thr) if np.isfinite(thr) else hi)
     return {"path": str(p), "class": cls, "class_from": how, "confidence": round(confidence, 4),
-            "predicted_class": predicted, "score": score, "normalized": round(norm, 4), "threshold": thr,
+            "predicted_class": predicted, "in_distribution": "yes" if fits else "no",
+            "score": score, "normalized": round(norm, 4), "threshold": thr,
             "threshold_from": verdicts.sources.get(cls, ""), "verdict": verdict, "heatmap": str(png)}
 
 

@@ -135,3 +135,30 @@ def test_runs_trained_before_the_registry_still_load_score_and_calibrate(trained
     assert old.calibrate.quantile == 0.99 and old.train.head_settings("knn").knn_k == 1
     save_config(old, tmp_path / "rewritten.toml")
     assert run_key(load_config(tmp_path / "rewritten.toml")) == run_key(old)
+
+
+def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(extracted, tmp_path):
+    """The routed head's scores are exact nearest-neighbour distances over the
+    rows of the ``images`` training images of the image's class nearest to it
+    (by mean feature), computed here independently by brute force."""
+    cfg = config_from_dict({"train": {"profile": "fast", "head": "routed_knn", "routed_knn": {"images": 2}}})
+    cfg = dataclasses.replace(cfg, data=load_config(extracted / "config.toml").data,
+                              features=load_config(extracted / "config.toml").features)
+    store = FeatureStore(extracted / "cache" / "train.zarr")
+    cache = TrainCache(store)
+    ctx = train_context(cfg, cache, RunFiles(tmp_path / "r"), torch.device("cpu"), store.info().key,
+                        lambda m: None, lambda *a: _NullBar())
+    head, _ = train_head(cfg, ctx)
+    from stages.labels import normal_maps
+
+    held = normal_maps(cache, ctx.held)  # held-out images: never in the bank
+    train = normal_maps(cache, ~ctx.held)
+    assert len({cache.image_class[i] for i in held}) == 2
+    for i, m in held.items():
+        x = m.astype(np.float64)
+        same = [j for j in train if cache.image_class[j] == cache.image_class[i]]
+        near = sorted(same, key=lambda j: np.linalg.norm(train[j].astype(np.float64).mean(0) - x.mean(0)))[:2]
+        bank = np.concatenate([train[j] for j in near]).astype(np.float64)
+        expected = np.sqrt(((x[:, None, :] - bank[None]) ** 2).sum(-1)).min(1)
+        got = head.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
+        assert np.allclose(got, expected, rtol=1e-4, atol=1e-3)

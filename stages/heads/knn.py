@@ -140,25 +140,44 @@ class KnnHead(Head):
         return (torch.cat(out) if out else torch.zeros(0)).reshape(n, hw)
 
     def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
-        """Cross-fitting: held-out images against the whole bank; every training
-        image against the bank without the rows of its fold of images (``folds``
-        folds per class, seeded). A fold bank is a little smaller than the real
-        one, so these scores err high: thresholds from them err towards fewer
-        false alarms. All images count as unseen."""
+        """Cross-fitting (``cross_fitted_scores``); every image counts as unseen."""
         if self.bank_images is None or folds < 2:  # a run trained before bank rows recorded their image
             return super().calibration_scores(ctx, folds)
-        held = normal_maps(ctx.cache, ctx.held)
-        out = {i: self.bank.score(torch.from_numpy(m.astype(np.float32))).numpy() for i, m in held.items()}
-        fold = np.full(len(ctx.held), -1)
-        for c in np.unique(ctx.cache.image_class):
-            idx = np.nonzero((ctx.cache.image_class == c) & ~ctx.held)[0]
-            fold[seeded(ctx.seed, "calibration-folds", int(c)).permutation(idx)] = np.arange(len(idx)) % folds
-        for f in range(folds):
-            members = fold == f
-            if not members.any():
-                continue
-            ctx.log(f"calibrate: cross-fitting fold {f + 1}/{folds} ({int(members.sum())} images)")
-            sub = MemoryBank(self.bank.rows[~members[self.bank_images]], self.bank.k)
-            for i, m in normal_maps(ctx.cache, members).items():
-                out[i] = sub.score(torch.from_numpy(m.astype(np.float32))).numpy()
+        out = cross_fitted_scores(ctx, self.bank.rows, self.bank_images, self.bank.k, folds, self.bank.score)
         return out, set(out)
+
+
+def cross_fitted_scores(ctx: TrainContext, rows: np.ndarray, row_images: np.ndarray, k: int, folds: int,
+                        held_score: Callable[[torch.Tensor], torch.Tensor], per_class: bool = False
+                        ) -> dict[int, np.ndarray]:
+    """Patch scores of every normal training image by a bank that never saw it.
+
+    Held-out images are scored by ``held_score`` (the deployed bank); the
+    other images of each class are split into ``folds`` seeded folds, and each
+    fold is scored by exact search over the bank without the rows of that fold's
+    images (``per_class``: and only its own class's rows, as a class-routed
+    head searches). A fold bank is a little smaller than the real one, so these
+    scores err high: thresholds from them err towards fewer false alarms.
+    """
+    out = {i: held_score(torch.from_numpy(m.astype(np.float32))).numpy()
+           for i, m in normal_maps(ctx.cache, ctx.held).items()}
+    fold = np.full(len(ctx.held), -1)
+    for c in np.unique(ctx.cache.image_class):
+        idx = np.nonzero((ctx.cache.image_class == c) & ~ctx.held)[0]
+        fold[seeded(ctx.seed, "calibration-folds", int(c)).permutation(idx)] = np.arange(len(idx)) % folds
+    groups = np.unique(ctx.cache.image_class) if per_class else [None]
+    row_class = ctx.cache.image_class[row_images]
+    for f in range(folds):
+        members = fold == f
+        if not members.any():
+            continue
+        ctx.log(f"calibrate: cross-fitting fold {f + 1}/{folds} ({int(members.sum())} images)")
+        for g in groups:
+            sel = members if g is None else members & (ctx.cache.image_class == g)
+            if not sel.any():
+                continue
+            keep = ~members[row_images] if g is None else ~members[row_images] & (row_class == g)
+            sub = MemoryBank(rows[keep], k)
+            for i, m in normal_maps(ctx.cache, sel).items():
+                out[i] = sub.score(torch.from_numpy(m.astype(np.float32))).numpy()
+    return out
