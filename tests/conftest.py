@@ -57,7 +57,8 @@ def extracted(tmp_path_factory, tiny_data) -> Path:
     return work
 
 
-TINY_TRAIN = ["--set", "epochs_contrastive=2", "--set", "epochs_finetune=2", "--set", "batch_contrastive=1200",
+TINY_TRAIN = ["--head", "clad", "--set", "epochs_contrastive=2", "--set", "epochs_finetune=2",
+              "--set", "batch_contrastive=1200",
               "--set", "batch_finetune=4000", "--set", "gas_steps=2", "--set", "gas_project_every=2"]
 
 

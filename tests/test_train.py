@@ -56,7 +56,8 @@ def test_pseudo_labels(trained):
 
 
 def test_kill9_mid_epoch_resumes_to_identical_weights(trained):
-    args = ["--set", "epochs_contrastive=3", "--set", "epochs_finetune=3", "--set", "batch_contrastive=1200",
+    args = ["--head", "clad", "--set", "epochs_contrastive=3", "--set", "epochs_finetune=3",
+            "--set", "batch_contrastive=1200",
             "--set", "batch_finetune=3000", "--set", "gas_steps=2", "--set", "gas_project_every=2"]
     clad("train", str(trained), "--run", "ref", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
