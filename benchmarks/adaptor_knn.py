@@ -25,10 +25,12 @@ from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.evaluate import iter_classes  # noqa: E402
-from stages.heads import KnnHead, load_head, score_rows  # noqa: E402
+from stages.heads import load_trained_head  # noqa: E402
+from stages.heads.knn import MemoryBank  # noqa: E402
+from stages.heads.rows import score_in_chunks  # noqa: E402
+from stages.labels import holdout_images  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
-from stages.train import holdout_images  # noqa: E402
 
 
 class AdaptorKnn:
@@ -36,7 +38,7 @@ class AdaptorKnn:
 
     def __init__(self, head: torch.nn.Module, bank: np.ndarray):
         self.adaptor = head.adaptor.eval()
-        self.knn = KnnHead(self._embed(torch.from_numpy(bank)).numpy())
+        self.knn = MemoryBank(self._embed(torch.from_numpy(bank)).numpy())
 
     @torch.no_grad()
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,11 +51,12 @@ class AdaptorKnn:
 def main(work: Path, run: str) -> None:
     cfg = load_config(work / "runs" / run / "config.toml")
     device = torch.device("cpu")
-    head, _ = load_head(work / "runs" / run / "checkpoints" / "final.pt", device)
+    head, _ = load_trained_head(work / "runs" / run / "checkpoints" / "final.pt", device)
+    head = head.model  # the CLAD model: adaptor + discriminator
     cache = TrainCache(FeatureStore(work / "cache" / "train.zarr"))
     bank = cache.normal_rows(holdout_images(cache, cfg.train.holdout, cfg.train.seed))
     scorers = {"discriminator s": head, "knn in adaptor space z": AdaptorKnn(head, bank),
-               "knn in feature space": KnnHead(bank)}
+               "knn in feature space": MemoryBank(bank)}
     size = cfg.features.crop or cfg.features.resize
     rows = []
     for name, items in iter_classes(FeatureStore(work / "cache" / "test.zarr")):
@@ -62,7 +65,7 @@ def main(work: Path, run: str) -> None:
         labels = np.array([it["label"] for it in items])
         for label, scorer in scorers.items():
             t0 = time.perf_counter()
-            s = score_rows(scorer, x.reshape(-1, x.shape[-1]), device).reshape(len(items), -1)
+            s = score_in_chunks(scorer.score, x.reshape(-1, x.shape[-1]), device).reshape(len(items), -1)
             maps = anomaly_maps(s, size, cfg.evaluate.sigma)
             m = class_metrics(labels, image_scores(maps), maps, masks, cfg.evaluate.aupro_fpr)
             rows.append({"class": name, "scorer": label, "image_auroc": round(100 * m["image_auroc"], 1),

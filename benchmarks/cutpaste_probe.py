@@ -30,11 +30,11 @@ from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from stages.data import load_image  # noqa: E402
 from stages.features import FeatureEncoder  # noqa: E402
-from stages.heads import load_head, score_rows  # noqa: E402
+from stages.heads import load_trained_head  # noqa: E402
+from stages.labels import holdout_images  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
 from stages.synthesis import cut_paste, foreground_mask, rng_for  # noqa: E402
-from stages.train import holdout_images  # noqa: E402
 
 VARIANTS = 4  # CutPaste and CutPaste-Scar images per held-out image, each
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
@@ -92,11 +92,11 @@ def main(work: Path, runs: list[str]) -> None:
     device = torch.device("cpu")
     rows, classes = [], {}
     for run in runs:
-        head, _ = load_head(work / "runs" / run / "checkpoints" / "final.pt", device)
+        head, _ = load_trained_head(work / "runs" / run / "checkpoints" / "final.pt", device)
         per_class, by_class = [], {}
         for name, d in sets.items():
             x = torch.from_numpy(d["features"])
-            s = score_rows(head, x.reshape(-1, x.shape[-1]), device).reshape(len(x), -1)
+            s = head.score_maps(torch.as_tensor(x).float())
             maps = anomaly_maps(s, size, cfg.evaluate.sigma)
             labels = (d["masks"].reshape(len(x), -1).max(1) > 0).astype(int)
             per_class.append(class_metrics(labels, image_scores(maps), maps, d["masks"], cfg.evaluate.aupro_fpr))

@@ -31,8 +31,8 @@ from benchmarks.common import progress_row, report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from stages.heads import load_head, score_rows  # noqa: E402
-from stages.train import holdout_images  # noqa: E402
+from stages.heads import load_trained_head  # noqa: E402
+from stages.labels import holdout_images  # noqa: E402
 
 
 def held_out_sets(cache: TrainCache, held: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -61,11 +61,11 @@ def main(work: Path, runs: list[str]) -> None:
     device = torch.device("cpu")
     rows = []
     for run in runs:
-        head, _ = load_head(work / "runs" / run / "checkpoints" / "final.pt", device)
-        s_normal = score_rows(head, normal, device).numpy()
+        head, _ = load_trained_head(work / "runs" / run / "checkpoints" / "final.pt", device)
+        s_normal = head.score_maps(torch.as_tensor(normal)[None].float())[0].numpy()
         row: dict[str, object] = {"run": run}
         for name, x in sets.items():
-            s = score_rows(head, x, device).numpy()
+            s = head.score_maps(torch.as_tensor(x)[None].float())[0].numpy()
             y = np.r_[np.zeros(len(s_normal)), np.ones(len(s))]
             row[name] = round(float(roc_auc_score(y, np.r_[s_normal, s])), 4)
         rows.append(row)

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import table, write_result  # noqa: E402
 from cache.store import FeatureStore, compressors  # noqa: E402
 from cache.stream import BatchStream, TrainCache  # noqa: E402
+from stages.heads.clad import CladModel  # noqa: E402
 from stages.losses import classification_loss, hinge_loss  # noqa: E402
-from stages.models import CladHead  # noqa: E402
 
 ROWS_PER_IMAGE = 784
 
@@ -68,7 +68,7 @@ def run_steps(cache_path: Path, batch: int, steps: int, in_memory: bool) -> dict
     cache = TrainCache(FeatureStore(cache_path))
     excluded = np.zeros(len(cache.image_ids), bool)
     stream = BatchStream(cache, batch // 2, batch // 4, 0, excluded, window=4)
-    model = CladHead(cache.embed_dim, 3, (1024, 512, 256), 1024)
+    model = CladModel(cache.embed_dim, 3, (1024, 512, 256), 1024)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     batches = []
     if in_memory:  # everything decoded up front: the step rate without any streaming

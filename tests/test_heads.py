@@ -19,7 +19,8 @@ from tests.conftest import clad
 
 # Settings that make each head train in seconds on the tiny data (others: the fast profile).
 TINY = {"clad": {"epochs_contrastive": 1, "epochs_finetune": 1, "batch_contrastive": 1200, "batch_finetune": 2000,
-                 "gas_steps": 1, "gas_project_every": 1}}
+                 "gas_steps": 1, "gas_project_every": 1},
+        "rlr": {"epochs": 1, "dim": 32, "layers": 1, "attn_heads": 2}}
 
 
 def test_unknown_head_is_refused_with_the_list(extracted):

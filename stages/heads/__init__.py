@@ -4,7 +4,7 @@ Importing this package registers every head; add a head by writing one
 module with a ``@register_head`` class and importing it here.
 """
 
-from stages.heads import clad, knn, routed_knn  # noqa: F401 - registers the heads
+from stages.heads import clad, knn, rlr, routed_knn  # noqa: F401 - registers the heads
 from stages.heads.base import Head, TrainContext
 from stages.heads.registry import (
     accepted_run_keys,

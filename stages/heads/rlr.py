@@ -1,0 +1,218 @@
+"""The RLR head (seed 003): reconstruct each feature map from a learnable reference;
+optionally with class-aware contrastive learning (CCL, seed 002).
+
+Training streams whole normal maps ``[B, H, W, C]`` from the cache
+(``cache.image_stream.ImageStream``), never rows: the model
+(``stages.rlr.RLRModel``) decodes a learnable reference that attends to the
+input only through learnable keys (MLKA) and a local window (LCA), so it
+cannot copy its input through. The anomaly map is the per-patch
+reconstruction error (``stages.rlr.reconstruction_error``).
+
+With ``ccl = classes`` or ``pseudo``, each batch of ``B`` maps is joined by
+``B`` feature-level views (``stages.ccl.feature_view``: a shift of at most
+one cell and norm-proportional jitter; the paper's augmented images, which a
+feature cache does not have), batches are class-balanced, and the loss adds
+seed 002's eq. 6 terms (local CCL on the projected maps with a k x k window,
+global CCL on the pooled decoded reference; tau 0.1, lambda1 : lambda2 = 1 : 1)
+under the labels named: the class folders or the k-means pseudo-classes.
+
+Every epoch checkpoints through ``stages.epochs.EpochLoop`` (resumable,
+bit-identical on the CPU). The validation curve is the mean reconstruction
+error of the held-out normal images (lower is better; recorded, not used
+to select: the final model is the run's model).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cache.image_stream import ImageStream, image_maps
+from core.errors import CladError
+from core.files import seed_from
+from stages.ccl import ccl_loss, feature_view
+from stages.epochs import EpochLoop, Phase
+from stages.heads.base import Head, TrainContext
+from stages.heads.registry import register_head
+from stages.labels import image_labels
+from stages.rlr import RLRModel, reconstruction_error
+
+
+@dataclass(frozen=True)
+class RlrSettings:
+    """RLR's own settings ('paper' profile: the paper code's depth; 'fast' trains in minutes on 2 CPU cores)."""
+
+    epochs: int = 200
+    batch_images: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    dim: int = 256  # D: reference and attention width
+    layers: int = 4  # RLR blocks (the paper code's --layers 4)
+    attn_heads: int = 4  # attention heads ("heads" names the per-head tables of [train])
+    window: int = 7  # LCA window side (odd), in patches
+    mask_prob: float = 0.5  # MLKA key-mask probability in training
+    proj_blocks: int = 2  # residual 3x3 conv blocks of the projector
+    ffn_mult: int = 2
+    error: str = "l2+cos"  # per-patch reconstruction error: l2 | cos | l2+cos
+    ccl: str = "none"  # none | classes | pseudo: CCL (seed 002) under these labels
+    ccl_k: int = 3  # CCL positive window side (3 keeps the view's one-cell shift inside it)
+    ccl_negatives: str = "window"  # window (cheap) | all (the paper's wording; slow on CPU)
+    window_shards: int = 4  # shards read at once by the image stream (bounds memory)
+
+    def __post_init__(self) -> None:
+        for name, low in (("epochs", 0), ("batch_images", 1), ("dim", 1), ("layers", 1), ("attn_heads", 1),
+                          ("window", 1), ("proj_blocks", 0), ("ffn_mult", 1), ("ccl_k", 1), ("window_shards", 1)):
+            if getattr(self, name) < low:
+                raise CladError(f"train.rlr.{name}={getattr(self, name)}: must be >= {low}; fix config.toml or --set")
+        if self.dim % self.attn_heads:
+            raise CladError(f"train.rlr.dim={self.dim} must be a multiple of attn_heads={self.attn_heads}")
+        if self.window % 2 == 0 or self.ccl_k % 2 == 0:
+            raise CladError(f"train.rlr: window ({self.window}) and ccl_k ({self.ccl_k}) must be odd")
+        if not 0 <= self.mask_prob < 1 or self.lr <= 0:
+            raise CladError(f"train.rlr: mask_prob must be in [0, 1) and lr > 0; got {self.mask_prob}, {self.lr}")
+        for name, value, choices in (("error", self.error, ("l2", "cos", "l2+cos")),
+                                     ("ccl", self.ccl, ("none", "classes", "pseudo")),
+                                     ("ccl_negatives", self.ccl_negatives, ("window", "all"))):
+            if value not in choices:
+                raise CladError(f"train.rlr.{name}={value!r}: choose one of {', '.join(choices)}")
+
+
+@contextmanager
+def deterministic_kernels() -> Iterator[None]:
+    """Deterministic kernels while training (restored afterwards).
+
+    CCL's window gather (``fj[idx]``) back-propagates through an index
+    accumulation whose CPU kernel sums in a thread-dependent order: measured
+    on 2 threads, 99 of 100 repeated backward passes differed in the last bit
+    from the first, 0 of 100 in deterministic mode. Bit-identical resumption
+    needs the deterministic kernels.
+    """
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _build(meta: dict[str, Any]) -> RLRModel:
+    return RLRModel(int(meta["embed_dim"]), int(meta["dim"]), tuple(meta["grid"]), int(meta["layers"]),
+                    int(meta["heads"]), int(meta["window"]), float(meta["mask_prob"]), int(meta["proj_blocks"]),
+                    int(meta["ffn_mult"]))
+
+
+def rlr_step(model: RLRModel, maps: torch.Tensor, labels: torch.Tensor, t: RlrSettings,
+             view_seed: int) -> dict[str, torch.Tensor]:
+    """The losses of one batch of maps ``[B, H, W, C]`` (labels ``[B]``): reconstruction, and CCL's two terms."""
+    b, h, w, c = maps.shape
+    if t.ccl != "none":
+        gen = torch.Generator().manual_seed(view_seed)
+        maps = torch.cat([maps, feature_view(maps, gen)])
+        labels = torch.cat([labels, labels])
+    x = maps.reshape(len(maps), h * w, c)
+    recon, feats = model.forward_with_features(x)
+    out = {"rec": reconstruction_error(x, recon, t.error).mean()}
+    if t.ccl != "none":
+        f = feats.projected.reshape(len(maps), h, w, -1)
+        out["ccl"] = ccl_loss(f, feats.pooled, labels, t.ccl_k, negatives=t.ccl_negatives, reduction="mean")
+    return out
+
+
+@register_head
+class RlrHead(Head):
+    """Learnable-reference reconstruction (RLR, seed 003), CCL (seed 002) optional; scores whole maps."""
+
+    name = "rlr"
+    settings_class = RlrSettings
+    summary = "reconstruction from a learnable reference (RLR, seed 003); ccl=classes|pseudo adds CCL (seed 002)"
+    reads = ("holdout", "pseudo_k", "seed")
+    profiles = {
+        "paper": {},
+        # about 3 minutes on the built-in set on 2 CPU cores (measured: docs/RESULTS.md)
+        "fast": {"epochs": 8, "dim": 128, "layers": 2},
+        "long": {"epochs": 30, "dim": 128, "layers": 2},
+    }
+
+    def __init__(self, model: RLRModel, meta: dict[str, Any], device: torch.device):
+        self.model, self.meta, self.device = model.to(device).eval(), meta, device
+
+    @classmethod
+    def fit(cls, settings: RlrSettings, ctx: TrainContext) -> tuple[RlrHead, dict[str, Any]]:
+        t, cache = settings, ctx.cache
+        labels = ctx.labels
+        if t.ccl != "none":
+            labels, _ = image_labels(t.ccl, cache, ctx.train.pseudo_k, ctx.seed)
+        stream = ImageStream(cache, t.batch_images, ctx.seed, ctx.held, image_labels=labels,
+                             balanced=t.ccl != "none", device=ctx.device, window=t.window_shards)
+        meta = {"head": cls.name, "embed_dim": cache.embed_dim, "grid": list(stream.grid), "dim": t.dim,
+                "layers": t.layers, "heads": t.attn_heads, "window": t.window, "mask_prob": t.mask_prob,
+                "proj_blocks": t.proj_blocks, "ffn_mult": t.ffn_mult, "error": t.error,
+                "class_names": cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
+        torch.manual_seed(seed_from(ctx.seed, "rlr-init"))
+        model = _build(meta).to(ctx.device)
+        held = np.nonzero(ctx.held)[0]
+        held_maps = torch.from_numpy(image_maps(cache, held).astype(np.float32)) if len(held) else None
+        head = cls(model, meta, ctx.device)
+
+        def validate() -> float:
+            if held_maps is None:
+                return float("nan")
+            model.eval()
+            val = float(head.score_maps(held_maps.reshape(len(held), -1, held_maps.shape[-1])).mean())
+            model.train()
+            return val
+
+        def make_optimizer(_phase: Phase) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+        def on_phase(ph: Phase, first: int) -> None:
+            ctx.log(f"train: rlr{' + CCL (' + t.ccl + ')' if t.ccl != 'none' else ''}: {ph.epochs} epochs of "
+                    f"{stream.batches_per_epoch} batches of {t.batch_images} maps {stream.grid[0]}x{stream.grid[1]}")
+
+        def run_epoch(_i: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
+            sums: dict[str, float] = {}
+            n_img, t0 = 0, time.perf_counter()
+            for k, b in enumerate(stream.epoch(epoch)):
+                losses = rlr_step(model, b.maps, b.label, t, seed_from(ctx.seed, "rlr-view", epoch, k))
+                opt.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                opt.step()
+                for name, v in losses.items():
+                    sums[name] = sums.get(name, 0.0) + v.item()
+                n_img += len(b.maps)
+            return {**{k: v / stream.batches_per_epoch for k, v in sums.items()}, "val_error": validate(),
+                    "images_per_s": n_img / (time.perf_counter() - t0)}
+
+        loop = EpochLoop(ctx, [Phase("reconstruct", t.epochs)])
+        with deterministic_kernels():
+            history = loop.run(model, make_optimizer, run_epoch, on_phase)
+        model.eval()
+        return head, {"history": history, "grid": list(stream.grid), "ccl": t.ccl}
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "meta": self.meta}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> RlrHead:
+        model = _build(ckpt["meta"])
+        model.load_state_dict(ckpt["model"])
+        return cls(model, ckpt["meta"], device)
+
+    @torch.no_grad()
+    def score_maps(self, maps: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        n, hw, _ = maps.shape
+        grid = self.meta["grid"]
+        if hw != grid[0] * grid[1]:
+            raise CladError(f"rlr head trained on {grid[0]}x{grid[1]} maps, got {hw} positions; "
+                            "evaluate with the cache the run was trained on")
+        out = []
+        for s in range(0, n, chunk):
+            x = maps[s:s + chunk].to(self.device).float()
+            out.append(reconstruction_error(x, self.model(x), self.meta["error"]).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, hw)
