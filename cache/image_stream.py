@@ -35,15 +35,13 @@ per label and pool, and the pool is read in that order. What this guarantees:
 from __future__ import annotations
 
 import math
-import queue
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from cache.stream import TrainCache
+from cache.stream import TrainCache, prefetched
 from core.errors import CladError
 from core.files import seeded
 
@@ -202,39 +200,4 @@ class ImageStream:
 
     def epoch(self, epoch: int) -> Iterator[ImageBatch]:
         """The batches of one epoch, assembled ``prefetch`` batches ahead in a thread."""
-        return _prefetched(lambda: (self._to_batch(m, i) for m, i in self._produce(epoch)), self.prefetch)
-
-
-def _prefetched(make: Callable[[], Iterator[ImageBatch]], prefetch: int) -> Iterator[ImageBatch]:
-    """Run the generator ``make()`` in a daemon thread, ``prefetch`` items ahead."""
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-    done = object()
-
-    def work() -> None:
-        try:
-            for item in make():
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            q.put(exc)
-
-    th = threading.Thread(target=work, daemon=True)
-    th.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while th.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                th.join(0.05)
+        return prefetched(lambda: (self._to_batch(m, i) for m, i in self._produce(epoch)), self.prefetch)

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from cache.store import FeatureStore
 from core.files import seeded
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -167,34 +170,40 @@ class BatchStream:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, decoded ``prefetch`` batches ahead in a thread."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
+        return prefetched(lambda: (self._to_batch(b) for b in self._produce(epoch)), self.prefetch)
 
-        def work() -> None:
-            try:
-                for b in self._produce(epoch):
-                    if stop.is_set():
-                        return
-                    q.put(self._to_batch(b))
-                q.put(done)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-                q.put(exc)
 
-        th = threading.Thread(target=work, daemon=True)
-        th.start()
+def prefetched(make: Callable[[], Iterator[T]], prefetch: int) -> Iterator[T]:
+    """Run the generator ``make()`` in a daemon thread, ``prefetch`` items ahead
+    (an exception there is re-raised here; leaving early stops the thread)."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
         try:
-            while True:
-                item = q.get()
-                if item is done:
+            for item in make():
+                if stop.is_set():
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while th.is_alive():
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    th.join(0.05)
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            q.put(exc)
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while th.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.05)

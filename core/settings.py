@@ -99,7 +99,7 @@ class TrainConfig:
     """
 
     profile: str = "paper"
-    head: str = "clad"
+    head: str = "routed_knn"  # the recommended head (docs/RESULTS.md)
     holdout: float = 0.05  # fraction of each class's training images never trained on
     pseudo_k: int = 0  # labels = pseudo: k-means clusters; 0 = 2 x number of class folders
     seed: int = 0

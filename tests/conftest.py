@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,24 @@ def clad(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     if check and res.returncode != 0:
         raise AssertionError(f"clad {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res
+
+
+def kill_and_resume(work: Path, run: str, args: list[str], after_s: float) -> str:
+    """Train ``run`` in a real subprocess, SIGKILL it ``after_s`` seconds after its
+    first checkpoint, then train again to the end; returns the resumed run's stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(CLAD + ["train", str(work), "--run", run, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = work / "runs" / run / "checkpoints" / "latest.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not latest.exists():
+        time.sleep(0.02)
+    time.sleep(after_s)
+    assert proc.poll() is None, "training finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (work / "runs" / run / "train.json").exists()
+    return clad("train", str(work), "--run", run, *args).stderr
 
 
 def set_config(work: Path, **sections: dict) -> None:

@@ -25,14 +25,14 @@ def with_head(cfg: Config, name: str = "", **values) -> Config:
 
 
 def test_training_change_keeps_extract_key_but_changes_train_key():
-    cfg = Config()
+    cfg = Config(train=replace(TrainConfig(), head="clad"))  # the CLAD head's settings
     other = with_head(cfg, lr=1e-3)
     assert other.extract_key() == cfg.extract_key()
     assert run_key(other) != run_key(cfg)
 
 
 def test_labels_are_training_only_and_backbone_invalidates_extraction():
-    cfg = Config()
+    cfg = Config(train=replace(TrainConfig(), head="clad"))  # the CLAD head's settings
     pseudo = replace(cfg, data=replace(cfg.data, labels="pseudo"))
     assert pseudo.extract_key() == cfg.extract_key()
     assert run_key(pseudo) != run_key(cfg)
@@ -54,7 +54,7 @@ def test_unknown_keys_are_errors():
 
 
 def test_profile_then_explicit_values_then_set():
-    cfg = config_from_dict({"train": {"profile": "fast", "lr": 1e-3}})
+    cfg = config_from_dict({"train": {"profile": "fast", "head": "clad", "lr": 1e-3}})
     clad = cfg.train.head_settings()
     assert clad.epochs_contrastive == 2 and clad.lr == 1e-3
     cfg = apply_sets(cfg, ["margin=2", "evaluate.sigma=2.5", "use_gas=false"])
@@ -67,9 +67,9 @@ def test_profile_then_explicit_values_then_set():
 
 
 def test_train_overrides_only_writes_what_differs_from_profile():
-    cfg = config_from_dict({"train": {"profile": "fast", "margin": 3.0}})
+    cfg = config_from_dict({"train": {"profile": "fast", "head": "clad", "margin": 3.0}})
     tree = config_to_dict(cfg, train_overrides_only=True)
-    assert tree["train"] == {"profile": "fast", "clad": {"margin": 3.0}}
+    assert tree["train"] == {"profile": "fast", "head": "clad", "clad": {"margin": 3.0}}
     assert "[train.clad]\nmargin = 3.0" in dump_toml(tree)
     assert TrainConfig().head_settings("clad").epochs_contrastive == 200  # the paper's schedule is the default
 
@@ -83,12 +83,12 @@ def test_each_head_is_keyed_by_its_own_settings():
     assert run_key(with_head(knn, knn_k=3)) != run_key(knn)
     assert run_key(replace(knn, train=replace(knn.train, holdout=0.1))) != run_key(knn)
     # and a knn setting leaves a CLAD run current
-    cfg = Config()
+    cfg = Config(train=replace(TrainConfig(), head="clad"))  # the CLAD head's settings
     assert run_key(with_head(cfg, "knn", knn_k=3, knn_coreset=0.5)) == run_key(cfg)
 
 
 def test_a_setting_added_later_is_keyed_only_when_changed():
-    cfg = Config()
+    cfg = Config(train=replace(TrainConfig(), head="clad"))  # the CLAD head's settings
     assert "score_loss" not in run_settings(cfg)["clad"]  # runs trained before it existed stay current
     bce = with_head(cfg, score_loss="bce")
     assert run_settings(bce)["clad"]["score_loss"] == "bce" and run_key(bce) != run_key(cfg)
@@ -102,5 +102,5 @@ def test_word_settings_are_checked_when_read():
 
 
 def test_diffs_name_later_added_settings_with_their_old_value():
-    cfg = Config()
+    cfg = Config(train=replace(TrainConfig(), head="clad"))  # the CLAD head's settings
     assert run_changes(cfg, with_head(cfg, score_loss="bce")) == ["train.clad.score_loss: 'hinge' -> 'bce'"]

@@ -1,10 +1,6 @@
 """The RLR head (seed 003) with and without CCL (seed 002), trained from the cache through the CLI."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +10,7 @@ from cache.store import FeatureStore
 from cache.stream import TrainCache
 from stages.heads.rlr import RlrSettings, rlr_step
 from stages.rlr import RLRModel
-from tests.conftest import CLAD, ROOT, clad
+from tests.conftest import clad, kill_and_resume
 
 SMALL = ["--head", "rlr", "--set", "dim=32", "--set", "layers=1", "--set", "attn_heads=2",
          "--set", "batch_images=4"]
@@ -58,21 +54,8 @@ def test_ccl_runs_with_real_and_pseudo_labels(trained, labels):
 def test_kill9_mid_training_resumes_to_identical_weights(trained):
     args = [*SMALL, "--set", "epochs=30", "--set", "ccl=classes", "--set", "dim=64"]
     clad("train", str(trained), "--run", "rlr-ref", *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(CLAD + ["train", str(trained), "--run", "rlr-killed", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = trained / "runs" / "rlr-killed" / "checkpoints" / "latest.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not latest.exists():
-        time.sleep(0.02)
-    time.sleep(0.3)  # into a later epoch
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    done = torch.load(latest, weights_only=True)["progress"][0]
-    assert 0 < done < 30
-    res = clad("train", str(trained), "--run", "rlr-killed", *args)
-    assert "resuming" in res.stderr
+    stderr = kill_and_resume(trained, "rlr-killed", args, after_s=0.3)
+    assert "resuming" in stderr
     status = clad("status", str(trained))
     assert "rlr-killed" in status.stdout
     a = torch.load(trained / "runs" / "rlr-ref" / "checkpoints" / "final.pt", weights_only=True)["model"]

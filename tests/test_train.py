@@ -1,14 +1,10 @@
 """Training runs: both phases, resume after kill -9, second head on one cache, pseudo-labels."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import torch
 
-from tests.conftest import CLAD, ROOT, TINY_TRAIN, clad
+from tests.conftest import TINY_TRAIN, clad, kill_and_resume
 
 
 def _tree_mtimes(path):
@@ -60,20 +56,8 @@ def test_kill9_mid_epoch_resumes_to_identical_weights(trained):
             "--set", "batch_contrastive=1200",
             "--set", "batch_finetune=3000", "--set", "gas_steps=2", "--set", "gas_project_every=2"]
     clad("train", str(trained), "--run", "ref", *args)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    proc = subprocess.Popen(CLAD + ["train", str(trained), "--run", "killed", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = trained / "runs" / "killed" / "checkpoints" / "latest.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not latest.exists():
-        time.sleep(0.05)
-    time.sleep(0.7)  # into the next epoch
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (trained / "runs" / "killed" / "train.json").exists()
-    res = clad("train", str(trained), "--run", "killed", *args)
-    assert "resuming" in res.stderr
+    stderr = kill_and_resume(trained, "killed", args, after_s=0.7)  # into the next epoch
+    assert "resuming" in stderr
     a = torch.load(trained / "runs" / "ref" / "checkpoints" / "final.pt", weights_only=True)["model"]
     b = torch.load(trained / "runs" / "killed" / "checkpoints" / "final.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
