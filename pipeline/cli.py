@@ -31,14 +31,20 @@ from pipeline.workspace import Workspace
 from stages.heads import head_class, head_names
 
 
+class BadInput(click.ClickException):
+    """A CladError on the command line: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
 class CladGroup(click.Group):
-    """Maps CladError to a clean one-line message and a non-zero exit."""
+    """Maps CladError to a clean one-line message and exit code 2."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
         except CladError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise BadInput(str(exc)) from None
 
 
 @click.group(cls=CladGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -109,3 +109,6 @@ def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, 
         f"{sum(r['verdict'] == 'normal' for r in results)} normal, "
         f"{sum(r['verdict'] == 'out-of-distribution' for r in results)} out of distribution (fit no trained class), "
         f"{skipped} unreadable; table {out / 'results.csv'}, heat maps in {out}")
+    if skipped == len(results):
+        raise CladError(f"none of the {skipped} images could be read (see the lines above); "
+                        "nothing was scored")

@@ -22,6 +22,8 @@ from torch import nn
 
 from core.errors import CladError
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports timm / huggingface_hub
+
 # name -> (python module, class holding get_model_file_path())
 _PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {}
 _NORMALIZATION_OVERRIDES: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {}
@@ -148,12 +150,25 @@ def create_backbone(name: str, layers: tuple[int, ...], weights: str = "package"
                     list(feats.feature_info.channels()), list(feats.feature_info.reduction()))
 
 
+def _offline() -> None:
+    """Offline means offline: huggingface_hub reads HF_HUB_OFFLINE once, when it is
+    first imported (by timm), so the variable is set at this module's import
+    and the already-read constant is forced too."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import sys
+
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+
+
 def _load_weights(net: nn.Module, name: str, weights: str) -> None:
     if weights == "package":
         state = _packaged_state(name, net)
     elif weights == "hub-cache":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never a network call
         import timm
+
+        _offline()
 
         try:
             state = timm.create_model(name, pretrained=True).state_dict()

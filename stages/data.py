@@ -168,15 +168,52 @@ def _check_masks(samples: list[Sample]) -> None:
 
 
 # -- image loading ----------------------------------------------------------
+MIN_SIDE = 16  # px: smaller images carry less than one backbone patch at stride 16
+def _to_rgb8(im: Image.Image, path: str) -> Image.Image:
+    """8-bit RGB from any single-channel depth, scaled by the image's real bit depth.
+
+    Pillow's ``convert("RGB")`` clips 16-bit values at 255 (a 16-bit image
+    turns white) and truncates floats (black), so high-depth grayscale is
+    scaled here: 16-bit (PNG ``I;16``/``I``, TIFF 16 bits per sample) by
+    65535, float in [0, 1] by 1. 32-bit integer and out-of-range float images
+    are refused: their scale cannot be known.
+    """
+    if im.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "PA", "La", "RGBX"):
+        return im.convert("RGB")
+    arr = np.asarray(im)
+    bits = im.tag_v2.get(258) if hasattr(im, "tag_v2") else None  # TIFF BitsPerSample
+    bits = bits[0] if isinstance(bits, tuple) else bits
+    if im.mode.startswith("I;16") or (im.mode == "I" and (im.format == "PNG" or bits == 16)):
+        if arr.min() < 0 or arr.max() > 65535:
+            raise CladError(f"{path}: 16-bit image with values outside 0..65535; save it as 8 or 16 bit")
+        gray = arr.astype(np.float64) / 65535.0
+    elif im.mode == "F":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise CladError(f"{path}: float image with values outside [0, 1] ({arr.min():.3g}..{arr.max():.3g}); "
+                            "save it as 8 or 16 bit integers")
+        gray = arr.astype(np.float64)
+    else:
+        raise CladError(f"{path}: {im.mode} image ({bits or 32}-bit integer) cannot be scaled to 8 bits "
+                        "reliably; save it as 8 or 16 bit")
+    g8 = np.round(gray * 255.0).astype(np.uint8)
+    return Image.fromarray(np.stack([g8] * 3, -1), "RGB")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image fully; a truncated or corrupt file is a CladError."""
+    """Decode an image fully as 8-bit RGB; a truncated, corrupt or unscalable file is a CladError."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            if min(im.size) < MIN_SIDE:
+                raise CladError(f"{path}: image is {im.size[0]}x{im.size[1]} px, smaller than {MIN_SIDE} px "
+                                "on a side; replace or remove it")
+            return _to_rgb8(im, path)
     except FileNotFoundError:
         raise CladError(f"{path}: image file not found; re-index the data set") from None
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise CladError(f"{path}: refused as a possible decompression bomb ({exc}); "
+                        "replace or remove it") from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise CladError(f"{path}: unreadable or truncated image ({exc}); replace or remove it") from None
 
 
