@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.errors import CladError
+
 # Bump when the extraction code changes what it writes for the same settings.
 EXTRACT_CODE_VERSION = 1
 TRAIN_CODE_VERSION = 1  # pre-registry runs; see stages/heads/legacy.py
@@ -21,6 +23,18 @@ RUN_CODE_VERSION = 2  # keys of runs trained through the head registry
 EVALUATE_CODE_VERSION = 1
 
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+
+
+def check_range(section: str, checks: list[tuple[str, Any, bool, str]]) -> None:
+    """Refuse the first setting whose check failed: ``(name, value, ok, allowed)``.
+
+    Run when a section is built (config.toml, ``--set``), so a bad value is one
+    line naming the setting, never a traceback later, a cache keyed on it, or a
+    remembered ``--set``.
+    """
+    for name, value, ok, allowed in checks:
+        if not ok:
+            raise CladError(f"{section}.{name} = {value!r}: must be {allowed}; fix config.toml or --set")
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,11 @@ class DataConfig:
     texture_classes: tuple[str, ...] = MVTEC_TEXTURES + ("weave", "grain", "speckle")
     fg_masks: str = ""  # optional folder <fg>/<class>/<file>: user masks win
     labels: str = "classes"  # classes | pseudo (training only)
+
+    def __post_init__(self) -> None:
+        check_range("data", [("labels", self.labels, self.labels in ("classes", "pseudo"), "classes or pseudo"),
+                             ("layout", self.layout, self.layout in ("auto", "mvtec", "visa", "folder"),
+                              "auto, mvtec, visa or folder")])
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,19 @@ class FeatureConfig:
     compressor: str = "lz4"  # lz4 | zstd | none
     clevel: int = 5
 
+    def __post_init__(self) -> None:
+        check_range("features", [
+            ("layers", list(self.layers), len(self.layers) > 0 and min(self.layers) >= 0, "non-empty, >= 0"),
+            ("resize", self.resize, self.resize >= 32, ">= 32"),
+            ("crop", self.crop, self.crop == 0 or 32 <= self.crop <= self.resize, "0 (no crop) or 32 .. resize"),
+            ("patch", self.patch, self.patch >= 1 and self.patch % 2 == 1, "an odd number >= 1"),
+            ("pretrain_dim", self.pretrain_dim, self.pretrain_dim >= 1, ">= 1"),
+            ("embed_dim", self.embed_dim, self.embed_dim >= 1, ">= 1"),
+            ("shard_images", self.shard_images, self.shard_images >= 1, ">= 1"),
+            ("batch_images", self.batch_images, self.batch_images >= 1, ">= 1"),
+            ("compressor", self.compressor, self.compressor in ("lz4", "zstd", "none"), "lz4, zstd or none"),
+            ("clevel", self.clevel, 0 <= self.clevel <= 22, "0 .. 22")])
+
 
 @dataclass(frozen=True)
 class SynthesisConfig:
@@ -67,6 +99,17 @@ class SynthesisConfig:
     perlin_threshold: float = 0.5
     max_tries: int = 50
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("synthesis", [
+            ("variants", self.variants, self.variants >= 0, ">= 0"),
+            ("beta_std", self.beta_std, self.beta_std >= 0, ">= 0"),
+            ("beta_min", self.beta_min, 0 <= self.beta_min <= self.beta_max <= 1, "0 <= beta_min <= beta_max <= 1"),
+            ("beta_max", self.beta_max, 0 <= self.beta_max <= 1, "in [0, 1]"),
+            ("perlin_max_scale", self.perlin_max_scale, 0 <= self.perlin_max_scale <= 8, "0 .. 8"),
+            ("perlin_threshold", self.perlin_threshold, 0 < self.perlin_threshold < 1, "in (0, 1)"),
+            ("max_tries", self.max_tries, self.max_tries >= 1, ">= 1"),
+            ("seed", self.seed, self.seed >= 0, ">= 0")])
 
 
 @dataclass(frozen=True)
@@ -105,6 +148,12 @@ class TrainConfig:
     seed: int = 0
     heads: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    def __post_init__(self) -> None:
+        check_range("train", [
+            ("holdout", self.holdout, 0 <= self.holdout < 1, "in [0, 1)"),
+            ("pseudo_k", self.pseudo_k, self.pseudo_k >= 0, ">= 0 (0 = 2 x classes)"),
+            ("seed", self.seed, self.seed >= 0, ">= 0")])
+
     def head_settings(self, name: str = "") -> Any:
         """Settings of head ``name`` (default: the selected head)."""
         name = name or self.head
@@ -134,6 +183,14 @@ class CalibrateConfig:
     route_quantile: float = 0.99  # out-of-distribution: farther from every class than this quantile
     overrides: str = ""  # optional TOML file of per-class thresholds set by the user
 
+    def __post_init__(self) -> None:
+        check_range("calibrate", [
+            ("quantile", self.quantile, 0 < self.quantile <= 1, "in (0, 1]"),
+            ("min_images", self.min_images, self.min_images >= 1, ">= 1"),
+            ("folds", self.folds, self.folds >= 1, ">= 1"),
+            ("normalized_at", self.normalized_at, 0 < self.normalized_at < 1, "in (0, 1)"),
+            ("route_quantile", self.route_quantile, 0 < self.route_quantile <= 1, "in (0, 1]")])
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -142,6 +199,12 @@ class EvaluateConfig:
     sigma: float = 4.0
     aupro_fpr: float = 0.3
     figures_per_class: int = 3
+
+    def __post_init__(self) -> None:
+        check_range("evaluate", [
+            ("sigma", self.sigma, self.sigma >= 0, ">= 0"),
+            ("aupro_fpr", self.aupro_fpr, 0 < self.aupro_fpr <= 1, "in (0, 1]"),
+            ("figures_per_class", self.figures_per_class, self.figures_per_class >= 0, ">= 0")])
 
 
 @dataclass(frozen=True)
