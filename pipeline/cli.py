@@ -26,6 +26,7 @@ from pipeline.config import (
     with_profile,
     write_atomic,
 )
+from pipeline.locks import extract_lock, run_lock
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace
 from stages.heads import head_class, head_names
@@ -116,6 +117,12 @@ def init(work: Path, data_root: Path, textures: str, backbone: str, weights: str
 @click.option("--rebuild", is_flag=True, help="Discard a cache made with other settings and start over.")
 def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
     """Stage 1: extract patch features of all images into WORK/cache (resumable)."""
+    with extract_lock(work, say):
+        extract_locked(work, scheduler, device, rebuild)
+
+
+def extract_locked(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
+    """``clad extract`` while holding the workspace's extraction lock."""
     from stages.extract import make_plan, open_stores, pending_units, resolve_device, run_dask, run_local
 
     ws = Workspace(work)
@@ -174,8 +181,9 @@ def train(work: Path, run_name: str, profile: str | None, head: str | None, sets
 
     if head:
         head_class(head)  # an unknown name is refused with the list
-    train_run(Workspace(work), run_name, {"profile": profile, "head": head, "sets": list(sets)},
-              device, restart)
+    with run_lock(work, run_name, "train", say):
+        train_run(Workspace(work), run_name, {"profile": profile, "head": head, "sets": list(sets)},
+                  device, restart)
 
 
 @main.command()
@@ -186,7 +194,8 @@ def evaluate(work: Path, run_name: str, device: str) -> None:
     """Stage 3: metrics, report and pictures of a trained run (runs/NAME/eval)."""
     from pipeline.eval_run import evaluate_run_cli
 
-    evaluate_run_cli(Workspace(work), run_name, device)
+    with run_lock(work, run_name, "evaluate", say):
+        evaluate_run_cli(Workspace(work), run_name, device)
 
 
 @main.command()
@@ -197,7 +206,8 @@ def calibrate(work: Path, run_name: str, device: str) -> None:
     """Per-class verdict thresholds of a trained run, from training data only (no retraining)."""
     from pipeline.eval_run import calibrate_cli
 
-    calibrate_cli(Workspace(work), run_name, device)
+    with run_lock(work, run_name, "calibrate", say):
+        calibrate_cli(Workspace(work), run_name, device)
 
 
 @main.command()
@@ -214,7 +224,8 @@ def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | Non
     """Score new images (files or folders) with a trained run: class, score, verdict, heat map."""
     from pipeline.eval_run import score_cli
 
-    score_cli(Workspace(work), run_name, list(paths), out_dir, device, class_name)
+    with run_lock(work, run_name, "score", say):
+        score_cli(Workspace(work), run_name, list(paths), out_dir, device, class_name)
 
 
 @main.command()
