@@ -10,7 +10,7 @@ import torch
 
 from cache.store import FeatureStore
 from core.errors import StaleError
-from core.files import read_json
+from core.files import read_json, remove_stale_temps
 from core.layout import RunFiles
 from pipeline.config import load_config, save_config
 from pipeline.progress import progress, say
@@ -48,6 +48,8 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
 
     base = ws.config()
     files = RunFiles(ws.run_dir(name))
+    for p in remove_stale_temps(files.root) if files.root.is_dir() else []:
+        say(f"train: removed {p.name}, left by an interrupted process")
     overrides = resolve_overrides(ws, name, cli, restart)
     cfg = run_config(base, overrides)  # checks every value before anything is written
     ex = extract_state(ws, cfg)
