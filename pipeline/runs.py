@@ -9,6 +9,7 @@ config.toml made the run stale.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from core.files import read_json, write_atomic
@@ -38,6 +39,17 @@ def write_overrides(ws: Workspace, name: str, overrides: dict[str, Any]) -> None
     write_atomic(RunFiles(ws.run_dir(name)).overrides, json.dumps(overrides, indent=2))
 
 
+def unreadable(path: Path) -> str:
+    """Why the checkpoint ``path`` cannot be loaded ("" when it can): status checks contents, not names."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, flipped bytes, a foreign pickle ...
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+    return ""
+
+
 def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> list[StageState]:
     """Train, calibrate and evaluate state of one run, against the current config.toml."""
     from stages.calibrate import calibration_key, verdict_key
@@ -49,7 +61,11 @@ def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> li
     out = []
     if summary is None:
         prog = head_class(expected.train.head).progress(files)
-        if files.latest.is_file():
+        damage = unreadable(files.latest) if files.latest.is_file() else ""
+        if damage:
+            out.append(StageState(f"train[{name}]", "corrupt", f"{files.latest} cannot be read ({damage}); "
+                                  f"run 'clad train WORK --run {name} --restart'"))
+        elif files.latest.is_file():
             out.append(StageState(f"train[{name}]", "partial", f"run 'clad train WORK --run {name}' to finish",
                                   prog))
         else:

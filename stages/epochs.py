@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from core.errors import StaleError
+from core.errors import CladError, StaleError
 from core.files import save_torch_atomic, seed_from
 from stages.heads.base import TrainContext
 
@@ -61,7 +61,11 @@ class EpochLoop:
         phase, epoch, best, history = 0, 0, -1.0, []
         opt = make_optimizer(self.phases[0])
         if files.latest.is_file():
-            ck = torch.load(files.latest, map_location="cpu", weights_only=True)
+            try:
+                ck = torch.load(files.latest, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - truncated or damaged file
+                raise CladError(f"{files.latest}: checkpoint cannot be read ({type(exc).__name__}); "
+                                "train again with --restart") from None
             if ck["cache_key"] != ctx.cache_key or ck["train_key"] not in ctx.accepted_keys:
                 raise StaleError(f"{files.latest}: checkpoint from another cache or configuration; "
                                  "use another --run name or --restart")

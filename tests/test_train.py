@@ -61,3 +61,17 @@ def test_kill9_mid_epoch_resumes_to_identical_weights(trained):
     a = torch.load(trained / "runs" / "ref" / "checkpoints" / "final.pt", weights_only=True)["model"]
     b = torch.load(trained / "runs" / "killed" / "checkpoints" / "final.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_checkpoint_is_reported_corrupt_not_partial(trained):
+    args = ["--set", "epochs_contrastive=1", "--set", "epochs_finetune=0"]
+    clad("train", str(trained), "--run", "trunc", *TINY_TRAIN, *args)
+    ckpt = trained / "runs" / "trunc" / "checkpoints"
+    latest = ckpt / "latest.pt"
+    (trained / "runs" / "trunc" / "train.json").unlink()  # as if killed before the end
+    latest.write_bytes(latest.read_bytes()[:2000])  # truncated
+    line = next(x for x in clad("status", str(trained)).stdout.splitlines() if x.startswith("train[trunc]"))
+    assert "corrupt" in line and "--restart" in line
+    res = clad("train", str(trained), "--run", "trunc", *TINY_TRAIN, *args, check=False)
+    assert res.returncode == 2 and "cannot be read" in res.stderr and "--restart" in res.stderr
+    assert "Traceback" not in res.stderr
