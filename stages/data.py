@@ -93,6 +93,10 @@ def index_dataset(cfg: DataConfig) -> list[Sample]:
 def _class_dirs(root: Path) -> list[Path]:
     if (root / "train").is_dir():
         return [root]
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not (d / "train").is_dir() and ((d / "test").is_dir() or (d / "ground_truth").is_dir()):
+            raise CladError(f"{d}: class folder without train/good (normal training images); add them or "
+                            "move the folder out of the data set")
     return sorted(d for d in root.iterdir() if d.is_dir() and (d / "train").is_dir())
 
 
@@ -147,6 +151,8 @@ def _index_visa(root: Path) -> list[Sample]:
 def _index_folder(root: Path) -> list[Sample]:
     out: list[Sample] = []
     for cdir in sorted(d for d in root.iterdir() if d.is_dir()):
+        if not _images_in(cdir):
+            raise CladError(f"{cdir}: class folder without images; add normal images or move it out of {root}")
         for p in _images_in(cdir):
             out.append(Sample(f"{cdir.name}/train/good/{p.stem}", cdir.name, "train", str(p), 0, "good"))
     return out

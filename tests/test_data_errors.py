@@ -112,3 +112,19 @@ def test_real_mvtec_bottle_when_present():
     assert sum(bool(s.mask_path) for s in test) == 63 == sum(s.label for s in test)
     bad = next(s for s in test if s.label)
     assert load_mask(bad.mask_path, FeatureConfig()).any()
+
+
+def test_class_folders_without_training_images_are_refused_not_dropped(tmp_path):
+    from stages.demo_data import write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "d", seed=0, n_train=2, n_test_good=1, n_test_defect=1,
+                              classes=("weave", "washer"))
+    shutil.rmtree(data / "washer" / "train")
+    with pytest.raises(CladError, match=r"washer: class folder without train/good"):
+        index_dataset(DataConfig(root=str(data)))
+    plain = tmp_path / "plain"
+    (plain / "a").mkdir(parents=True)
+    (plain / "b").mkdir()
+    Image.new("RGB", (32, 32)).save(plain / "a" / "x.png")
+    with pytest.raises(CladError, match=r"b: class folder without images"):
+        index_dataset(DataConfig(root=str(plain), layout="folder"))
