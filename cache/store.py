@@ -12,6 +12,12 @@ complete, so ``kill -9`` at any moment loses at most the shard in flight and
 the finished store is byte-identical to an uninterrupted run. Shards are read
 together as one logical table of rows (``TrainCache``), in plan order, so the
 order in which Dask workers finish does not matter.
+
+Every array ends its codec chain with crc32c: a chunk damaged on disk fails
+its checksum on read, and ``read`` turns that into a ``CladError`` naming the
+shard and how to re-extract it (never silently wrong features). Caches
+written before the checksum still read; their damage is caught only when it
+breaks decompression.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from core.errors import CladError, StaleError
 from core.settings import diff_settings
 
 ROW_CHUNK = 2048  # rows per chunk: ~1.5 MB at C_d = 360 float16
+# What zarr/numcodecs raise on a chunk they cannot decode: crc32c mismatch
+# (ValueError), a broken Blosc frame (RuntimeError / ValueError).
+_DECODE_ERRORS = (ValueError, RuntimeError)
 
 
 def compressors(name: str, level: int) -> list[Any] | None:
@@ -131,14 +140,35 @@ class FeatureStore:
         for name, arr in arrays.items():
             rows = (chunk_rows or {}).get(name, ROW_CHUNK)
             chunks = (max(1, min(rows, arr.shape[0])),) + arr.shape[1:]
+            # crc32c last: it checksums the stored (compressed) bytes of each chunk
             a = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks,
-                                   compressors=codec if arr.ndim >= 2 else None)
+                                   compressors=[*(codec if codec and arr.ndim >= 2 else []), Crc32cCodec()])
             a[...] = arr
         _fsync_tree(tmp)
         os.replace(tmp, final)
 
     def open_shard(self, shard: int) -> zarr.Group:
-        return zarr.open_group(str(self.shard_path(shard)), mode="r")
+        try:
+            return zarr.open_group(str(self.shard_path(shard)), mode="r")
+        except (OSError, *_DECODE_ERRORS) as exc:
+            raise self._damaged(shard, "zarr.json", exc) from None
+
+    def read(self, shard: int, name: str, sel: Any = Ellipsis, group: zarr.Group | None = None
+             ) -> np.ndarray:
+        """``group[name][sel]`` of one shard; a damaged or missing part of the
+        shard raises ``CladError`` naming it and the fix."""
+        g = self.open_shard(shard) if group is None else group
+        try:
+            return g[name][sel]
+        except (KeyError, OSError, *_DECODE_ERRORS) as exc:
+            raise self._damaged(shard, name, exc) from None
+
+    def _damaged(self, shard: int, name: str, exc: BaseException) -> CladError:
+        why = " ".join(str(exc).split())[:160] or type(exc).__name__
+        return CladError(
+            f"{self.shard_path(shard)}: '{name}' cannot be read, the cache is damaged ({why}); "
+            f"delete that shard folder and re-run 'clad extract WORK' to re-extract it "
+            f"(or 'clad extract WORK --rebuild' to re-extract everything)")
 
     def nbytes_stored(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())

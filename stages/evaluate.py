@@ -43,14 +43,15 @@ def iter_classes(store: FeatureStore) -> Iterator[tuple[str, list[dict[str, Any]
     for shard in store.committed():
         g = store.open_shard(shard)
         attrs = g.attrs.asdict()
-        feats, cls, lab, mask = g["features"], g["class_id"][...], g["label"][...], g["mask"]
+        cls, lab = store.read(shard, "class_id", group=g), store.read(shard, "label", group=g)
         for i in range(len(cls)):
             name = names[int(cls[i])]
             if current is not None and name != current:
                 yield current, items
                 items = []
             current = name
-            items.append({"features": feats[i], "label": int(lab[i]), "mask": mask[i],
+            items.append({"features": store.read(shard, "features", i, g), "label": int(lab[i]),
+                          "mask": store.read(shard, "mask", i, g),
                           "path": attrs["paths"][i], "image_id": attrs["image_ids"][i],
                           "defect": attrs["defects"][i]})
     if current is not None:

@@ -1,0 +1,60 @@
+"""A damaged or incomplete cache is refused or repaired, never used silently."""
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from cache.store import FeatureStore
+from cache.stream import TrainCache
+from core.errors import CladError
+from stages.evaluate import iter_classes
+from tests.conftest import clad
+
+
+def _flip(path, n=16):
+    """Overwrite ``n`` bytes in the middle of a file with their complement."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(255 - b for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+def _chunk(store_path, shard, name):
+    files = sorted(p for p in (store_path / "shards" / f"{shard:05d}" / name / "c").rglob("*") if p.is_file())
+    return files[0]
+
+
+def test_flipped_chunk_is_refused_with_the_shard_named(extracted, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(extracted, work)
+    clad("train", str(work), "--run", "nn", "--head", "knn")
+    test_store = work / "cache" / "test.zarr"
+    _flip(_chunk(test_store, 0, "features"))
+    with pytest.raises(CladError, match=r"test\.zarr/shards/00000: 'features' cannot be read"):
+        list(iter_classes(FeatureStore(test_store)))
+    res = clad("evaluate", str(work), "--run", "nn", check=False)
+    assert res.returncode != 0 and "test.zarr/shards/00000" in res.stderr and "clad extract WORK" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    train_store = work / "cache" / "train.zarr"
+    _flip(_chunk(train_store, 1, "features"))
+    cache = TrainCache(FeatureStore(train_store))
+    with pytest.raises(CladError, match=r"train\.zarr/shards/00001: 'features'"):
+        cache.normal_rows(np.zeros(len(cache.image_ids), bool))
+    res = clad("train", str(work), "--run", "nn2", "--head", "knn", check=False)
+    assert res.returncode != 0 and "train.zarr/shards/00001" in res.stderr
+
+
+def test_cache_without_checksums_still_reads(tmp_path):
+    """Shards written before the crc32c codec (Blosc only, or no codec) read as before."""
+    st = FeatureStore(tmp_path / "train.zarr")
+    st.create_or_validate("k", {}, [["a/0"]], ["a"])
+    g = zarr.open_group(str(st.shard_path(0)), mode="w-")
+    x = np.arange(12, dtype=np.float16).reshape(4, 3)
+    from cache.store import compressors
+
+    g.create_array("features", shape=x.shape, dtype=x.dtype, chunks=(2, 3),
+                   compressors=compressors("lz4", 5))[...] = x
+    g.create_array("image", shape=(4,), dtype="int32", chunks=(4,), compressors=None)[...] = 0
+    assert np.array_equal(st.read(0, "features"), x) and st.read(0, "image").tolist() == [0] * 4
