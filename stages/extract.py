@@ -179,6 +179,9 @@ class ShardExtractor:
             blocks = [(feats[i * (k + 1)], np.ones(hw, bool), -1, 1.0)]
             for v in range(k):
                 pm = prep.patch_masks[i * k + v].reshape(-1)
+                if pm.size != hw:  # a bug, not bad input: the labels would land on other patches
+                    raise RuntimeError(f"patch mask of {prep.patch_masks[i * k + v].shape} cells for "
+                                       f"{hw} feature rows ({self.cfg.features.backbone}, stride {self.stride})")
                 blocks.append((feats[i * (k + 1) + 1 + v], pm, 1, prep.betas[i * k + v]))
             for rows, keep, is_anom, beta in blocks:
                 idx = np.nonzero(keep)[0]
