@@ -58,3 +58,30 @@ def test_cache_without_checksums_still_reads(tmp_path):
                    compressors=compressors("lz4", 5))[...] = x
     g.create_array("image", shape=(4,), dtype="int32", chunks=(4,), compressors=None)[...] = 0
     assert np.array_equal(st.read(0, "features"), x) and st.read(0, "image").tolist() == [0] * 4
+
+
+def test_incomplete_shards_are_reported_and_repaired(extracted, tmp_path):
+    import json
+
+    from tests.test_extract_cache import _arrays
+
+    work = tmp_path / "w"
+    shutil.copytree(extracted, work)
+    cache = work / "cache"
+    (cache / "train.zarr" / "shards" / "00001" / "zarr.json").unlink()
+    shutil.rmtree(cache / "test.zarr" / "shards" / "00000" / "mask")
+    _chunk(cache / "train.zarr", 2, "features").unlink()  # zarr would read fill values here
+    st = json.loads(clad("status", str(work), "--json").stdout)[0]
+    assert st["state"] == "partial" and (st["done"], st["total"]) == (5, 8)
+    assert "3 incomplete shard(s)" in st["detail"] and "clad extract WORK" in st["detail"]
+    assert any("test.zarr/shards/00000: array 'mask' missing" in x for x in st["incomplete"])
+    res = clad("train", str(work), "--run", "nn", "--head", "knn", check=False)
+    assert res.returncode != 0 and "incomplete shard" in res.stderr
+    res = clad("extract", str(work))
+    assert "3/8 shards to do" in res.stderr and "train.zarr shard 00001 is incomplete" in res.stderr
+    ref, got = _arrays(extracted), _arrays(work)
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert np.array_equal(ref[k], got[k]), k
+    assert json.loads(clad("status", str(work), "--json").stdout)[0]["state"] == "done"
+    clad("train", str(work), "--run", "nn", "--head", "knn")
