@@ -24,7 +24,7 @@ import torch
 from cache.store import FeatureStore, compressors
 from core.errors import CladError
 from core.settings import Config
-from stages.data import Sample, index_dataset, load_image, load_mask
+from stages.data import IMAGE_SUFFIXES, Sample, index_dataset, load_image, load_mask
 from stages.features import FeatureEncoder
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
 
@@ -67,6 +67,7 @@ class Plan:
     shards: dict[str, list[list[int]]]  # split -> shard -> sample indices
     class_names: list[str]
     fingerprint: str
+    legacy_fingerprint: str = ""  # sizes only: the fingerprint of caches extracted before mtimes were
 
     def units(self) -> list[tuple[str, int]]:
         return [(split, i) for split in ("train", "test") for i in range(len(self.shards[split]))]
@@ -82,10 +83,42 @@ def make_plan(cfg: Config) -> Plan:
     n = cfg.features.shard_images
     shards = {sp: [list(range(i, min(i + n, len(v)))) for i in range(0, len(v), n)]
               for sp, v in by_split.items()}
+    return Plan(by_split, shards, class_names, dataset_fingerprint(cfg, samples), _legacy_fingerprint(samples))
+
+
+def _stat(path: str | Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def dataset_fingerprint(cfg: Config, samples: list[Sample]) -> str:
+    """Hash of every input file's name, size and mtime_ns: images, masks,
+    texture images and user foreground masks.
+
+    Size and mtime (as make and rsync judge), not content: hashing the bytes
+    of every image on each 'clad extract' costs a full read of the data set.
+    An image replaced by another of the same size gets a new mtime and so a
+    new fingerprint (unless it is copied with its old mtime kept, or written
+    within the file system's timestamp granularity of the original).
+    """
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.image_id}|{_stat(s.path)}|{s.mask_path and _stat(s.mask_path)}\n".encode())
+    for tag, folder in (("texture", cfg.data.textures), ("fg", cfg.data.fg_masks)):
+        if folder:
+            root = Path(folder).expanduser()
+            for p in sorted(root.rglob("*")):
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                    h.update(f"{tag}|{p.relative_to(root)}|{_stat(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _legacy_fingerprint(samples: list[Sample]) -> str:
+    """The fingerprint caches were keyed by before mtimes counted (sizes only)."""
     h = hashlib.sha256()
     for s in samples:
         h.update(f"{s.image_id}|{os.path.getsize(s.path)}|{s.mask_path and os.path.getsize(s.mask_path)}\n".encode())
-    return Plan(by_split, shards, class_names, h.hexdigest()[:16])
+    return h.hexdigest()[:16]
 
 
 def store_settings(cfg: Config, plan: Plan) -> dict[str, Any]:
@@ -235,15 +268,19 @@ def stores(cache_dir: Path) -> dict[str, FeatureStore]:
 
 def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False) -> dict[str, FeatureStore]:
     """Create the stores or validate existing ones against this configuration."""
-    out = stores(cache_dir)
-    settings = store_settings(cfg, plan)
     from core.settings import settings_hash
 
-    key = settings_hash(settings)
+    out = stores(cache_dir)
     for split, store in out.items():
         if rebuild:
             store.delete()
-        store.create_or_validate(key, settings, plan.image_ids(split), plan.class_names)
+        settings = store_settings(cfg, plan)
+        if (store.exists() and plan.legacy_fingerprint
+                and store.info().settings.get("dataset") == plan.legacy_fingerprint):
+            # extracted before mtimes were fingerprinted: its key stays valid
+            # (a same-size replacement made before this upgrade goes unseen)
+            settings["dataset"] = plan.legacy_fingerprint
+        store.create_or_validate(settings_hash(settings), settings, plan.image_ids(split), plan.class_names)
         store.discard_partial()
     return out
 

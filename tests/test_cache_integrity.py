@@ -1,6 +1,7 @@
 """A damaged or incomplete cache is refused or repaired, never used silently."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,51 @@ def test_incomplete_shards_are_reported_and_repaired(extracted, tmp_path):
         assert np.array_equal(ref[k], got[k]), k
     assert json.loads(clad("status", str(work), "--json").stdout)[0]["state"] == "done"
     clad("train", str(work), "--run", "nn", "--head", "knn")
+
+
+def _resave(path, invert=False):
+    """Rewrite an image uncompressed (its size then depends only on its shape)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        (ImageOps.invert(im) if invert else im).save(path, compress_level=0)
+
+
+def test_same_size_replacement_makes_the_cache_stale(tiny_data, tmp_path):
+    import time
+
+    from core.errors import StaleError
+    from pipeline.config import Config, DataConfig
+    from stages.extract import make_plan, open_stores
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    cfg = Config(data=DataConfig(root=str(data)))
+    image = make_plan(cfg).samples["train"][0].path
+    _resave(image)
+    plan = make_plan(cfg)
+    open_stores(cfg, tmp_path / "cache", plan)
+    size = Path(image).stat().st_size
+    time.sleep(0.05)  # a user's replacement comes later than the file system's timestamp granularity
+    _resave(image, invert=True)  # another picture, same number of bytes
+    assert Path(image).stat().st_size == size
+    again = make_plan(cfg)
+    assert again.legacy_fingerprint == plan.legacy_fingerprint and again.fingerprint != plan.fingerprint
+    with pytest.raises(StaleError, match="--rebuild"):
+        open_stores(cfg, tmp_path / "cache", again)
+
+
+def test_cache_keyed_by_sizes_only_stays_valid(tiny_data, tmp_path):
+    """A cache extracted before mtimes were fingerprinted keeps its key."""
+    from dataclasses import replace
+
+    from pipeline.config import Config, DataConfig
+    from stages.extract import make_plan, open_stores
+
+    cfg = Config(data=DataConfig(root=str(tiny_data)))
+    plan = make_plan(cfg)
+    old = open_stores(cfg, tmp_path / "cache", replace(plan, fingerprint=plan.legacy_fingerprint))
+    key = old["train"].info().key
+    new = open_stores(cfg, tmp_path / "cache", make_plan(cfg))
+    assert new["train"].info().key == key and new["test"].info().settings["dataset"] == plan.legacy_fingerprint
