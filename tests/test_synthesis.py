@@ -130,6 +130,8 @@ def test_feature_mask_uses_the_backbones_ceil_grid():
 def test_synthetic_rows_sit_where_the_mask_is_at_a_size_stride_does_not_divide(tiny_data):
     """At 300 px (not a multiple of stride 8) the anomaly rows of a synthetic
     image are exactly the 38 x 38 feature cells its pixel mask touches."""
+    from dataclasses import replace
+
     import torch
 
     from pipeline.config import Config, DataConfig, FeatureConfig
@@ -138,9 +140,10 @@ def test_synthetic_rows_sit_where_the_mask_is_at_a_size_stride_does_not_divide(t
     cfg = Config(data=DataConfig(root=str(tiny_data)), features=FeatureConfig(resize=300, crop=0),
                  synthesis=SynthesisConfig(variants=1))
     plan = make_plan(cfg)
-    ex = ShardExtractor(cfg, torch.device("cpu")).bind_plan(plan)
-    sample = next(s for s in plan.samples["train"] if s.class_name == "washer")
-    prep = ex.prepare("train", 0, [sample])
+    ex = ShardExtractor(cfg, torch.device("cpu"))
+    task = plan.task("train", 0)
+    sample = task.samples[0]
+    prep = ex.prepare(replace(task, samples=[sample]))
     arrays = ex.compute(prep)
     normal = arrays["anomaly"] == 0
     assert normal.sum() == 38 * 38
