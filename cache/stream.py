@@ -55,7 +55,7 @@ class TrainCache:
     def load(self, shard: int, names: tuple[str, ...] = ("features", "anomaly", "image", "pair", "beta")
              ) -> dict[str, np.ndarray]:
         g = self.store.open_shard(shard)
-        return {n: g[n][...] for n in names}
+        return {n: self.store.read(shard, n, group=g) for n in names}
 
     def normal_parts(self, excluded_images: np.ndarray, order: Iterable[int] | None = None
                      ) -> Iterator[np.ndarray]:

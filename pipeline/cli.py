@@ -132,6 +132,9 @@ def extract_locked(work: Path, scheduler: str, device: str, rebuild: bool) -> No
     st = open_stores(cfg, ws.cache_dir, plan, rebuild)
     units = pending_units(plan, st)
     n_units = len(plan.units())
+    for sp, store in st.items():
+        for i, why in store.incomplete().items():
+            say(f"extract: {sp}.zarr shard {i:05d} is incomplete ({why}); re-extracting it")
     if not units:
         say(f"extract: already done ({n_units} shards, {sum(len(v) for v in plan.samples.values())} images); "
             "nothing to do")

@@ -65,6 +65,7 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
     if not any(s.exists() for s in stores):
         return StageState("extract", "missing", "run 'clad extract WORK'")
     done = total = 0
+    broken: list[str] = []
     for s in stores:
         if not s.exists():
             return StageState("extract", "partial", "a split store is missing; run 'clad extract WORK'")
@@ -76,6 +77,11 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
                               " (re-run 'clad extract WORK --rebuild')", extra={"changes": changes})
         done += len(s.committed())
         total += len(info.plan)
+        broken += [f"{s.shard_path(i).relative_to(ws.cache_dir)}: {why}" for i, why in s.incomplete().items()]
+    if broken:
+        return StageState("extract", "partial", f"{len(broken)} incomplete shard(s) ({'; '.join(broken[:3])}); "
+                          "run 'clad extract WORK' to re-extract them", (done, total),
+                          extra={"incomplete": broken})
     if done < total:
         return StageState("extract", "partial", f"{done}/{total} shards; run 'clad extract WORK' to finish",
                           (done, total))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cache.store import FeatureStore
-from core.errors import StaleError
+from core.errors import CladError, StaleError
 from core.layout import RunFiles
 from core.settings import Config
 from stages.calibrate import load_router, read_calibration, verdicts_in_force
@@ -38,19 +38,23 @@ VERDICT = ("verdict_recall", "verdict_false_alarm", "verdict_precision", "verdic
 
 def iter_classes(store: FeatureStore) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """Yield (class, images) with each image's features, label, mask and path."""
-    names = store.info().class_names
+    info = store.info()
+    names = info.class_names
     current, items = None, []
-    for shard in store.committed():
+    for shard in range(len(info.plan)):
+        if (why := store.problem(shard)) is not None:
+            raise CladError(f"{store.shard_path(shard)}: {why}; run 'clad extract WORK' to extract it")
         g = store.open_shard(shard)
         attrs = g.attrs.asdict()
-        feats, cls, lab, mask = g["features"], g["class_id"][...], g["label"][...], g["mask"]
+        cls, lab = store.read(shard, "class_id", group=g), store.read(shard, "label", group=g)
         for i in range(len(cls)):
             name = names[int(cls[i])]
             if current is not None and name != current:
                 yield current, items
                 items = []
             current = name
-            items.append({"features": feats[i], "label": int(lab[i]), "mask": mask[i],
+            items.append({"features": store.read(shard, "features", i, g), "label": int(lab[i]),
+                          "mask": store.read(shard, "mask", i, g),
                           "path": attrs["paths"][i], "image_id": attrs["image_ids"][i],
                           "defect": attrs["defects"][i]})
     if current is not None:

@@ -24,7 +24,7 @@ import torch
 from cache.store import FeatureStore, compressors
 from core.errors import CladError
 from core.settings import Config
-from stages.data import Sample, index_dataset, load_image, load_mask
+from stages.data import IMAGE_SUFFIXES, Sample, index_dataset, load_image, load_mask
 from stages.features import FeatureEncoder
 from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
 
@@ -67,12 +67,32 @@ class Plan:
     shards: dict[str, list[list[int]]]  # split -> shard -> sample indices
     class_names: list[str]
     fingerprint: str
+    legacy_fingerprint: str = ""  # sizes only: the fingerprint of caches extracted before mtimes were
 
     def units(self) -> list[tuple[str, int]]:
         return [(split, i) for split in ("train", "test") for i in range(len(self.shards[split]))]
 
     def image_ids(self, split: str) -> list[list[str]]:
         return [[self.samples[split][j].image_id for j in shard] for shard in self.shards[split]]
+
+    def task(self, split: str, shard: int) -> ShardTask:
+        """The part of the plan that one shard's extraction needs."""
+        idx = self.shards[split][shard]
+        first = sum(len(x) for x in self.shards[split][:shard])
+        return ShardTask(split, shard, [self.samples[split][j] for j in idx], first, self.class_names)
+
+
+@dataclass
+class ShardTask:
+    """One shard's images with what their rows need of the plan: the global
+    index of its first image (rows' ``image``) and the class names (rows'
+    ``class_id``). Shipped to a Dask worker instead of the whole plan."""
+
+    split: str
+    shard: int
+    samples: list[Sample]
+    first_image: int
+    class_names: list[str]
 
 
 def make_plan(cfg: Config) -> Plan:
@@ -82,10 +102,42 @@ def make_plan(cfg: Config) -> Plan:
     n = cfg.features.shard_images
     shards = {sp: [list(range(i, min(i + n, len(v)))) for i in range(0, len(v), n)]
               for sp, v in by_split.items()}
+    return Plan(by_split, shards, class_names, dataset_fingerprint(cfg, samples), _legacy_fingerprint(samples))
+
+
+def _stat(path: str | Path) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def dataset_fingerprint(cfg: Config, samples: list[Sample]) -> str:
+    """Hash of every input file's name, size and mtime_ns: images, masks,
+    texture images and user foreground masks.
+
+    Size and mtime (as make and rsync judge), not content: hashing the bytes
+    of every image on each 'clad extract' costs a full read of the data set.
+    An image replaced by another of the same size gets a new mtime and so a
+    new fingerprint (unless it is copied with its old mtime kept, or written
+    within the file system's timestamp granularity of the original).
+    """
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s.image_id}|{_stat(s.path)}|{s.mask_path and _stat(s.mask_path)}\n".encode())
+    for tag, folder in (("texture", cfg.data.textures), ("fg", cfg.data.fg_masks)):
+        if folder:
+            root = Path(folder).expanduser()
+            for p in sorted(root.rglob("*")):
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                    h.update(f"{tag}|{p.relative_to(root)}|{_stat(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _legacy_fingerprint(samples: list[Sample]) -> str:
+    """The fingerprint caches were keyed by before mtimes counted (sizes only)."""
     h = hashlib.sha256()
     for s in samples:
         h.update(f"{s.image_id}|{os.path.getsize(s.path)}|{s.mask_path and os.path.getsize(s.mask_path)}\n".encode())
-    return Plan(by_split, shards, class_names, h.hexdigest()[:16])
+    return h.hexdigest()[:16]
 
 
 def store_settings(cfg: Config, plan: Plan) -> dict[str, Any]:
@@ -97,14 +149,24 @@ def store_settings(cfg: Config, plan: Plan) -> dict[str, Any]:
 class Prepared:
     """Decoded (and synthesized) images of one shard, ready for the backbone."""
 
-    split: str
-    shard: int
-    samples: list[Sample]
+    task: ShardTask
     images: np.ndarray  # [M, S, S, 3] float32: train: per sample 1 + K images
     patch_masks: list[np.ndarray] = field(default_factory=list)  # train: per synthetic image
     betas: list[float] = field(default_factory=list)
     masks: np.ndarray | None = None  # test: [n, S, S] uint8
     timings: Timings = field(default_factory=Timings)
+
+    @property
+    def split(self) -> str:
+        return self.task.split
+
+    @property
+    def shard(self) -> int:
+        return self.task.shard
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.task.samples
 
 
 class ShardExtractor:
@@ -128,11 +190,12 @@ class ShardExtractor:
                 return load_mask(str(p), self.cfg.features).astype(np.float32)
         return foreground_mask(image, s.class_name in self.texture_classes)
 
-    def prepare(self, split: str, shard: int, samples: list[Sample]) -> Prepared:
+    def prepare(self, task: ShardTask) -> Prepared:
         """Decode (and for train, synthesize); pure CPU, safe in a helper thread."""
         t = Timings()
+        split = task.split
         images, pmasks, betas, masks = [], [], [], []
-        for s in samples:
+        for s in task.samples:
             t0 = time.perf_counter()
             img = load_image(s.path, self.cfg.features)
             if split == "test":
@@ -149,8 +212,8 @@ class ShardExtractor:
                     pmasks.append(syn.patch_mask)
                     betas.append(syn.beta)
                 t.synthesis += time.perf_counter() - t0
-        t.images = len(samples)
-        return Prepared(split, shard, samples, np.stack(images), pmasks, betas,
+        t.images = len(task.samples)
+        return Prepared(task, np.stack(images), pmasks, betas,
                         np.stack(masks) if masks else None, t)
 
     def compute(self, prep: Prepared) -> dict[str, np.ndarray]:
@@ -174,11 +237,14 @@ class ShardExtractor:
                                               ("features", "class_id", "anomaly", "image", "yx", "pair", "beta")}
         row = 0
         for i, s in enumerate(prep.samples):
-            cid = self._class_id(s)
+            cid = _class_id(prep.task, s)
             normal_start = row
             blocks = [(feats[i * (k + 1)], np.ones(hw, bool), -1, 1.0)]
             for v in range(k):
                 pm = prep.patch_masks[i * k + v].reshape(-1)
+                if pm.size != hw:  # a bug, not bad input: the labels would land on other patches
+                    raise RuntimeError(f"patch mask of {prep.patch_masks[i * k + v].shape} cells for "
+                                       f"{hw} feature rows ({self.cfg.features.backbone}, stride {self.stride})")
                 blocks.append((feats[i * (k + 1) + 1 + v], pm, 1, prep.betas[i * k + v]))
             for rows, keep, is_anom, beta in blocks:
                 idx = np.nonzero(keep)[0]
@@ -186,7 +252,7 @@ class ShardExtractor:
                 parts["features"].append(rows[idx])
                 parts["class_id"].append(np.full(n, cid, np.int16))
                 parts["anomaly"].append(np.full(n, is_anom > 0, np.uint8))
-                parts["image"].append(np.full(n, self._image_index(prep, i), np.int32))
+                parts["image"].append(np.full(n, prep.task.first_image + i, np.int32))
                 parts["yx"].append(yx_all[idx])
                 parts["pair"].append((normal_start + idx).astype(np.int32) if is_anom > 0
                                      else np.full(n, -1, np.int32))
@@ -197,22 +263,10 @@ class ShardExtractor:
     def _test_arrays(self, prep: Prepared, feats: np.ndarray) -> dict[str, np.ndarray]:
         return {
             "features": feats,
-            "class_id": np.array([self._class_id(s) for s in prep.samples], np.int16),
+            "class_id": np.array([_class_id(prep.task, s) for s in prep.samples], np.int16),
             "label": np.array([s.label for s in prep.samples], np.uint8),
             "mask": prep.masks,
         }
-
-    def _class_id(self, s: Sample) -> int:
-        return self.class_names.index(s.class_name)
-
-    def _image_index(self, prep: Prepared, i: int) -> int:
-        return self.image_offsets[prep.split][prep.shard] + i
-
-    def bind_plan(self, plan: Plan) -> ShardExtractor:
-        self.class_names = plan.class_names
-        self.image_offsets = {sp: np.cumsum([0] + [len(x) for x in sh]).tolist()
-                              for sp, sh in plan.shards.items()}
-        return self
 
     def write(self, store: FeatureStore, prep: Prepared, arrays: dict[str, np.ndarray]) -> None:
         t0 = time.perf_counter()
@@ -225,6 +279,10 @@ class ShardExtractor:
         prep.timings.write += time.perf_counter() - t0
 
 
+def _class_id(task: ShardTask, s: Sample) -> int:
+    return task.class_names.index(s.class_name)
+
+
 # -- running the stage -----------------------------------------------------------
 def stores(cache_dir: Path) -> dict[str, FeatureStore]:
     return {sp: FeatureStore(cache_dir / f"{sp}.zarr") for sp in ("train", "test")}
@@ -232,15 +290,19 @@ def stores(cache_dir: Path) -> dict[str, FeatureStore]:
 
 def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False) -> dict[str, FeatureStore]:
     """Create the stores or validate existing ones against this configuration."""
-    out = stores(cache_dir)
-    settings = store_settings(cfg, plan)
     from core.settings import settings_hash
 
-    key = settings_hash(settings)
+    out = stores(cache_dir)
     for split, store in out.items():
         if rebuild:
             store.delete()
-        store.create_or_validate(key, settings, plan.image_ids(split), plan.class_names)
+        settings = store_settings(cfg, plan)
+        if (store.exists() and plan.legacy_fingerprint
+                and store.info().settings.get("dataset") == plan.legacy_fingerprint):
+            # extracted before mtimes were fingerprinted: its key stays valid
+            # (a same-size replacement made before this upgrade goes unseen)
+            settings["dataset"] = plan.legacy_fingerprint
+        store.create_or_validate(settings_hash(settings), settings, plan.image_ids(split), plan.class_names)
         store.discard_partial()
     return out
 
@@ -269,14 +331,13 @@ def run_local(cfg: Config, plan: Plan, st: dict[str, FeatureStore], units: list[
 
 def _run_local(cfg: Config, plan: Plan, st: dict[str, FeatureStore], units: list[tuple[str, int]],
                device: torch.device, on_done: Any) -> Timings:
-    ex = ShardExtractor(cfg, device).bind_plan(plan)
+    ex = ShardExtractor(cfg, device)
     total = Timings()
     if not units:
         return total
 
     def prep(u: tuple[str, int]) -> Prepared:
-        sp, i = u
-        return ex.prepare(sp, i, [plan.samples[sp][j] for j in plan.shards[sp][i]])
+        return ex.prepare(plan.task(*u))
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         pending_write: Future | None = None
@@ -308,23 +369,29 @@ def _finish(fut: Future, total: Timings, on_done: Any) -> None:
         on_done(prep)
 
 
-# Per worker process: the extractor is built once and reused for every shard.
-_WORKER_CACHE: dict[str, ShardExtractor] = {}
+# Per worker process: the extractor is built once and reused for every shard
+# of one extraction (settings and data set: a worker that outlives a run on
+# other files builds a new one).
+_WORKER_CACHE: dict[tuple[str, str], ShardExtractor] = {}
 
 
-def extract_unit(cfg: Config, plan: Plan, cache_dir: str, split: str, shard: int,
-                 device: str) -> dict[str, Any]:
-    """Idempotent Dask task: compute and commit one shard, return its timings."""
+def extract_unit(cfg: Config, task: ShardTask, fingerprint: str, cache_dir: str, device: str) -> dict[str, Any]:
+    """Idempotent Dask task: compute and commit one shard, return its timings.
+
+    ``task`` carries the shard's samples, image offset and class names (not
+    the whole plan); ``fingerprint`` is the plan's data set fingerprint.
+    """
+    split, shard = task.split, task.shard
     st = stores(Path(cache_dir))[split]
     if st.is_committed(shard):
         return {"split": split, "shard": shard, "images": 0, "skipped": True}
-    key = cfg.extract_key()
+    key = (cfg.extract_key(), fingerprint)
     if key not in _WORKER_CACHE:
         torch.set_num_threads(EXTRACT_THREADS)
         _WORKER_CACHE.clear()
-        _WORKER_CACHE[key] = ShardExtractor(cfg, resolve_device(device)).bind_plan(plan)
+        _WORKER_CACHE[key] = ShardExtractor(cfg, resolve_device(device))
     ex = _WORKER_CACHE[key]
-    prep = ex.prepare(split, shard, [plan.samples[split][j] for j in plan.shards[split][shard]])
+    prep = ex.prepare(task)
     ex.write(st, prep, ex.compute(prep))
     return {"split": split, "shard": shard, "skipped": False, **asdict(prep.timings)}
 
@@ -342,8 +409,9 @@ def run_dask(cfg: Config, plan: Plan, cache_dir: Path, units: list[tuple[str, in
         cluster = None
     try:
         with Client(cluster if cluster is not None else scheduler) as client:
-            futures = [client.submit(extract_unit, cfg, plan, str(cache_dir), sp, i, device,
-                                     key=f"extract-{cfg.extract_key()}-{sp}-{i}", pure=False)
+            futures = [client.submit(extract_unit, cfg, plan.task(sp, i), plan.fingerprint, str(cache_dir),
+                                     device, key=f"extract-{cfg.extract_key()}-{plan.fingerprint}-{sp}-{i}",
+                                     pure=False)
                        for sp, i in units]
             for fut in as_completed(futures):
                 res = fut.result()

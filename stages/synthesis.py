@@ -78,14 +78,29 @@ def combine_masks(m1: np.ndarray, m2: np.ndarray, u: float) -> np.ndarray:
     return m1
 
 
+def feature_grid(size: int, stride: int) -> int:
+    """Side of the feature map of a ``size`` px image at ``stride``: ceil(S / stride).
+
+    Both TF 'same' padding and the usual k=3, pad=1 stride-2 convolutions give
+    ceil at every stage (and nested ceils of integer divisions are one ceil),
+    so 300 px at stride 8 gives 38 x 38 features, not 37 x 37.
+    """
+    return -(-size // stride)
+
+
 def feature_mask(mask: np.ndarray, stride: int) -> np.ndarray:
-    """``[S, S]`` pixel mask -> ``[S/stride, S/stride]`` bool.
+    """``[S, S]`` pixel mask -> ``[ceil(S/stride), ceil(S/stride)]`` bool.
 
     Coverage rule: a patch is anomalous if any pixel of its stride x stride
-    cell is masked (max-pool), as GLASS does.
+    cell is masked (max-pool), as GLASS does. Cell j covers pixels
+    [j*stride, (j+1)*stride); the last cell of a size that stride does not
+    divide is partial (padded with zeros), as the backbone's padding is.
     """
-    s = mask.shape[0] // stride
-    return mask[: s * stride, : s * stride].reshape(s, stride, s, stride).max(axis=(1, 3)) > 0
+    h, w = mask.shape
+    gh, gw = feature_grid(h, stride), feature_grid(w, stride)
+    padded = np.zeros((gh * stride, gw * stride), mask.dtype)
+    padded[:h, :w] = mask
+    return padded.reshape(gh, stride, gw, stride).max(axis=(1, 3)) > 0
 
 
 # -- foreground --------------------------------------------------------------
@@ -193,7 +208,7 @@ class Synthetic:
 
     image: np.ndarray  # [S, S, 3] float32 in [0, 1]
     mask: np.ndarray  # [S, S] float32 pixel mask
-    patch_mask: np.ndarray  # [S/stride, S/stride] bool
+    patch_mask: np.ndarray  # [ceil(S/stride), ceil(S/stride)] bool
     beta: float
     used_foreground: bool
 

@@ -109,3 +109,40 @@ def test_dask_local_cluster_gives_identical_arrays(extracted, tiny_data, tmp_pat
     assert ref.keys() == got.keys()
     for k in ref:
         assert np.array_equal(ref[k], got[k]), k
+
+
+def test_dask_task_uses_the_current_plan_not_a_workers_stale_one(tiny_data, tmp_path):
+    """A worker process that extracted for a data set and is then given a
+    shard after its files changed (same settings, a class removed) labels rows with the
+    new plan's class ids and image offsets: tasks carry their shard's part of
+    the plan, and the worker's extractor is keyed by settings + fingerprint."""
+    import shutil
+
+    import torch
+
+    from pipeline.config import Config, DataConfig, FeatureConfig, SynthesisConfig
+    from stages import extract
+
+    threads = torch.get_num_threads()
+    try:
+        plans = {}
+        data = tmp_path / "data"
+        shutil.copytree(tiny_data, data)
+        for name, drop in (("a", None), ("b", "washer")):
+            if drop:  # same folder, same settings: only the files on disk changed
+                shutil.rmtree(data / drop)
+            cfg = Config(data=DataConfig(root=str(data)), features=FeatureConfig(shard_images=2),
+                         synthesis=SynthesisConfig(variants=1))
+            plan = plans[name] = extract.make_plan(cfg)
+            extract.open_stores(cfg, tmp_path / f"cache-{name}", plan)
+            task = plan.task("train", 1)
+            res = extract.extract_unit(cfg, task, plan.fingerprint, str(tmp_path / f"cache-{name}"), "cpu")
+            assert not res["skipped"] and list(extract._WORKER_CACHE) == [(cfg.extract_key(), plan.fingerprint)]
+            g = FeatureStore(tmp_path / f"cache-{name}" / "train.zarr").open_shard(1)
+            want = [plan.class_names.index(s.class_name) for s in task.samples]
+            assert sorted(set(g["class_id"][...].tolist())) == sorted(set(want))
+            assert sorted(set(g["image"][...].tolist())) == [2, 3]
+        assert plans["a"].class_names == ["washer", "weave"] and plans["b"].class_names == ["weave"]
+    finally:
+        extract._WORKER_CACHE.clear()
+        torch.set_num_threads(threads)

@@ -118,3 +118,39 @@ def test_cut_paste_moves_a_piece_of_the_image_onto_the_foreground(scar):
     assert fg[int(ys.mean()), int(xs.mean())] == 1 or scar  # centred on the foreground
     again, mask2 = cut_paste(image, fg, np.random.default_rng(7), scar=scar)
     assert np.array_equal(again, out) and np.array_equal(mask, mask2)  # a function of the generator
+
+
+def test_feature_mask_uses_the_backbones_ceil_grid():
+    m = np.zeros((300, 300), np.float32)  # 300 / 8 = 37.5: the backbone gives 38 x 38 features
+    m[299, 296] = 1  # in the partial last cell
+    fm = feature_mask(m, 8)
+    assert fm.shape == (38, 38) and fm[37, 37] and fm.sum() == 1
+
+
+def test_synthetic_rows_sit_where_the_mask_is_at_a_size_stride_does_not_divide(tiny_data):
+    """At 300 px (not a multiple of stride 8) the anomaly rows of a synthetic
+    image are exactly the 38 x 38 feature cells its pixel mask touches."""
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.config import Config, DataConfig, FeatureConfig
+    from stages.extract import ShardExtractor, make_plan
+
+    cfg = Config(data=DataConfig(root=str(tiny_data)), features=FeatureConfig(resize=300, crop=0),
+                 synthesis=SynthesisConfig(variants=1))
+    plan = make_plan(cfg)
+    ex = ShardExtractor(cfg, torch.device("cpu"))
+    task = plan.task("train", 0)
+    sample = task.samples[0]
+    prep = ex.prepare(replace(task, samples=[sample]))
+    arrays = ex.compute(prep)
+    normal = arrays["anomaly"] == 0
+    assert normal.sum() == 38 * 38
+    img = prep.images[0]
+    syn = synthesize(img, ex._foreground(sample, img), ex.textures, cfg.synthesis, 8,
+                     rng_for(cfg.synthesis.seed, sample.image_id, 0))
+    cells = {(y, x) for y in range(38) for x in range(38) if syn.mask[8 * y:8 * y + 8, 8 * x:8 * x + 8].any()}
+    got = {tuple(int(v) for v in yx) for yx in arrays["yx"][~normal]}
+    assert got == cells
+    assert (arrays["pair"][~normal] == np.array([38 * y + x for y, x in arrays["yx"][~normal]])).all()
