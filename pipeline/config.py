@@ -102,19 +102,18 @@ def section_from_dict(cls: type, raw: dict[str, Any], where: str, base: Any = No
     return replace(base, **{k: _coerce(cls, k, v, where) for k, v in raw.items()})
 
 
-def _owner(name: str, selected: str) -> str | None:
-    """The head whose settings have ``name``: the selected head first, then in registration order."""
-    for head in [selected] + [h for h in HEADS if h != selected]:
-        if name in {f.name for f in fields(HEADS[head].settings)}:
-            return head
-    return None
+def _owners(name: str) -> list[str]:
+    """Every head whose settings have ``name`` (``knn_k``: knn and routed_knn)."""
+    return [head for head in HEADS if name in {f.name for f in fields(HEADS[head].settings)}]
 
 
 def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = None
                     ) -> tuple[TrainConfig, dict[str, Any]]:
     """[train] with its head tables ([train.clad], ...), and the older flat
-    spelling (a head's setting directly under [train]). Returns the section
-    and settings of other sections found there (``threshold_quantile``)."""
+    spelling (a head's setting directly under [train]), which sets it for
+    every head that declares it, so that it means what it meant before heads
+    shared names. Returns the section and settings of other sections found
+    there (``threshold_quantile``)."""
     raw = dict(raw)
     nested = {k: raw.pop(k) for k in list(raw) if isinstance(raw[k], dict)}
     unknown_heads = sorted(set(nested) - set(HEADS))
@@ -131,11 +130,12 @@ def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = 
         if k in _MOVED:
             moved[k] = v
             continue
-        owner = _owner(k, common.head)
-        if owner is None:
+        owners = _owners(k)
+        if not owners:
             valid = sorted(set(_COMMON_TRAIN) | {f.name for h in HEADS.values() for f in fields(h.settings)})
             raise CladError(f"{where}: unknown setting {k}; valid: {', '.join(valid)}")
-        heads.setdefault(owner, {})[k] = v
+        for owner in owners:
+            heads.setdefault(owner, {}).setdefault(k, v)  # a head's own table wins over the flat spelling
     if common.profile != base.profile:
         base_heads = {n: HEADS[n].defaults(common.profile) for n in HEADS}
     else:
@@ -242,8 +242,8 @@ def save_config(cfg: Config, path: Path, train_overrides_only: bool = False) -> 
 
 def apply_sets(cfg: Config, sets: tuple[str, ...] | list[str]) -> Config:
     """Apply ``--set [section.]key=value``. Without a section the key is a
-    run-level [train] setting or one of the selected head's settings (another
-    head's setting is found too); ``knn.knn_k=3`` names the head explicitly."""
+    run-level [train] setting or a setting of every head that declares it
+    (only the selected head's enter its run key); ``knn.knn_k=3`` names one head."""
     sections: dict[str, dict[str, Any]] = {}
     for item in sets:
         if "=" not in item:

@@ -74,6 +74,16 @@ def test_train_overrides_only_writes_what_differs_from_profile():
     assert TrainConfig().head_settings("clad").epochs_contrastive == 200  # the paper's schedule is the default
 
 
+def test_a_flat_setting_reaches_every_head_that_declares_it():
+    cfg = config_from_dict({"train": {"knn_k": 3, "routed_knn": {"knn_k": 5}}})
+    assert cfg.train.head_settings("knn").knn_k == 3  # as in files written before heads shared names
+    assert cfg.train.head_settings("routed_knn").knn_k == 5  # a head's own table wins
+    both = apply_sets(Config(), ["knn_k=2"])
+    assert both.train.head_settings("knn").knn_k == 2 and both.train.head_settings("routed_knn").knn_k == 2
+    one = apply_sets(Config(), ["knn.knn_k=4"])
+    assert one.train.head_settings("knn").knn_k == 4 and one.train.head_settings("routed_knn").knn_k == 1
+
+
 def test_each_head_is_keyed_by_its_own_settings():
     knn = Config(train=replace(TrainConfig(), head="knn"))
     # a CLAD-only change (or a change of the CLAD defaults) leaves a knn run current ...
