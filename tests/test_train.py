@@ -75,3 +75,23 @@ def test_truncated_checkpoint_is_reported_corrupt_not_partial(trained):
     res = clad("train", str(trained), "--run", "trunc", *TINY_TRAIN, *args, check=False)
     assert res.returncode == 2 and "cannot be read" in res.stderr and "--restart" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_restart_forgets_every_remembered_choice(tmp_path):
+    """--restart drops the run's remembered --set values and its --head alike
+    (before: the sets were dropped and the head kept)."""
+    from pipeline.config import Config, save_config
+    from pipeline.runs import write_overrides
+    from pipeline.train_run import resolve_overrides
+    from pipeline.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    save_config(Config(), ws.config_path)
+    ws.run_dir("r").mkdir(parents=True)
+    write_overrides(ws, "r", {"profile": "fast", "head": "clad", "sets": ["margin=2.0"]})
+    kept = resolve_overrides(ws, "r", {}, restart=False)
+    assert kept["head"] == "clad" and kept["sets"] == ["margin=2.0"] and kept["profile"] == "fast"
+    fresh = resolve_overrides(ws, "r", {}, restart=True)
+    assert fresh["head"] == Config().train.head and "sets" not in fresh
+    assert fresh["profile"] == Config().train.profile
+    assert resolve_overrides(ws, "r", {"head": "knn"}, restart=True)["head"] == "knn"
