@@ -1,31 +1,49 @@
-"""Two clad processes on one workspace: the second waits for the first, nothing is done twice or corrupted."""
+"""Two clad processes on one workspace: the second waits for the first, nothing is done twice or corrupted.
+
+The test holds the lock itself while it starts two real clad processes, so both
+must wait whatever the timing (a tiny knn run trains faster than a second
+Python process starts), then releases it: one does the work, the other finds
+it done.
+"""
 
 import subprocess
+import time
 
+from pipeline.locks import extract_lock, run_lock
 from tests.conftest import CLAD, ROOT, clad, set_config
 
 
-def _start(*args):
-    return subprocess.Popen(CLAD + list(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _start(log, *args):
+    return subprocess.Popen(CLAD + list(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"),
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"})
+
+
+def _both_wait_then_finish(lock, tmp_path, *args) -> str:
+    """Start two ``clad ARGS`` while ``lock`` is held here; both must say they wait; returns their stderr."""
+    logs = [tmp_path / f"{args[0]}-{i}.err" for i in (1, 2)]
+    with lock:
+        procs = [_start(log, *args) for log in logs]
+        deadline = time.time() + 300
+        while time.time() < deadline and not all("waiting for another clad process" in log.read_text()
+                                                  for log in logs):
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            time.sleep(0.1)
+    codes = [p.wait(timeout=600) for p in procs]
+    stderr = [log.read_text() for log in logs]
+    assert codes == [0, 0], stderr
+    assert all("waiting for another clad process" in s for s in stderr) and "Traceback" not in "".join(stderr)
+    return "".join(stderr)
 
 
 def test_concurrent_extract_and_train_wait_for_each_other(tiny_data, tmp_path):
     work = tmp_path / "work"
     clad("init", str(work), "--data", str(tiny_data))
     set_config(work, features={"shard_images": 3})
-    first, second = _start("extract", str(work)), _start("extract", str(work))
-    out = [p.communicate(timeout=600) for p in (first, second)]
-    assert first.returncode == 0 and second.returncode == 0, out
-    stderr = out[0][1] + out[1][1]
-    assert "waiting for another clad process" in stderr and "Traceback" not in stderr
-    assert "already done" in stderr  # the second found the work finished
+    stderr = _both_wait_then_finish(extract_lock(work, print), tmp_path, "extract", str(work))
+    assert stderr.count("already done") == 1  # one extracted, the other found the work finished
     assert "done" in clad("status", str(work)).stdout.splitlines()[0]
 
-    first = _start("train", str(work), "--run", "same", "--head", "knn")
-    second = _start("train", str(work), "--run", "same", "--head", "knn")
-    out = [p.communicate(timeout=600) for p in (first, second)]
-    assert first.returncode == 0 and second.returncode == 0, out
-    stderr = out[0][1] + out[1][1]
-    assert "waiting for another clad process" in stderr
+    stderr = _both_wait_then_finish(run_lock(work, "same", "test", print), tmp_path,
+                                    "train", str(work), "--run", "same", "--head", "knn")
     assert stderr.count("train: done in") == 1  # trained once; the other found it finished
+    assert "already trained" in stderr

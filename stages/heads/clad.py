@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from cache.stream import BatchStream, TrainCache
@@ -256,6 +255,8 @@ class _Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """AUROC of s on held-out normal rows vs their synthetic rows (NaN if none)."""
+        from sklearn.metrics import roc_auc_score  # here: importing scikit-learn costs every clad command ~1.5 s
+
         normal, anomaly, _ = self.val
         if not len(normal) or not len(anomaly):
             return float("nan")
