@@ -1,20 +1,7 @@
 #!/usr/bin/env bash
 # The accuracy study of docs/RESULTS.md: every run it reports, in order.
 # Usage: bash benchmarks/accuracy_study.sh [STUDY_DIR]   (needs ../shared/data; ~2.5 h on 2 CPU cores)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-CLAD=${CLAD:-.venv/bin/clad}
-S=${1:-work/study}
-SHARED=$(cd .. && pwd)/shared/data
-MVTEC=$SHARED/mvtec_ad
-DTD=$SHARED/dtd_small/dtd
-mkdir -p "$S"
-
-train_eval() {  # WORK RUN [train args...]
-  local work=$1 run=$2; shift 2
-  $CLAD train "$work" --run "$run" "$@"
-  $CLAD evaluate "$work" --run "$run"
-}
+source "$(dirname "$0")/study_common.sh"
 
 # 1. bottle alone, lite0: CLAD fast and the knn yardstick on the same cache; GAS scaled to the data
 [ -f "$S/bottle/config.toml" ] || $CLAD init "$S/bottle" --data "$MVTEC/bottle" --textures "$DTD"

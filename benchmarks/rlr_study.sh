@@ -3,20 +3,7 @@
 # RLR (fast) on bottle and on bottle + built-in as one model, and RLR + CCL
 # with k-means pseudo-labels on the built-in set. Final models, no selection.
 # Usage: bash benchmarks/rlr_study.sh [STUDY_DIR]   (needs ../shared/data; ~40 min on 2 CPU cores)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-CLAD=${CLAD:-.venv/bin/clad}
-S=${1:-work/study}
-SHARED=$(cd .. && pwd)/shared/data
-MVTEC=$SHARED/mvtec_ad
-DTD=$SHARED/dtd_small/dtd
-mkdir -p "$S"
-
-train_eval() {  # WORK RUN [train args...]
-  local work=$1 run=$2; shift 2
-  $CLAD train "$work" --run "$run" "$@"
-  $CLAD evaluate "$work" --run "$run"
-}
+source "$(dirname "$0")/study_common.sh"
 
 [ -d "$S/demo-data" ] || $CLAD demo-data "$S/demo-data"
 [ -f "$S/demo/config.toml" ] || $CLAD init "$S/demo" --data "$S/demo-data"
