@@ -17,8 +17,8 @@ from core.files import save_torch_atomic, write_atomic
 from core.layout import RunFiles
 from core.settings import Config
 from stages.heads import Head, TrainContext, accepted_run_keys, head_class, run_key
-from stages.heads.base import Log, MakeBar
 from stages.labels import holdout_images, image_labels
+from stages.train_context import Log, MakeBar
 
 
 def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch.device, cache_key: str,

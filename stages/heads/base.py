@@ -11,43 +11,14 @@ and status only ever talk to this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from cache.stream import TrainCache
 from core.files import read_json
 from core.layout import RunFiles
-from core.settings import FeatureConfig, TrainConfig
-
-Log = Callable[[str], None]
-MakeBar = Callable[[str, int, int], Any]  # (phase, done, total) -> bar with update/set_postfix/close
-
-
-@dataclass
-class TrainContext:
-    """Everything a head's training reads, built once by ``stages.train``."""
-
-    cache: TrainCache
-    held: np.ndarray  # [n_images] bool: held out of training
-    labels: np.ndarray  # [n_images] int64: class (or pseudo-class) label per image
-    n_labels: int
-    train: TrainConfig  # run-level settings (seed, holdout, ...)
-    features: FeatureConfig
-    device: torch.device
-    files: RunFiles
-    cache_key: str
-    run_key: str
-    accepted_keys: tuple[str, ...]  # run keys a resumable checkpoint may carry (this one, older spellings)
-    log: Log
-    make_bar: MakeBar
-
-    @property
-    def seed(self) -> int:
-        return self.train.seed
+from stages.train_context import TrainContext
 
 
 class Head(ABC):
