@@ -4,6 +4,10 @@ import json
 
 import torch
 
+from pipeline.config import Config, save_config
+from pipeline.runs import write_overrides
+from pipeline.train_run import resolve_overrides
+from pipeline.workspace import Workspace
 from tests.conftest import TINY_TRAIN, clad, kill_and_resume
 
 
@@ -80,11 +84,6 @@ def test_truncated_checkpoint_is_reported_corrupt_not_partial(trained):
 def test_restart_forgets_every_remembered_choice(tmp_path):
     """--restart drops the run's remembered --set values and its --head alike
     (before: the sets were dropped and the head kept)."""
-    from pipeline.config import Config, save_config
-    from pipeline.runs import write_overrides
-    from pipeline.train_run import resolve_overrides
-    from pipeline.workspace import Workspace
-
     ws = Workspace(tmp_path)
     save_config(Config(), ws.config_path)
     ws.run_dir("r").mkdir(parents=True)
