@@ -166,7 +166,7 @@ def calibrate_run(cfg: Config, head: Head, ctx: TrainContext, train_key: str) ->
     router = Router(image_means(ctx.cache), ctx.cache.image_class, names, c.route_quantile)
     save_torch_atomic(router.state(), ctx.files.routing)
     cal = {"key": calibration_key(cfg, train_key), "train_key": train_key,
-           "source": "cross-fitted (every image unseen)" if len(unseen) == len(scores)
+           "source": "cross-fitted: every image unseen" if len(unseen) == len(scores)
            else "held-out images unseen, the rest seen by the model",
            "sigma": cfg.evaluate.sigma, "size": size, "settings": dataclasses.asdict(c),
            "classes": per_class, "image_scores": {ctx.cache.image_ids[i]: v for i, v in scores.items()},
