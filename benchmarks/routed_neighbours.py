@@ -1,14 +1,16 @@
-"""How many neighbour images should the routed knn head search? Training data only.
+"""How many neighbour images should the routed knn head search, chosen by which rule? Training data only.
 
 For a seeded sample of training images per class, each image is scored
 leave-one-out (its own rows removed from the bank) by the routed knn head
 with ``images`` = 4, 8, 16, 32, 64 and 0 (the whole class: exact knn within
-the class). The table gives how far each setting's patch scores and image
+the class), the neighbour images chosen by each ``select`` rule (``cells``:
+4 x 4 local-appearance cells; ``mean``: whole-image mean feature). The
+table gives how far each setting's patch scores and image
 scores (max over patches) sit above the whole-class scores: the error that
 searching fewer images adds on normal data, where it turns into false alarms
 and lower pixel AUROC. No test image is read.
 
-Usage: python benchmarks/routed_neighbours.py WORK RUN [--per-class 10]
+Usage: python benchmarks/routed_neighbours.py WORK RUN [--per-class 10]   (RUN: a routed_knn run with select = cells)
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from core.files import seeded  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
 
 SETTINGS = (4, 8, 16, 32, 64, 0)
+RULES = ("cells", "mean")
 
 
 def main() -> None:
@@ -37,34 +40,36 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=10)
     a = ap.parse_args()
     head, _ = load_trained_head(a.work / "runs" / a.run / "checkpoints" / "final.pt", torch.device("cpu"))
-    if getattr(head, "image_ids", None) is None:
-        raise SystemExit(f"{a.run}: not a routed_knn run")
+    if getattr(head, "cells", None) is None:
+        raise SystemExit(f"{a.run}: not a routed_knn run with select = cells (train one: --head routed_knn)")
     sample = np.concatenate([seeded(0, "routed-neighbours", int(c)).permutation(np.nonzero(head.desc_class == c)[0])
                              [:a.per_class] for c in np.unique(head.desc_class)])
-    scores: dict[int, list[np.ndarray]] = {n: [] for n in SETTINGS}
-    seconds = dict.fromkeys(SETTINGS, 0.0)
+    cases = [(r, n) for r in RULES for n in SETTINGS if n or r == RULES[0]]
+    scores: dict[tuple[str, int], list[np.ndarray]] = {c: [] for c in cases}
+    seconds = dict.fromkeys(cases, 0.0)
     base = head.settings
     for j in sample:
         x = head.rows[head.offsets[j]:head.offsets[j + 1]]
         allowed = np.ones(len(head.desc), bool)
         allowed[j] = False
-        for n in SETTINGS:
-            head.settings = dataclasses.replace(base, images=n)
+        for r, n in cases:
+            head.settings = dataclasses.replace(base, images=n, select=r)
             t0 = time.perf_counter()
-            scores[n].append(head._score_one(x, allowed))
-            seconds[n] += time.perf_counter() - t0
-    exact = np.stack(scores[0])
+            scores[r, n].append(head._score_one(x, allowed))
+            seconds[r, n] += time.perf_counter() - t0
+    exact = np.stack(scores[RULES[0], 0])
     rows = []
-    for n in SETTINGS:
-        s = np.stack(scores[n])
+    for r, n in cases:
+        s = np.stack(scores[r, n])
         patch = (s - exact) / np.maximum(exact, 1e-6)
         image = (s.max(1) - exact.max(1)) / np.maximum(exact.max(1), 1e-6)
-        rows.append({"images": n or "all", "patch_excess_mean_%": round(float(100 * patch.mean()), 2),
+        rows.append({"select": r if n else "-", "images": n or "all",
+                     "patch_excess_mean_%": round(float(100 * patch.mean()), 2),
                      "patch_excess_p99_%": round(float(100 * np.quantile(patch, 0.99)), 1),
                      "patches_exact_%": round(float(100 * (patch <= 1e-6).mean()), 1),
                      "image_excess_mean_%": round(float(100 * image.mean()), 2),
                      "image_excess_max_%": round(float(100 * image.max()), 1),
-                     "ms_per_image": round(1000 * seconds[n] / len(sample), 1)})
+                     "ms_per_image": round(1000 * seconds[r, n] / len(sample), 1)})
         progress_row(rows[-1])
     report(f"routed_neighbours_{a.work.name}", rows, work=str(a.work), run=a.run, images=len(sample))
 

@@ -107,6 +107,21 @@ def _owners(name: str) -> list[str]:
     return [head for head in HEADS if name in {f.name for f in fields(HEADS[head].settings)}]
 
 
+def _fill_added(head: str, table: dict[str, Any]) -> None:
+    """A head table holding every setting the head had before its ``added``
+    ones is a complete record written before those existed (a run's
+    config.toml): the missing added settings take the value that reproduces
+    that run, not today's default. Partial tables (a user's overrides) keep
+    the defaults."""
+    spec = HEADS.get(head)
+    if spec is None or not spec.added:
+        return
+    older = {f.name for f in fields(spec.settings)} - set(spec.added)
+    if older <= set(table):
+        for k, v in spec.added.items():
+            table.setdefault(k, v)
+
+
 def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = None
                     ) -> tuple[TrainConfig, dict[str, Any]]:
     """[train] with its head tables ([train.clad], ...), and the older flat
@@ -136,6 +151,8 @@ def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = 
             raise CladError(f"{where}: unknown setting {k}; valid: {', '.join(valid)}")
         for owner in owners:
             heads.setdefault(owner, {}).setdefault(k, v)  # a head's own table wins over the flat spelling
+    for n, table in heads.items():
+        _fill_added(n, table)
     if common.profile != base.profile:
         base_heads = {n: HEADS[n].defaults(common.profile) for n in HEADS}
     else:

@@ -114,3 +114,20 @@ def test_word_settings_are_checked_when_read():
 def test_diffs_name_later_added_settings_with_their_old_value():
     cfg = Config(train=replace(TrainConfig(), head="clad"))  # the CLAD head's settings
     assert run_changes(cfg, with_head(cfg, score_loss="bce")) == ["train.clad.score_loss: 'hinge' -> 'bce'"]
+
+
+def test_a_run_recorded_before_an_added_setting_keeps_the_older_behaviour():
+    """routed_knn's ``select`` came after runs existed: a complete head table
+    without it (a run's config.toml written then) reads as the older rule,
+    ``mean``, so that run stays current; a user's partial table gets today's
+    default, ``cells``."""
+    from dataclasses import asdict
+
+    from stages.heads import head_class
+
+    recorded = {k: v for k, v in asdict(head_class("routed_knn").settings_class()).items() if k != "select"}
+    old = config_from_dict({"train": {"head": "routed_knn", "routed_knn": recorded}})
+    assert old.train.head_settings("routed_knn").select == "mean"
+    partial = config_from_dict({"train": {"head": "routed_knn", "routed_knn": {"images": 8}}})
+    assert partial.train.head_settings("routed_knn").select == "cells"
+    assert config_from_dict({}).train.head_settings("routed_knn").select == "cells"

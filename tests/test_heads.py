@@ -138,11 +138,14 @@ def test_runs_trained_before_the_registry_still_load_score_and_calibrate(trained
     assert run_key(load_config(tmp_path / "rewritten.toml")) == run_key(old)
 
 
-def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(extracted, tmp_path):
+@pytest.mark.parametrize("select", ["mean", "cells"])
+def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(select, extracted, tmp_path):
     """The routed head's scores are exact nearest-neighbour distances over the
     rows of the ``images`` training images of the image's class nearest to it
-    (by mean feature), computed here independently by brute force."""
-    cfg = config_from_dict({"train": {"profile": "fast", "head": "routed_knn", "routed_knn": {"images": 2}}})
+    (by mean feature, or by 4 x 4 cells each matched to its most similar cell),
+    computed here independently by brute force."""
+    cfg = config_from_dict({"train": {"profile": "fast", "head": "routed_knn",
+                                      "routed_knn": {"images": 2, "select": select}}})
     cfg = dataclasses.replace(cfg, data=load_config(extracted / "config.toml").data,
                               features=load_config(extracted / "config.toml").features)
     store = FeatureStore(extracted / "cache" / "train.zarr")
@@ -154,12 +157,39 @@ def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(ex
 
     held = normal_maps(cache, ctx.held)  # held-out images: never in the bank
     train = normal_maps(cache, ~ctx.held)
+    grid = tuple(head.meta["grid"])
+
+    def cells(m: np.ndarray) -> np.ndarray:  # [16, C]: means of a 4 x 4 partition (grid divisible or not)
+        x = m.astype(np.float64).reshape(*grid, -1)
+        ys = [(grid[0] * k // 4, -(-grid[0] * (k + 1) // 4)) for k in range(4)]
+        xs = [(grid[1] * k // 4, -(-grid[1] * (k + 1) // 4)) for k in range(4)]
+        return np.stack([x[a:b, c:d].mean((0, 1)) for a, b in ys for c, d in xs])
+
+    def nearness(i: int, j: int) -> float:
+        if select == "mean":
+            return float(np.linalg.norm(train[j].astype(np.float64).mean(0) - held[i].astype(np.float64).mean(0)))
+        q, b = cells(held[i]), cells(train[j])
+        return float(np.sqrt(((q[:, None] - b[None]) ** 2).sum(-1)).min(1).mean())
+
     assert len({cache.image_class[i] for i in held}) == 2
     for i, m in held.items():
         x = m.astype(np.float64)
         same = [j for j in train if cache.image_class[j] == cache.image_class[i]]
-        near = sorted(same, key=lambda j: np.linalg.norm(train[j].astype(np.float64).mean(0) - x.mean(0)))[:2]
+        near = sorted(same, key=lambda j: nearness(i, j))[:2]
         bank = np.concatenate([train[j] for j in near]).astype(np.float64)
         expected = np.sqrt(((x[:, None, :] - bank[None]) ** 2).sum(-1)).min(1)
         got = head.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
         assert np.allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_cell_descriptors_and_position_free_cell_distance_on_hand_built_maps():
+    """Cells are block means (2 x 2 blocks of a 4 x 4 grid here); the distance
+    matches each query cell to the candidate's most similar cell anywhere."""
+    from stages.heads.routed_knn import cell_descriptors, cell_distance
+
+    x = np.arange(16, dtype=np.float32).reshape(16, 1)  # value = y * 4 + x on a 4 x 4 grid, one channel
+    assert cell_descriptors(x, (4, 4), cells=2)[:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    q = np.array([[0.0, 0.0], [3.0, 4.0]])
+    a = np.array([[0.0, 0.0], [0.0, 0.0]])  # query cell 1 exact, cell 2 at 5
+    b = np.array([[3.0, 4.0], [0.0, 1.0]])  # cell 1 -> (0, 1) at 1, cell 2 -> (3, 4) at 0: order is free
+    assert np.allclose(cell_distance(q, np.stack([a, b, q[::-1]])), [2.5, 0.5, 0.0])
