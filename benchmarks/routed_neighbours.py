@@ -4,8 +4,9 @@ For a seeded sample of training images per class, each image is scored
 leave-one-out (its own rows removed from the bank) by the routed knn head
 with ``images`` = 4, 8, 16, 32, 64 and 0 (the whole class: exact knn within
 the class), the neighbour images chosen by each ``select`` rule (``cells``:
-4 x 4 local-appearance cells; ``mean``: whole-image mean feature). The
-table gives how far each setting's patch scores and image
+4 x 4 local-appearance cells; ``mean``: whole-image mean feature), searched
+exactly or, for a run with ``project`` > 0, by its projected candidates.
+The table gives how far each setting's patch scores and image
 scores (max over patches) sit above the whole-class scores: the error that
 searching fewer images adds on normal data, where it turns into false alarms
 and lower pixel AUROC. No test image is read.
@@ -44,32 +45,38 @@ def main() -> None:
         raise SystemExit(f"{a.run}: not a routed_knn run with select = cells (train one: --head routed_knn)")
     sample = np.concatenate([seeded(0, "routed-neighbours", int(c)).permutation(np.nonzero(head.desc_class == c)[0])
                              [:a.per_class] for c in np.unique(head.desc_class)])
-    cases = [(r, n) for r in RULES for n in SETTINGS if n or r == RULES[0]]
-    scores: dict[tuple[str, int], list[np.ndarray]] = {c: [] for c in cases}
+    projected = (head.axes, head._space, head._space_sq) if head.axes is not None else None
+    exact_space = (None, head._rows, (head._rows * head._rows).sum(1))
+    cases = [(r, n, 0) for r in RULES for n in SETTINGS if n or r == RULES[0]]
+    if projected is not None:  # the run's candidate search (project, rerank) at the same image counts
+        cases += [("cells", n, head.settings.project) for n in SETTINGS if n]
+    scores: dict[tuple[str, int, int], list[np.ndarray]] = {c: [] for c in cases}
     seconds = dict.fromkeys(cases, 0.0)
     base = head.settings
     for j in sample:
         x = head.rows[head.offsets[j]:head.offsets[j + 1]]
         allowed = np.ones(len(head.desc), bool)
         allowed[j] = False
-        for r, n in cases:
-            head.settings = dataclasses.replace(base, images=n, select=r)
+        for r, n, d in cases:
+            head.settings = dataclasses.replace(base, images=n, select=r, project=d)
+            head.axes, head._space, head._space_sq = projected if d else exact_space
             t0 = time.perf_counter()
-            scores[r, n].append(head._score_one(x, allowed))
-            seconds[r, n] += time.perf_counter() - t0
-    exact = np.stack(scores[RULES[0], 0])
+            scores[r, n, d].append(head._score_one(x, allowed))
+            seconds[r, n, d] += time.perf_counter() - t0
+    exact = np.stack(scores[RULES[0], 0, 0])
     rows = []
-    for r, n in cases:
-        s = np.stack(scores[r, n])
+    for r, n, d in cases:
+        s = np.stack(scores[r, n, d])
         patch = (s - exact) / np.maximum(exact, 1e-6)
         image = (s.max(1) - exact.max(1)) / np.maximum(exact.max(1), 1e-6)
         rows.append({"select": r if n else "-", "images": n or "all",
+                     "search": f"{d} axes, rerank {base.rerank}" if d else "exact",
                      "patch_excess_mean_%": round(float(100 * patch.mean()), 2),
                      "patch_excess_p99_%": round(float(100 * np.quantile(patch, 0.99)), 1),
                      "patches_exact_%": round(float(100 * (patch <= 1e-6).mean()), 1),
                      "image_excess_mean_%": round(float(100 * image.mean()), 2),
                      "image_excess_max_%": round(float(100 * image.max()), 1),
-                     "ms_per_image": round(1000 * seconds[r, n] / len(sample), 1)})
+                     "ms_per_image": round(1000 * seconds[r, n, d] / len(sample), 1)})
         progress_row(rows[-1])
     report(f"routed_neighbours_{a.work.name}", rows, work=str(a.work), run=a.run, images=len(sample))
 

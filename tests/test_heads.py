@@ -145,7 +145,7 @@ def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(se
     (by mean feature, or by 4 x 4 cells each matched to its most similar cell),
     computed here independently by brute force."""
     cfg = config_from_dict({"train": {"profile": "fast", "head": "routed_knn",
-                                      "routed_knn": {"images": 2, "select": select}}})
+                                      "routed_knn": {"images": 2, "select": select, "project": 0}}})
     cfg = dataclasses.replace(cfg, data=load_config(extracted / "config.toml").data,
                               features=load_config(extracted / "config.toml").features)
     store = FeatureStore(extracted / "cache" / "train.zarr")
@@ -193,3 +193,29 @@ def test_cell_descriptors_and_position_free_cell_distance_on_hand_built_maps():
     a = np.array([[0.0, 0.0], [0.0, 0.0]])  # query cell 1 exact, cell 2 at 5
     b = np.array([[3.0, 4.0], [0.0, 1.0]])  # cell 1 -> (0, 1) at 1, cell 2 -> (3, 4) at 0: order is free
     assert np.allclose(cell_distance(q, np.stack([a, b, q[::-1]])), [2.5, 0.5, 0.0])
+
+
+def test_principal_axes_and_projected_candidates_on_hand_built_rows():
+    """The first axis of points spread along x is x; projected distances never
+    exceed true ones; the routed search returns true distances to the best
+    candidates of each image, so a query whose projected-nearest row is not
+    its true nearest gets the true nearest once enough candidates are re-ranked."""
+    from stages.heads.knn import exact_distances
+    from stages.heads.routed_knn import nearest_per_image, principal_axes
+
+    pts = np.array([[-3.0, 0.1, 0.0], [-1.0, -0.1, 0.0], [1.0, -0.1, 0.0], [3.0, 0.1, 0.0]])  # x, y uncorrelated
+    mean, basis = principal_axes(pts, 1)
+    assert np.allclose(mean, 0) and np.allclose(basis[:, 0], [1, 0, 0], atol=1e-6)
+    rows = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, 5.0],   # image 0: row 1 is nearer in x only
+                         [0.4, 0.0, 0.0], [9.0, 0.0, 0.0]])  # image 1
+    offsets = np.array([0, 2, 4])
+    q = torch.tensor([[0.5, 0.0, 0.0]])
+    z = rows[:, :1]  # projection onto x (mean 0)
+    d2, idx = nearest_per_image(q[:, :1], z, (z * z).sum(1), offsets, np.array([0, 1]))
+    assert idx.tolist() == [[1, 2]]  # in projection: row 1 (x = 0.5) in image 0, row 2 (x = 0.4) in image 1
+    assert torch.allclose(d2 + (q[:, :1] ** 2).sum(1, keepdim=True), torch.tensor([[0.0, 0.01]]), atol=1e-6)
+    true = exact_distances(q, rows, idx)
+    assert torch.allclose(true, torch.tensor([[5.0, 0.1]]), atol=1e-6)  # rerank 2 finds the true nearest, 0.1
+    assert torch.allclose(true.amin(1), torch.cdist(q, rows).amin(1))
+    assert (np.linalg.norm((pts[:, None] - pts[None]) @ basis, axis=-1)
+            <= np.linalg.norm(pts[:, None] - pts[None], axis=-1) + 1e-6).all()

@@ -10,7 +10,7 @@ far fewer rows, in two steps that both follow the data:
   defect cannot find a "normal" match in a different class.
 * **Neighbour images** (SPADE's idea, Cohen and Hoshen 2020). Within that
   class, only the ``images`` training images nearest to the scored image form
-  its bank, searched exactly (faiss L2). ``images = 0`` searches the whole
+  its bank, searched exactly. ``images = 0`` searches the whole
   class bank (routing alone). "Nearest" is ``select``: ``cells`` (default)
   compares local appearance, each of the image's 4 x 4 cells (mean features of
   a 1/16 of the grid) matched to the most similar cell of the candidate, in
@@ -20,8 +20,19 @@ far fewer rows, in two steps that both follow the data:
   5.5 % mean patch-score excess over exact search at 16 images where ``mean``
   leaves 8.1 % (docs/RESULTS.md).
 
-Search is exact within the chosen rows, so scores are deterministic and equal
-to the knn head's whenever the true nearest patch lies in those images.
+* **Projected candidates, exact distances.** With ``project`` = d > 0 each
+  patch's nearest row in each chosen image is found in the rows' top-d
+  principal axes (fitted on a seeded sample of the bank at training), which
+  costs about d / C of a full search; the ``rerank`` best of these candidates
+  are then measured exactly in all C channels and the nearest true distance
+  is the patch's score. A score is
+  always the true distance to a real training patch (never below the exact
+  nearest-neighbour distance); the cost saved buys more neighbour images,
+  which lowers the error far more than the projection adds (training-side
+  table in docs/RESULTS.md). ``project = 0`` searches exactly in all channels.
+
+Scores are deterministic and equal to the knn head's whenever the true
+nearest patch lies in the chosen images (and, projected, among the candidates).
 """
 
 from __future__ import annotations
@@ -36,11 +47,12 @@ from cache.image_stream import cache_grid
 from core.errors import CladError
 from core.files import seeded
 from stages.heads.base import Head, TrainContext
-from stages.heads.knn import MemoryBank
+from stages.heads.knn import MemoryBank, exact_distances
 from stages.heads.registry import register_head
 from stages.labels import normal_maps
 from stages.routing import pairwise
 
+AXES_SAMPLE = 65536  # bank rows sampled (seeded) to fit the principal axes
 CELLS = 4  # cells per side of the local-appearance descriptor (4 x 4 = 16 cells per image)
 
 
@@ -51,6 +63,36 @@ def cell_descriptors(x: np.ndarray, grid: tuple[int, int], cells: int = CELLS) -
     h, w = grid
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).T.reshape(1, -1, h, w)
     return torch.nn.functional.adaptive_avg_pool2d(t, cells)[0].flatten(1).T.contiguous().numpy()
+
+
+def principal_axes(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[n, C]`` rows -> (mean ``[C]``, orthonormal basis ``[C, dims]``) of
+    their top ``dims`` principal axes (float32; sign fixed so the largest
+    entry of each axis is positive, for reproducible files). Projecting onto
+    an orthonormal basis never lengthens a difference, so projected distances
+    are lower bounds of true ones."""
+    x = sample.astype(np.float64)
+    mean = x.mean(0)
+    _, vectors = np.linalg.eigh(np.cov((x - mean).T))
+    basis = vectors[:, ::-1][:, :dims]
+    basis = basis * np.sign(basis[np.abs(basis).argmax(0), np.arange(basis.shape[1])])
+    return mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32)
+
+
+def nearest_per_image(q: torch.Tensor, space: torch.Tensor, sq: torch.Tensor, offsets: np.ndarray,
+                      images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[q, d]`` queries against each of ``images`` (row ranges
+    ``offsets[j]:offsets[j+1]`` of ``[M, d]`` ``space``, ``[M]`` squared norms
+    ``sq``) -> (``[q, n]`` squared distances minus |q|^2, ``[q, n]`` row
+    indices): each query's nearest row in each image. One small matrix
+    product per image, no gathered copy of the bank."""
+    d2 = torch.empty((len(q), len(images)))
+    idx = torch.empty((len(q), len(images)), dtype=torch.long)
+    for t, j in enumerate(images):
+        a, b = int(offsets[j]), int(offsets[j + 1])
+        v, i = torch.addmm(sq[a:b][None], q, space[a:b].T, alpha=-2).min(1)
+        d2[:, t], idx[:, t] = v, i + a
+    return d2, idx
 
 
 def cell_distance(query: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -67,15 +109,20 @@ def cell_distance(query: np.ndarray, bank: np.ndarray) -> np.ndarray:
 class RoutedKnnSettings:
     """Settings of the routed knn head (the same in every profile)."""
 
-    images: int = 16  # nearest training images searched per scored image; 0 = the whole class
+    images: int = 32  # nearest training images searched per scored image; 0 = the whole class
     route: bool = True  # search the image's own class only
     knn_k: int = 1
     select: str = "cells"  # how "nearest" images are found: cells (local appearance) | mean (mean feature)
+    project: int = 64  # principal axes of the candidate search; 0 = exact search in all channels
+    rerank: int = 4  # candidates per patch measured exactly (project > 0)
 
     def __post_init__(self) -> None:
         if self.images < 0 or self.knn_k < 1:
             raise CladError(f"train.images={self.images}, knn_k={self.knn_k}: need images >= 0 (0 = all) and "
                             "knn_k >= 1; fix config.toml or --set")
+        if self.project < 0 or self.rerank < 1:
+            raise CladError(f"train.project={self.project}, rerank={self.rerank}: need project >= 0 "
+                            "(0 = exact search) and rerank >= 1; fix config.toml or --set")
         if self.select not in ("cells", "mean"):
             raise CladError(f"train.select={self.select!r}: choose 'cells' or 'mean'; fix config.toml or --set")
 
@@ -88,19 +135,24 @@ class RoutedKnnHead(Head):
     settings_class = RoutedKnnSettings
     summary = "knn among the nearest training images of the image's own class (the recommended head)"
     reads = ("holdout", "seed")
-    added = {"select": "mean"}  # runs trained before cells existed selected by mean feature
+    added = {"select": "mean", "project": 0}  # what runs trained before these settings existed did
 
     def __init__(self, rows: np.ndarray, offsets: np.ndarray, desc: np.ndarray, desc_class: np.ndarray,
                  settings: RoutedKnnSettings, meta: dict[str, Any], image_ids: np.ndarray | None = None,
-                 cells: np.ndarray | None = None):
+                 cells: np.ndarray | None = None, axes: tuple[np.ndarray, np.ndarray] | None = None):
         self.rows = np.ascontiguousarray(rows, dtype=np.float32)  # [M, C]: every training image's normal rows
         self.offsets = offsets.astype(np.int64)  # [n + 1]: rows of training image j = rows[off[j]:off[j+1]]
         self.desc, self.desc_class = desc.astype(np.float32), desc_class.astype(np.int64)  # [n, C], [n]
         self.cells = cells  # [n, CELLS^2, C] float32 cell descriptors (select = cells), else None
         self.settings, self.meta, self.image_ids = settings, meta, image_ids
-        if settings.select == "cells" and cells is None:
-            raise CladError("routed_knn: select = cells but the checkpoint has no cell descriptors; "
+        if settings.select == "cells" and cells is None or settings.project and axes is None:
+            raise CladError("routed_knn: the checkpoint lacks what its settings need (cells or axes); "
                             "re-train with 'clad train WORK --restart'")
+        self.axes = axes  # (mean [C], basis [C, d]) of the candidate search, or None
+        self._rows = torch.from_numpy(self.rows)
+        # the search space: [M, d] projected rows (derived at load, not stored) or the rows themselves
+        self._space = torch.from_numpy((self.rows - axes[0]) @ axes[1]) if axes is not None else self._rows
+        self._space_sq = (self._space * self._space).sum(1)
 
     @classmethod
     def fit(cls, settings: RoutedKnnSettings, ctx: TrainContext) -> tuple[RoutedKnnHead, dict[str, Any]]:
@@ -111,11 +163,15 @@ class RoutedKnnHead(Head):
         desc = np.stack([maps[i].astype(np.float32).mean(0) for i in ids])
         grid = cache_grid(ctx.cache)
         cells = np.stack([cell_descriptors(maps[i], grid) for i in ids]) if settings.select == "cells" else None
+        axes = None
+        if settings.project:
+            sample = seeded(ctx.seed, "routed-axes").choice(len(rows), min(len(rows), AXES_SAMPLE), replace=False)
+            axes = principal_axes(rows[np.sort(sample)], min(settings.project, rows.shape[1]))
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "class_names": ctx.cache.class_names,
                 "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(rows), "grid": list(grid),
                 "settings": {"images": settings.images, "route": settings.route, "knn_k": settings.knn_k,
-                             "select": settings.select}}
-        head = cls(rows, offsets, desc, ctx.cache.image_class[ids], settings, meta, ids, cells)
+                             "select": settings.select, "project": settings.project, "rerank": settings.rerank}}
+        head = cls(rows, offsets, desc, ctx.cache.image_class[ids], settings, meta, ids, cells, axes)
         return head, {"history": [], "bank_rows": len(rows), "bank_images": len(ids)}
 
     def checkpoint(self) -> dict[str, Any]:
@@ -126,16 +182,19 @@ class RoutedKnnHead(Head):
             out["image_ids"] = torch.from_numpy(self.image_ids)
         if self.cells is not None:
             out["cells"] = torch.from_numpy(self.cells)
+        if self.axes is not None:
+            out["axes_mean"], out["axes_basis"] = torch.from_numpy(self.axes[0]), torch.from_numpy(self.axes[1])
         return out
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> RoutedKnnHead:
         meta = ckpt["meta"]
         ids, cells = ckpt.get("image_ids"), ckpt.get("cells")
+        axes = (ckpt["axes_mean"].numpy(), ckpt["axes_basis"].numpy()) if "axes_basis" in ckpt else None
         settings = RoutedKnnSettings(**{**cls.added, **meta["settings"]})
         return cls(ckpt["rows"].numpy(), ckpt["offsets"].numpy(), ckpt["descriptors"].numpy(),
                    ckpt["descriptor_class"].numpy(), settings, meta,
-                   ids.numpy() if ids is not None else None, cells.numpy() if cells is not None else None)
+                   ids.numpy() if ids is not None else None, cells.numpy() if cells is not None else None, axes)
 
     # -- scoring ------------------------------------------------------------------------
     def neighbour_images(self, x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -157,8 +216,15 @@ class RoutedKnnHead(Head):
     def _score_one(self, x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
         """``[H*W, C]`` -> ``[H*W]`` distances to the nearest rows of the chosen bank images."""
         chosen = np.sort(self.neighbour_images(x, allowed))
-        bank = np.concatenate([self.rows[self.offsets[j]:self.offsets[j + 1]] for j in chosen])
-        return MemoryBank(bank, self.settings.knn_k).score(torch.from_numpy(x)).numpy()
+        q = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.settings.knn_k > 1:
+            bank = np.concatenate([self.rows[self.offsets[j]:self.offsets[j + 1]] for j in chosen])
+            return MemoryBank(bank, self.settings.knn_k).score(q).numpy()
+        zq = (q - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if self.axes is not None else q
+        d2, idx = nearest_per_image(zq, self._space, self._space_sq, self.offsets, chosen)
+        r = min(self.settings.rerank if self.axes is not None else 1, len(chosen))
+        candidates = idx.gather(1, d2.topk(r, 1, largest=False).indices)  # [q, r]
+        return exact_distances(q, self._rows, candidates).amin(1).numpy()
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(maps.float().cpu().numpy())
