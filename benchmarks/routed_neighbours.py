@@ -47,36 +47,39 @@ def main() -> None:
                              [:a.per_class] for c in np.unique(head.desc_class)])
     projected = (head.axes, head._space, head._space_sq) if head.axes is not None else None
     exact_space = (None, head._rows, (head._rows * head._rows).sum(1))
-    cases = [(r, n, 0) for r in RULES for n in SETTINGS if n or r == RULES[0]]
-    if projected is not None:  # the run's candidate search (project, rerank) at the same image counts
-        cases += [("cells", n, head.settings.project) for n in SETTINGS if n]
-    scores: dict[tuple[str, int, int], list[np.ndarray]] = {c: [] for c in cases}
+    cases = [(r, n, 0, 0.0) for r in RULES for n in SETTINGS if n or r == RULES[0]]
+    if projected is not None:  # the run's candidate search (project, rerank), then with its refinement
+        cases += [("cells", n, head.settings.project, f) for f in sorted({0.0, head.settings.refine})
+                  for n in SETTINGS if n]
+    scores: dict[tuple[str, int, int, float], list[np.ndarray]] = {c: [] for c in cases}
     seconds = dict.fromkeys(cases, 0.0)
     base = head.settings
     for j in sample:
         x = head.rows[head.offsets[j]:head.offsets[j + 1]]
         allowed = np.ones(len(head.desc), bool)
         allowed[j] = False
-        for r, n, d in cases:
-            head.settings = dataclasses.replace(base, images=n, select=r, project=d)
+        for r, n, d, f in cases:
+            head.settings = dataclasses.replace(base, images=n, select=r, project=d, refine=f)
             head.axes, head._space, head._space_sq = projected if d else exact_space
             t0 = time.perf_counter()
-            scores[r, n, d].append(head._score_one(x, allowed))
-            seconds[r, n, d] += time.perf_counter() - t0
-    exact = np.stack(scores[RULES[0], 0, 0])
+            scores[r, n, d, f].append(head._score_one(x, allowed))
+            seconds[r, n, d, f] += time.perf_counter() - t0
+    exact = np.stack(scores[RULES[0], 0, 0, 0.0])
     rows = []
-    for r, n, d in cases:
-        s = np.stack(scores[r, n, d])
+    for r, n, d, f in cases:
+        s = np.stack(scores[r, n, d, f])
         patch = (s - exact) / np.maximum(exact, 1e-6)
         image = (s.max(1) - exact.max(1)) / np.maximum(exact.max(1), 1e-6)
         rows.append({"select": r if n else "-", "images": n or "all",
-                     "search": f"{d} axes, rerank {base.rerank}" if d else "exact",
+                     "search": f"{d} axes, rerank {base.rerank}" if d else "exact", "refine": f,
                      "patch_excess_mean_%": round(float(100 * patch.mean()), 2),
                      "patch_excess_p99_%": round(float(100 * np.quantile(patch, 0.99)), 1),
                      "patches_exact_%": round(float(100 * (patch <= 1e-6).mean()), 1),
                      "image_excess_mean_%": round(float(100 * image.mean()), 2),
                      "image_excess_max_%": round(float(100 * image.max()), 1),
-                     "ms_per_image": round(1000 * seconds[r, n, d] / len(sample), 1)})
+                     "top_5%_patches_excess_%": round(float(100 * patch[exact >= np.quantile(
+                         exact, 0.95, axis=1, keepdims=True)].mean()), 2),
+                     "ms_per_image": round(1000 * seconds[r, n, d, f] / len(sample), 1)})
         progress_row(rows[-1])
     report(f"routed_neighbours_{a.work.name}", rows, work=str(a.work), run=a.run, images=len(sample))
 

@@ -145,7 +145,7 @@ def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(se
     (by mean feature, or by 4 x 4 cells each matched to its most similar cell),
     computed here independently by brute force."""
     cfg = config_from_dict({"train": {"profile": "fast", "head": "routed_knn",
-                                      "routed_knn": {"images": 2, "select": select, "project": 0}}})
+                                      "routed_knn": {"images": 2, "select": select, "project": 0, "refine": 0.0}}})
     cfg = dataclasses.replace(cfg, data=load_config(extracted / "config.toml").data,
                               features=load_config(extracted / "config.toml").features)
     store = FeatureStore(extracted / "cache" / "train.zarr")
@@ -178,6 +178,14 @@ def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(se
         near = sorted(same, key=lambda j: nearness(i, j))[:2]
         bank = np.concatenate([train[j] for j in near]).astype(np.float64)
         expected = np.sqrt(((x[:, None, :] - bank[None]) ** 2).sum(-1)).min(1)
+        got = head.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
+        assert np.allclose(got, expected, rtol=1e-4, atol=1e-3)
+    # refine = 1: every patch searched again over the whole class -> exact knn within the class
+    head.settings = dataclasses.replace(head.settings, refine=1.0)
+    for i, m in held.items():
+        x = m.astype(np.float64)
+        bank = np.concatenate([train[j] for j in train if cache.image_class[j] == cache.image_class[i]])
+        expected = np.sqrt(((x[:, None, :] - bank.astype(np.float64)[None]) ** 2).sum(-1)).min(1)
         got = head.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
         assert np.allclose(got, expected, rtol=1e-4, atol=1e-3)
 

@@ -31,8 +31,14 @@ far fewer rows, in two steps that both follow the data:
   which lowers the error far more than the projection adds (training-side
   table in docs/RESULTS.md). ``project = 0`` searches exactly in all channels.
 
+* **Refinement.** The ``refine`` share (5 %) of each image's highest-scoring
+  patches, where false alarms and missed defects are decided, are searched
+  again over every training image of the class (same candidate search), so
+  the image score and the top of the map are (nearly) the class-exact ones.
+
 Scores are deterministic and equal to the knn head's whenever the true
-nearest patch lies in the chosen images (and, projected, among the candidates).
+nearest patch lies in the searched images (and, projected, among the
+candidates).
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class RoutedKnnSettings:
     select: str = "cells"  # how "nearest" images are found: cells (local appearance) | mean (mean feature)
     project: int = 64  # principal axes of the candidate search; 0 = exact search in all channels
     rerank: int = 4  # candidates per patch measured exactly (project > 0)
+    refine: float = 0.05  # share of each image's highest-scoring patches searched again over the whole class
 
     def __post_init__(self) -> None:
         if self.images < 0 or self.knn_k < 1:
@@ -123,6 +130,8 @@ class RoutedKnnSettings:
         if self.project < 0 or self.rerank < 1:
             raise CladError(f"train.project={self.project}, rerank={self.rerank}: need project >= 0 "
                             "(0 = exact search) and rerank >= 1; fix config.toml or --set")
+        if not 0 <= self.refine <= 1:
+            raise CladError(f"train.refine={self.refine}: need 0 <= refine <= 1; fix config.toml or --set")
         if self.select not in ("cells", "mean"):
             raise CladError(f"train.select={self.select!r}: choose 'cells' or 'mean'; fix config.toml or --set")
 
@@ -135,7 +144,7 @@ class RoutedKnnHead(Head):
     settings_class = RoutedKnnSettings
     summary = "knn among the nearest training images of the image's own class (the recommended head)"
     reads = ("holdout", "seed")
-    added = {"select": "mean", "project": 0}  # what runs trained before these settings existed did
+    added = {"select": "mean", "project": 0, "refine": 0.0}  # what runs trained before these settings existed did
 
     def __init__(self, rows: np.ndarray, offsets: np.ndarray, desc: np.ndarray, desc_class: np.ndarray,
                  settings: RoutedKnnSettings, meta: dict[str, Any], image_ids: np.ndarray | None = None,
@@ -170,7 +179,8 @@ class RoutedKnnHead(Head):
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "class_names": ctx.cache.class_names,
                 "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(rows), "grid": list(grid),
                 "settings": {"images": settings.images, "route": settings.route, "knn_k": settings.knn_k,
-                             "select": settings.select, "project": settings.project, "rerank": settings.rerank}}
+                             "select": settings.select, "project": settings.project, "rerank": settings.rerank,
+                             "refine": settings.refine}}
         head = cls(rows, offsets, desc, ctx.cache.image_class[ids], settings, meta, ids, cells, axes)
         return head, {"history": [], "bank_rows": len(rows), "bank_images": len(ids)}
 
@@ -197,10 +207,10 @@ class RoutedKnnHead(Head):
                    ids.numpy() if ids is not None else None, cells.numpy() if cells is not None else None, axes)
 
     # -- scoring ------------------------------------------------------------------------
-    def neighbour_images(self, x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """Indices of the bank images searched for one scored ``[H*W, C]`` map:
-        among ``allowed`` (bool per bank image), its class's (routing, by mean
-        feature) nearest ``images`` (by ``select``)."""
+    def class_images(self, x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The bank images of one scored ``[H*W, C]`` map's class (routing, by
+        mean feature), among ``allowed`` (bool per bank image), nearest first
+        (by ``select``; by mean feature where every one is searched anyway)."""
         d = pairwise(x.mean(0)[None], self.desc)[0]
         d[~allowed] = np.inf
         if self.settings.route:
@@ -210,21 +220,34 @@ class RoutedKnnHead(Head):
             cand = np.nonzero(np.isfinite(d))[0]
             d[cand] = cell_distance(cell_descriptors(x, tuple(self.meta["grid"])), self.cells[cand])
         order = np.argsort(d, kind="stable")
-        order = order[np.isfinite(d[order])]
-        return order[:self.settings.images] if self.settings.images else order
+        return order[np.isfinite(d[order])]
+
+    def _nearest(self, q: torch.Tensor, images: np.ndarray) -> torch.Tensor:
+        """``[q, C]`` -> ``[q]``: true distance to the nearest of each query's
+        candidates among ``images`` (its nearest row per image in the search
+        space; the ``rerank`` best of those in projection, the best in full)."""
+        zq = (q - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if self.axes is not None else q
+        d2, idx = nearest_per_image(zq, self._space, self._space_sq, self.offsets, images)
+        r = min(self.settings.rerank if self.axes is not None else 1, len(images))
+        candidates = idx.gather(1, d2.topk(r, 1, largest=False).indices)  # [q, r]
+        return exact_distances(q, self._rows, candidates).amin(1)
 
     def _score_one(self, x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-        """``[H*W, C]`` -> ``[H*W]`` distances to the nearest rows of the chosen bank images."""
-        chosen = np.sort(self.neighbour_images(x, allowed))
+        """``[H*W, C]`` -> ``[H*W]`` distances to the nearest rows of the chosen
+        bank images; the ``refine`` share of highest-scoring patches searched
+        again over every image of the class."""
         q = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        everyone = self.class_images(x, allowed)
+        chosen = np.sort(everyone[:self.settings.images] if self.settings.images else everyone)
         if self.settings.knn_k > 1:
             bank = np.concatenate([self.rows[self.offsets[j]:self.offsets[j + 1]] for j in chosen])
             return MemoryBank(bank, self.settings.knn_k).score(q).numpy()
-        zq = (q - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if self.axes is not None else q
-        d2, idx = nearest_per_image(zq, self._space, self._space_sq, self.offsets, chosen)
-        r = min(self.settings.rerank if self.axes is not None else 1, len(chosen))
-        candidates = idx.gather(1, d2.topk(r, 1, largest=False).indices)  # [q, r]
-        return exact_distances(q, self._rows, candidates).amin(1).numpy()
+        s = self._nearest(q, chosen)
+        top = int(round(self.settings.refine * len(q)))
+        if top and len(everyone) > len(chosen):
+            worst = s.topk(top).indices
+            s[worst] = torch.minimum(s[worst], self._nearest(q[worst], np.sort(everyone)))
+        return s.numpy()
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(maps.float().cpu().numpy())
