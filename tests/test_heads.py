@@ -227,3 +227,22 @@ def test_principal_axes_and_projected_candidates_on_hand_built_rows():
     assert torch.allclose(true.amin(1), torch.cdist(q, rows).amin(1))
     assert (np.linalg.norm((pts[:, None] - pts[None]) @ basis, axis=-1)
             <= np.linalg.norm(pts[:, None] - pts[None], axis=-1) + 1e-6).all()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_exact_search_kernel_equals_brute_force_across_blocks_and_query_chunks(k):
+    """``nearest_rows`` finds the k nearest rows exactly when both the rows
+    (blocks of 7) and the queries (chunks of 5) are split, and reports
+    directly computed distances, ascending (far from the origin, where the
+    |x|^2 - 2x.r + |r|^2 expansion alone loses digits)."""
+    from stages.heads.knn import MemoryBank, nearest_rows
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(40, 6, generator=g) + 100.0
+    x = torch.randn(12, 6, generator=g) + 100.0
+    d, idx = nearest_rows(x, rows, (rows * rows).sum(1), k, block=7, queries=5)
+    full = torch.cdist(x.double(), rows.double())
+    expected, expected_idx = full.sort(1)
+    assert torch.equal(idx, expected_idx[:, :k])
+    assert torch.allclose(d.double(), expected[:, :k], rtol=0, atol=1e-5)
+    assert torch.allclose(MemoryBank(rows.numpy(), k).score(x).double(), expected[:, :k].mean(1), atol=1e-5)
