@@ -117,7 +117,7 @@ class RoutedKnnSettings:
 
     images: int = 32  # nearest training images searched per scored image; 0 = the whole class
     route: bool = True  # search the image's own class only
-    knn_k: int = 1
+    knn_k: int = 1  # > 1: mean of the k nearest, by exact search among the chosen images (no projection, no refine)
     select: str = "cells"  # how "nearest" images are found: cells (local appearance) | mean (mean feature)
     project: int = 64  # principal axes of the candidate search; 0 = exact search in all channels
     rerank: int = 4  # candidates per patch measured exactly (project > 0)
@@ -138,7 +138,9 @@ class RoutedKnnSettings:
 
 @register_head
 class RoutedKnnHead(Head):
-    """Exact nearest-neighbour search among the scored image's nearest training images of its class."""
+    """Nearest-neighbour search among the scored image's nearest training
+    images of its class: projected candidates measured exactly, the
+    highest-scoring patches refined over the whole class (module docstring)."""
 
     name = "routed_knn"
     settings_class = RoutedKnnSettings
