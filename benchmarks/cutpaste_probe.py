@@ -28,38 +28,23 @@ from benchmarks.common import OUT_DIR, progress_row, report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
-from stages.data import load_image  # noqa: E402
-from stages.features import FeatureEncoder  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
 from stages.labels import holdout_images  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
-from stages.synthesis import cut_paste, foreground_mask, rng_for  # noqa: E402
+from stages.probe import build_probe  # noqa: E402
 
 VARIANTS = 4  # CutPaste and CutPaste-Scar images per held-out image, each
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 def probe_set(cfg: Config, cache: TrainCache) -> dict[str, dict[str, np.ndarray]]:
-    """Per class: held-out normal images and their CutPaste/Scar versions, encoded."""
+    """Per class: held-out normal images and their CutPaste/Scar versions, encoded
+    (``stages.probe.build_probe`` with ``VARIANTS`` versions of each kind)."""
     held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
-    paths = [p for s in range(cache.n_shards) for p in cache.store.open_shard(s).attrs["paths"]]
-    encoder = FeatureEncoder(cfg.features, torch.device("cpu"))
-    out: dict[str, dict[str, list]] = {}
-    for i in np.nonzero(held)[0]:
-        name = cache.class_names[int(cache.image_class[i])]
-        image = load_image(paths[i], cfg.features)
-        fg = foreground_mask(image, name in cfg.data.texture_classes)
-        images, masks = [image], [np.zeros(image.shape[:2], np.uint8)]
-        for v in range(2 * VARIANTS):
-            x, m = cut_paste(image, fg, rng_for(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
-            images.append(x)
-            masks.append(m)
-        d = out.setdefault(name, {"features": [], "masks": [], "images": images[:3]})  # drawn: the first
-        d["features"].append(encoder(np.stack(images)).astype(np.float32))
-        d["masks"] += masks
-    return {k: {"features": np.concatenate(v["features"]), "masks": np.stack(v["masks"]),
-                "images": np.stack(v["images"])} for k, v in out.items()}
+    p = build_probe(cfg, cache, held, torch.device("cpu"), VARIANTS)
+    return {k: {"features": p.features[k].astype(np.float32), "masks": p.masks[k], "images": p.examples[k]}
+            for k in p.features}
 
 
 def draw(sets: dict[str, dict[str, np.ndarray]], path: Path) -> None:

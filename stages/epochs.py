@@ -23,8 +23,9 @@ from stages.train_context import TrainContext
 @dataclass(frozen=True)
 class Phase:
     """One phase of training: ``epochs`` epochs; with ``select_best`` the model
-    with the best ``select_by`` value of this phase (higher is better) is kept and the
-    next phase starts from it with a fresh optimizer."""
+    with the best ``select_by`` value of this phase (higher is better) is kept:
+    the next phase starts from it with a fresh optimizer, and after the last
+    phase it is the trained model."""
 
     name: str
     epochs: int
@@ -94,10 +95,10 @@ class EpochLoop:
                 bar.update(1)
             bar.close()
             phase, epoch = phase + 1, 0
+            if ph.select_best and files.best(ph.name).is_file():  # the phase's selected model goes on
+                model.load_state_dict(torch.load(files.best(ph.name), map_location="cpu", weights_only=True)["model"])
             if ph.select_best and phase < len(self.phases):
-                if files.best(ph.name).is_file():
-                    model.load_state_dict(torch.load(files.best(ph.name), map_location="cpu",
-                                                     weights_only=True)["model"])
+                best = -1.0  # each phase selects among its own epochs
                 opt = make_optimizer(self.phases[phase])
                 save_torch_atomic(self._state(model, opt, phase, 0, best, history), files.latest)
         return history

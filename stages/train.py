@@ -18,6 +18,7 @@ from core.layout import RunFiles
 from core.settings import Config
 from stages.heads import Head, TrainContext, accepted_run_keys, head_class, run_key
 from stages.labels import holdout_images, image_labels
+from stages.probe import ProbeSet, ScoreMaps, load_or_build_probe, probe_metrics
 from stages.train_context import Log, MakeBar
 
 
@@ -30,8 +31,16 @@ def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch
         labels, n_labels = image_labels(cfg.data.labels, cache, t.pseudo_k, t.seed)
     else:
         labels, n_labels = cache.image_class.astype("int64"), len(cache.class_names)
+    built: list[ProbeSet | None] = []
+
+    def probe(score_maps: ScoreMaps) -> dict[str, float]:
+        if not built:  # encoded on first use, then kept (and on disk for the next run)
+            built.append(load_or_build_probe(cfg, cache, held, cache_key, device, log))
+        size = cfg.features.crop or cfg.features.resize
+        return probe_metrics(built[0], score_maps, size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
+
     return TrainContext(cache, held, labels, n_labels, t, cfg.features, device, files, cache_key, run_key(cfg),
-                        accepted_run_keys(cfg), log, make_bar)
+                        accepted_run_keys(cfg), log, make_bar, probe)
 
 
 def train_head(cfg: Config, ctx: TrainContext) -> tuple[Head, dict[str, Any]]:
@@ -39,6 +48,7 @@ def train_head(cfg: Config, ctx: TrainContext) -> tuple[Head, dict[str, Any]]:
     cls = head_class(cfg.train.head)
     head, summary = cls.fit(cfg.train.head_settings(), ctx)
     save_torch_atomic(head.checkpoint(), ctx.files.final)
+    summary["probe"] = ctx.probe(head.score_maps)  # the final model on the held-out probe
     summary.setdefault("labels", cfg.data.labels if cls.uses_labels else "classes")
     summary.setdefault("image_labels", ctx.labels.tolist())
     return head, summary

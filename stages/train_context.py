@@ -37,6 +37,8 @@ class TrainContext:
     accepted_keys: tuple[str, ...]  # run keys a resumable checkpoint may carry (this one, older spellings)
     log: Log
     make_bar: MakeBar
+    # the held-out probe (stages.probe): score_maps -> probe metrics; NaN metrics where there is none
+    probe: Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, float]] = lambda _score: {}
 
     @property
     def seed(self) -> int:

@@ -200,8 +200,10 @@ class _Trainer:
     def phases(self) -> list[tuple[Phase, int]]:
         out = []
         if self.t.use_contrastive and self.t.epochs_contrastive > 0:
-            out.append((Phase("contrastive", self.t.epochs_contrastive, select_best=True), self.t.batch_contrastive))
-        out.append((Phase("finetune", self.t.epochs_finetune), self.t.batch_finetune))
+            out.append((Phase("contrastive", self.t.epochs_contrastive, select_best=True, select_by="probe_pixel"),
+                        self.t.batch_contrastive))
+        out.append((Phase("finetune", self.t.epochs_finetune, select_best=True, select_by="probe_pixel"),
+                    self.t.batch_finetune))
         return out
 
     def optimizer(self, _phase: Phase) -> torch.optim.Optimizer:
@@ -266,6 +268,15 @@ class _Trainer:
         y = np.r_[np.zeros(len(normal)), np.ones(len(anomaly))]
         return float(roc_auc_score(y, s.numpy()))
 
+    @torch.no_grad()
+    def probe_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """``[n, H*W, C]`` -> ``[n, H*W]`` discriminator scores (eval mode), for the probe."""
+        self.model.eval()
+        n, hw, c = maps.shape
+        s = score_in_chunks(self.model.score, maps.reshape(-1, c), self.device).reshape(n, hw)
+        self.model.train()
+        return s
+
     # -- the loop ---------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         phases = self.phases()
@@ -291,8 +302,9 @@ class _Trainer:
                     sums[k] = sums.get(k, 0.0) + v.item()
                 rows += len(b.normal) + len(b.anomaly) + (len(b.normal) // 2 if self.t.use_gas else 0)
             n_b = st.batches_per_epoch
+            rate = rows / (time.perf_counter() - t0)
             return {**{k: v / n_b for k, v in sums.items()}, "val_auroc": self.validate(),
-                    "rows_per_s": rows / (time.perf_counter() - t0)}
+                    **self.ctx.probe(self.probe_scores), "rows_per_s": rate}
 
         loop = EpochLoop(self.ctx, [ph for ph, _ in phases])
         return loop.run(self.model, self.optimizer, run_epoch, on_phase)

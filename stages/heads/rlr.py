@@ -186,10 +186,14 @@ class RlrHead(Head):
                 for name, v in losses.items():
                     sums[name] = sums.get(name, 0.0) + v.item()
                 n_img += len(b.maps)
+            rate = n_img / (time.perf_counter() - t0)
+            model.eval()
+            probe = ctx.probe(head.score_maps)
+            model.train()
             return {**{k: v / stream.batches_per_epoch for k, v in sums.items()}, "val_error": validate(),
-                    "images_per_s": n_img / (time.perf_counter() - t0)}
+                    **probe, "images_per_s": rate}
 
-        loop = EpochLoop(ctx, [Phase("reconstruct", t.epochs)])
+        loop = EpochLoop(ctx, [Phase("reconstruct", t.epochs, select_best=True, select_by="probe_pixel")])
         with deterministic_kernels():
             history = loop.run(model, make_optimizer, run_epoch, on_phase)
         model.eval()

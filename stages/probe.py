@@ -1,0 +1,131 @@
+"""The held-out structural probe: every head's validation without test labels.
+
+The training synthesis (LAS textures, GAS perturbations) cannot judge a head
+that learned it: held-out LAS rows ranked CLAD runs backwards (docs/RESULTS.md).
+The probe makes anomalies of a kind no head trains on: CutPaste and
+CutPaste-Scar (a piece of the same image moved onto its foreground;
+``stages.synthesis.cut_paste``) on the run's held-out training images, which
+are themselves the probe's normal images. Its features are computed once per
+held-out split with the extraction backbone and kept beside the cache
+(``WORK/cache/probe/<key>.pt``), so a second run or head with the same split
+never encodes them again. A head scores the probe exactly as ``clad
+evaluate`` scores the test set (maps, image score = max, pixel metrics);
+``probe_pixel`` (mean of pixel AUROC and AUPRO) is the selector: on the
+heads table the probe's pixel metrics ranked runs as the test set did
+(Spearman rho = 1 on the built-in and six-class models), its image AUROC did
+not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache.stream import TrainCache
+from core.errors import CladError
+from core.files import save_torch_atomic
+from core.settings import Config, settings_hash
+from stages.maps import anomaly_maps, image_scores
+from stages.metrics import class_metrics
+
+VARIANTS = 2  # CutPaste and CutPaste-Scar versions per held-out image, each
+PROBE_VERSION = 1  # bump when the probe's images change
+ScoreMaps = Callable[[torch.Tensor], torch.Tensor]  # [n, H*W, C] -> [n, H*W]
+
+
+@dataclass
+class ProbeSet:
+    """Per class: ``features`` ``[n, H*W, C]`` float16 (held-out normal images
+    and their synthetic versions) and ``masks`` ``[n, S, S]`` uint8."""
+
+    features: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    examples: dict[str, np.ndarray] | None = None  # per class [3, S, S, 3]: normal, CutPaste, Scar (pictures)
+
+
+def probe_key(cache_key: str, held_ids: list[str], seed: int) -> str:
+    """The probe's file name: the cache (backbone, sizes), the held-out images
+    and the seed of their synthetic versions."""
+    return settings_hash({"cache": cache_key, "held": held_ids, "seed": seed, "variants": VARIANTS,
+                          "version": PROBE_VERSION})
+
+
+def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
+                variants: int = VARIANTS) -> ProbeSet:
+    """Encode the held-out images and ``2 x variants`` CutPaste/Scar versions of each."""
+    from stages.data import load_image
+    from stages.features import FeatureEncoder
+    from stages.synthesis import cut_paste, foreground_mask, rng_for
+
+    paths = [p for s in range(cache.n_shards) for p in cache.store.open_shard(s).attrs["paths"]]
+    encoder = FeatureEncoder(cfg.features, device)
+    feats: dict[str, list[np.ndarray]] = {}
+    masks: dict[str, list[np.ndarray]] = {}
+    examples: dict[str, np.ndarray] = {}
+    for i in np.nonzero(held)[0]:
+        name = cache.class_names[int(cache.image_class[i])]
+        image = load_image(paths[i], cfg.features)
+        fg = foreground_mask(image, name in cfg.data.texture_classes)
+        images, ms = [image], [np.zeros(image.shape[:2], np.uint8)]
+        for v in range(2 * variants):
+            x, m = cut_paste(image, fg, rng_for(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
+            images.append(x)
+            ms.append(m.astype(np.uint8))
+        feats.setdefault(name, []).append(encoder(np.stack(images)).astype(np.float16))
+        masks.setdefault(name, []).extend(ms)
+        examples.setdefault(name, np.stack(images[:3]))
+    return ProbeSet({k: np.concatenate(v) for k, v in feats.items()}, {k: np.stack(v) for k, v in masks.items()},
+                    examples)
+
+
+def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_key: str, device: torch.device,
+                        log: Callable[[str], None]) -> ProbeSet | None:
+    """The probe of this held-out split, from ``WORK/cache/probe/`` or built
+    (and written atomically) on first use; None without held-out images."""
+    if not held.any():
+        return None
+    ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
+    key = probe_key(cache_key, ids, cfg.train.seed)
+    path = Path(cache.store.path).parent / "probe" / f"{key}.pt"
+    if path.is_file():
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            return ProbeSet({k: v.numpy() for k, v in d["features"].items()},
+                            {k: v.numpy() for k, v in d["masks"].items()})
+        except Exception:  # noqa: BLE001 - a damaged file is rebuilt
+            log(f"probe: {path} unreadable; building it again")
+    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS} CutPaste/Scar versions of each")
+    try:
+        probe = build_probe(cfg, cache, held, device)
+    except (OSError, CladError) as exc:  # the images moved since extraction: train on, unvalidated
+        log(f"probe: {exc}; training without the probe (each phase keeps its last epoch)")
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_torch_atomic({"features": {k: torch.from_numpy(v) for k, v in probe.features.items()},
+                       "masks": {k: torch.from_numpy(v) for k, v in probe.masks.items()}}, path)
+    return probe
+
+
+def probe_metrics(probe: ProbeSet | None, score_maps: ScoreMaps, size: int, sigma: float,
+                  fpr_limit: float) -> dict[str, float]:
+    """Mean over classes of the probe's image AUROC, pixel AUROC and AUPRO for
+    one scoring function, and ``probe_pixel`` = mean of the two pixel
+    metrics (NaN everywhere without a probe)."""
+    keys = ("image_auroc", "pixel_auroc", "aupro")
+    if probe is None:
+        return {f"probe_{k}": float("nan") for k in (*keys, "pixel")}
+    per_class = []
+    for name, x in probe.features.items():
+        with torch.no_grad():
+            s = score_maps(torch.from_numpy(x.astype(np.float32)))
+        maps = anomaly_maps(s, size, sigma)
+        m = probe.masks[name]
+        labels = (m.reshape(len(m), -1).max(1) > 0).astype(int)
+        per_class.append(class_metrics(labels, image_scores(maps), maps, m, fpr_limit))
+    out = {f"probe_{k}": float(np.mean([c[k] for c in per_class])) for k in keys}
+    out["probe_pixel"] = (out["probe_pixel_auroc"] + out["probe_aupro"]) / 2
+    return out

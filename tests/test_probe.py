@@ -1,0 +1,84 @@
+"""The held-out probe's metrics and the epoch loop's selection by it, on hand-built cases."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import numpy as np
+import torch
+
+from core.layout import RunFiles
+from stages.epochs import EpochLoop, Phase
+from stages.probe import ProbeSet, probe_metrics
+
+
+class _Bar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_probe_metrics_score_a_hand_built_probe_as_evaluate_would():
+    """One class: a normal map (all 0) and one whose 2 x 2 patch block is 1,
+    with the defect mask on that block's pixels; the score is channel 0.
+    Image AUROC is 1, pixel AUROC near 1 (bilinear edges), and probe_pixel
+    is the mean of pixel AUROC and AUPRO; no probe gives NaN."""
+    f = np.zeros((2, 16, 3), np.float16)
+    f[1, [5, 6, 9, 10], 0] = 1.0  # rows 1-2, columns 1-2 of a 4 x 4 grid
+    masks = np.zeros((2, 16, 16), np.uint8)
+    masks[1, 4:12, 4:12] = 1
+    probe = ProbeSet({"a": f}, {"a": masks})
+    m = probe_metrics(probe, lambda x: x[..., 0], size=16, sigma=0.0, fpr_limit=0.3)
+    assert m["probe_image_auroc"] == 1.0
+    assert m["probe_pixel_auroc"] > 0.95
+    assert math.isclose(m["probe_pixel"], (m["probe_pixel_auroc"] + m["probe_aupro"]) / 2)
+    assert all(math.isnan(v) for v in probe_metrics(None, lambda x: x[..., 0], 16, 0.0, 0.3).values())
+
+
+def test_every_selecting_phase_keeps_its_best_epoch_the_last_one_included(tmp_path):
+    """Two selecting phases with probe values (0.1, 0.9, 0.3) and (0.5, 0.2):
+    the second phase starts from epoch 1's weights, and the trained model is
+    the second phase's epoch 0 (each phase selects among its own epochs)."""
+    files = RunFiles(tmp_path / "run")
+    files.root.mkdir(parents=True)
+    ctx = types.SimpleNamespace(files=files, seed=0, cache_key="c", run_key="r", accepted_keys=("r",),
+                                log=lambda m: None, make_bar=lambda *a: _Bar())
+    model = torch.nn.Linear(1, 1, bias=False)
+    values = {"a": [0.1, 0.9, 0.3], "b": [0.5, 0.2]}
+    start_of_b = []
+
+    def run_epoch(_i, ph, epoch, _opt):
+        if ph.name == "b" and epoch == 0:
+            start_of_b.append(float(model.weight.detach()))
+        with torch.no_grad():
+            model.weight.fill_(10 * (ph.name == "b") + epoch)  # the weight names the epoch
+        return {"probe_pixel": values[ph.name][epoch]}
+
+    loop = EpochLoop(ctx, [Phase("a", 3, True, "probe_pixel"), Phase("b", 2, True, "probe_pixel")])
+    history = loop.run(model, lambda ph: torch.optim.SGD(model.parameters(), lr=0.0), run_epoch)
+    assert [h["probe_pixel"] for h in history] == [0.1, 0.9, 0.3, 0.5, 0.2]
+    assert start_of_b == [1.0]
+    assert float(model.weight.detach()) == 10.0
+
+
+def test_missing_held_out_images_leave_training_unvalidated_not_failed(tmp_path):
+    """Images moved after extraction: the probe cannot be built; training
+    goes on with NaN probe metrics and one line saying so."""
+    from pipeline.config import config_from_dict
+    from stages.probe import load_or_build_probe
+
+    shard = types.SimpleNamespace(attrs={"paths": [str(tmp_path / "gone.png")]})
+    store = types.SimpleNamespace(path=tmp_path / "cache" / "train.zarr", open_shard=lambda s: shard)
+    cache = types.SimpleNamespace(n_shards=1, store=store, class_names=["a"], image_class=np.array([0]),
+                                  image_ids=["a/gone.png"])
+    lines: list[str] = []
+    probe = load_or_build_probe(config_from_dict({}), cache, np.array([True]), "k", torch.device("cpu"),
+                                lines.append)
+    assert probe is None
+    assert "training without the probe" in lines[-1] and "gone.png" in lines[-1]
