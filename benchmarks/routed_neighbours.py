@@ -45,10 +45,8 @@ def main() -> None:
         raise SystemExit(f"{a.run}: not a routed_knn run with select = cells (train one: --head routed_knn)")
     sample = np.concatenate([seeded(0, "routed-neighbours", int(c)).permutation(np.nonzero(head.desc_class == c)[0])
                              [:a.per_class] for c in np.unique(head.desc_class)])
-    projected = (head.axes, head._space, head._space_sq) if head.axes is not None else None
-    exact_space = (None, head._rows, (head._rows * head._rows).sum(1))
     cases = [(r, n, 0, 0.0) for r in RULES for n in SETTINGS if n or r == RULES[0]]
-    if projected is not None:  # the run's candidate search (project, rerank), then with its refinement
+    if head.settings.project:  # the run's candidate search (project, rerank), then with its refinement
         cases += [("cells", n, head.settings.project, f) for f in sorted({0.0, head.settings.refine})
                   for n in SETTINGS if n]
     scores: dict[tuple[str, int, int, float], list[np.ndarray]] = {c: [] for c in cases}
@@ -60,7 +58,6 @@ def main() -> None:
         allowed[j] = False
         for r, n, d, f in cases:
             head.settings = dataclasses.replace(base, images=n, select=r, project=d, refine=f)
-            head.axes, head._space, head._space_sq = projected if d else exact_space
             t0 = time.perf_counter()
             scores[r, n, d, f].append(head._score_one(x, allowed))
             seconds[r, n, d, f] += time.perf_counter() - t0

@@ -7,6 +7,7 @@ head fit, and writes its final checkpoint atomically.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -31,13 +32,13 @@ def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch
         labels, n_labels = image_labels(cfg.data.labels, cache, t.pseudo_k, t.seed)
     else:
         labels, n_labels = cache.image_class.astype("int64"), len(cache.class_names)
-    built: list[ProbeSet | None] = []
+    @functools.cache
+    def probe_set() -> ProbeSet | None:  # encoded on first use, then kept (and on disk for the next run)
+        return load_or_build_probe(cfg, cache, held, cache_key, device, log)
 
     def probe(score_maps: ScoreMaps) -> dict[str, float]:
-        if not built:  # encoded on first use, then kept (and on disk for the next run)
-            built.append(load_or_build_probe(cfg, cache, held, cache_key, device, log))
         size = cfg.features.crop or cfg.features.resize
-        return probe_metrics(built[0], score_maps, size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
+        return probe_metrics(probe_set(), score_maps, size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
 
     return TrainContext(cache, held, labels, n_labels, t, cfg.features, device, files, cache_key, run_key(cfg),
                         accepted_run_keys(cfg), log, make_bar, probe)

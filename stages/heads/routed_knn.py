@@ -106,9 +106,9 @@ def cell_distance(query: np.ndarray, bank: np.ndarray) -> np.ndarray:
     mean over query cells of the distance to the image's most similar cell
     (position-free: a cell may match any cell of the other image)."""
     n, kb, c = bank.shape
-    q, b = torch.from_numpy(query.astype(np.float32)), torch.from_numpy(bank.reshape(n * kb, c).astype(np.float32))
-    d2 = (q * q).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * q @ b.T  # [k, n * k']
-    return d2.clamp_min_(0).sqrt_().reshape(len(q), n, kb).amin(2).mean(0).double().numpy()
+    d = torch.cdist(torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)),
+                    torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).reshape(n * kb, c))
+    return d.reshape(len(query), n, kb).amin(2).mean(0).double().numpy()
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,16 @@ class RoutedKnnHead(Head):
                             "re-train with 'clad train WORK --restart'")
         self.axes = axes  # (mean [C], basis [C, d]) of the candidate search, or None
         self._rows = torch.from_numpy(self.rows)
-        # the search space: [M, d] projected rows (derived at load, not stored) or the rows themselves
-        self._space = torch.from_numpy((self.rows - axes[0]) @ axes[1]) if axes is not None else self._rows
-        self._space_sq = (self._space * self._space).sum(1)
+        self._spaces: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # projected? -> (rows, squared norms)
+
+    def _space(self, projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search space's ``[M, d]`` rows and ``[M]`` squared norms: the
+        rows in the principal axes (derived once, not stored in the
+        checkpoint) or the rows themselves."""
+        if projected not in self._spaces:
+            z = torch.from_numpy((self.rows - self.axes[0]) @ self.axes[1]) if projected else self._rows
+            self._spaces[projected] = (z, (z * z).sum(1))
+        return self._spaces[projected]
 
     @classmethod
     def fit(cls, settings: RoutedKnnSettings, ctx: TrainContext) -> tuple[RoutedKnnHead, dict[str, Any]]:
@@ -228,9 +235,10 @@ class RoutedKnnHead(Head):
         """``[q, C]`` -> ``[q]``: true distance to the nearest of each query's
         candidates among ``images`` (its nearest row per image in the search
         space; the ``rerank`` best of those in projection, the best in full)."""
-        zq = (q - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if self.axes is not None else q
-        d2, idx = nearest_per_image(zq, self._space, self._space_sq, self.offsets, images)
-        r = min(self.settings.rerank if self.axes is not None else 1, len(images))
+        projected = bool(self.settings.project)
+        zq = (q - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if projected else q
+        d2, idx = nearest_per_image(zq, *self._space(projected), self.offsets, images)
+        r = min(self.settings.rerank if projected else 1, len(images))
         candidates = idx.gather(1, d2.topk(r, 1, largest=False).indices)  # [q, r]
         return exact_distances(q, self._rows, candidates).amin(1)
 
