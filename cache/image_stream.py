@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cache.stream import TrainCache, prefetched
+from cache.stream import TrainCache, interleaved_order, prefetched
 from core.errors import CladError
 from core.files import seeded
 
@@ -130,7 +130,8 @@ class ImageStream:
 
     def __init__(self, cache: TrainCache, batch_images: int, seed: int, excluded_images: np.ndarray,
                  image_labels: np.ndarray | None = None, balanced: bool = False,
-                 device: torch.device | None = None, prefetch: int = 2, window: int = 4):
+                 device: torch.device | None = None, prefetch: int = 2, window: int = 4,
+                 mix_classes: bool = False):
         if batch_images < 1:
             raise CladError(f"batch_images={batch_images}: must be >= 1")
         self.cache = cache
@@ -145,6 +146,7 @@ class ImageStream:
         self.device = device or torch.device("cpu")
         self.prefetch = max(1, prefetch)
         self.window = max(1, window)
+        self.mix_classes = mix_classes  # windows spread over the classes (cache.stream.interleaved_order)
         self.n_images = int((~self.excluded).sum())
         if self.n_images == 0:
             raise CladError("every train image is excluded: nothing to stream")
@@ -158,7 +160,11 @@ class ImageStream:
 
     # -- producer ---------------------------------------------------------------
     def _pools(self, epoch: int) -> Iterator[tuple[dict[int, np.ndarray], int]]:
-        order = seeded(self.seed, "image-shards", epoch).permutation(self.cache.n_shards)
+        rng = seeded(self.seed, "image-shards", epoch)
+        if self.mix_classes:
+            order = interleaved_order(self.cache.image_class[self.cache.image_offsets[:-1]], rng)
+        else:
+            order = rng.permutation(self.cache.n_shards)
         for w in range(0, len(order), self.window):
             maps: dict[int, np.ndarray] = {}
             for shard in order[w:w + self.window]:

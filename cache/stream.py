@@ -88,15 +88,34 @@ def scaled_share(n_anomaly: int, n_normal: int, asked_normal: int) -> int:
     return max(1, n_anomaly * n_normal // max(asked_normal, 1))
 
 
+def interleaved_order(shard_class: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Shard indices ordered so that every class's shards are spread evenly.
+
+    Shards hold one class each; read in a plain permutation, a window of a
+    few shards (and so every batch cut from it) often holds one or two
+    classes, and batch-norm statistics and the contrastive loss's negatives
+    follow whichever classes came last. Here each class's shards are shuffled
+    and the j-th of a class's n shards is placed at (j + u) / n, u ~ U(0, 1):
+    consecutive shards come from different classes, a class of many shards
+    and one of few alike. ``shard_class`` ``[n_shards]`` int -> ``[n_shards]``.
+    """
+    keys = np.empty(len(shard_class))
+    for c in np.unique(shard_class):
+        idx = rng.permutation(np.nonzero(shard_class == c)[0])
+        keys[idx] = (np.arange(len(idx)) + rng.random(len(idx))) / len(idx)
+    return np.argsort(keys, kind="stable")
+
+
 class BatchStream:
     """Reproducible batches of exactly ``n_normal`` + ``n_anomaly`` rows."""
 
     def __init__(self, cache: TrainCache, n_normal: int, n_anomaly: int, seed: int,
                  excluded_images: np.ndarray, window: int = 4, device: torch.device | None = None,
-                 prefetch: int = 2):
+                 prefetch: int = 2, mix_classes: bool = False):
         self.cache = cache
         self.seed = seed
         self.window = max(1, window)
+        self.mix_classes = mix_classes
         self.device = device or torch.device("cpu")
         self.prefetch = prefetch
         self.excluded = excluded_images  # bool per global image
@@ -107,8 +126,17 @@ class BatchStream:
         self.batches_per_epoch = max(1, self.total_normal // max(self.n_normal, 1))
 
     # -- producer ---------------------------------------------------------------
+    def shard_order(self, epoch: int) -> np.ndarray:
+        """The epoch's shard order: a seeded permutation, or with ``mix_classes``
+        each class's shards spread evenly over the epoch (``interleaved_order``)."""
+        rng = seeded(self.seed, "shards", epoch)
+        if not self.mix_classes:
+            return rng.permutation(self.cache.n_shards)
+        first = self.cache.image_offsets[:-1]
+        return interleaved_order(self.cache.image_class[first], rng)
+
     def _windows(self, epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.random.Generator]]:
-        order = seeded(self.seed, "shards", epoch).permutation(self.cache.n_shards)
+        order = self.shard_order(epoch)
         for w in range(0, len(order), self.window):
             normal, n_img, anom, pair, beta = [], [], [], [], []
             for shard in order[w:w + self.window]:

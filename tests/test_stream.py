@@ -84,3 +84,50 @@ def test_greedy_coreset_picks_far_apart_rows():
     clusters = np.concatenate([rng.normal(c, 0.01, (200, 8)) for c in (0.0, 5.0, 10.0)]).astype(np.float32)
     idx = greedy_coreset(clusters, 3, seed=0, proj_dim=8)
     assert sorted(set(i // 200 for i in idx)) == [0, 1, 2]  # one row from each cluster
+
+
+def test_interleaved_order_spreads_every_class_over_the_epoch():
+    from cache.stream import interleaved_order
+
+    # two classes of 5 shards each: the j-th shard of each class has its key in [j/5, (j+1)/5),
+    # so every consecutive pair of the order (positions 2j, 2j+1) holds one shard of each class
+    shard_class = np.array([0] * 5 + [1] * 5)
+    plain_fails = 0
+    for seed in range(20):
+        order = interleaved_order(shard_class, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == list(range(10))
+        pairs = shard_class[order].reshape(5, 2)
+        assert (pairs.sum(1) == 1).all()
+        plain = shard_class[np.random.default_rng(seed).permutation(10)].reshape(5, 2)
+        plain_fails += int(not (plain.sum(1) == 1).all())
+    assert plain_fails > 0  # a plain permutation does not have that property
+    # unequal classes (6, 3, 1 shards): each class is still once per 1/n of the epoch
+    shard_class = np.array([0] * 6 + [1] * 3 + [2])
+    order = interleaved_order(shard_class, np.random.default_rng(3))
+    cls = shard_class[order]
+    assert all(len(set(cls[w:w + 4].tolist())) >= 2 for w in range(7))
+
+
+def test_mixed_stream_batches_hold_several_classes(extracted):
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    held = holdout_images(cache, 0.2, 0)
+    mixed = BatchStream(cache, 300, 100, 0, held, window=2, mix_classes=True)
+    classes = [set(cache.image_class[b.normal_image.numpy()].tolist()) for b in mixed.epoch(0)]
+    assert len(classes) > 3 and all(len(c) == 2 for c in classes)  # every window: one shard of each class
+
+
+def test_class_nn_distances_equal_brute_force_per_class(extracted):
+    from stages.heads.clad import class_nn_distances
+    from stages.labels import normal_maps
+
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    held = holdout_images(cache, 0.2, 0)
+    got = class_nn_distances(cache, held, seed=0)
+    assert got.shape == (2,)
+    for c in range(2):
+        q = np.concatenate(list(normal_maps(cache, held & (cache.image_class == c)).values())).astype(np.float64)
+        bank = np.concatenate(list(normal_maps(cache, ~held & (cache.image_class == c)).values())).astype(np.float64)
+        d2 = (q * q).sum(1)[:, None] + (bank * bank).sum(1)[None] - 2 * q @ bank.T
+        want = np.median(np.sqrt(np.maximum(d2.min(1), 0)))
+        assert abs(got[c] - want) < 1e-3 * want
+    assert abs(got[0] - got[1]) > 0.05 * got.max()  # the two classes (a texture, an object) differ
