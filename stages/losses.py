@@ -168,8 +168,40 @@ def gas_ascent_loss(score: torch.Tensor) -> torch.Tensor:
     return F.softplus(-score).mean()
 
 
-def project_shell(x_g: torch.Tensor, x: torch.Tensor, r1: float, r2: float) -> torch.Tensor:
-    """Project ``x_g`` so that ``r1 <= ||x_g - x|| <= r2`` per row (GLASS manifold mode)."""
+def project_shell(x_g: torch.Tensor, x: torch.Tensor, r1: float | torch.Tensor,
+                  r2: float | torch.Tensor) -> torch.Tensor:
+    """Project ``x_g`` so that ``r1 <= ||x_g - x|| <= r2`` per row (GLASS manifold mode).
+
+    ``r1``, ``r2``: floats, or ``[B, 1]`` tensors (a radius per row, e.g. per class).
+    """
     h = x_g - x
     norm = h.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return x + h * (norm.clamp(r1, r2) / norm)
+
+
+def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.Tensor, noise: float | torch.Tensor,
+                     eta: float | torch.Tensor, steps: int, project_every: int, bn: str = "eval") -> torch.Tensor:
+    """GAS (GLASS manifold mode): ``x`` ``[B, C]`` normal rows -> ``[B, C]`` synthetic
+    rows with ``r1 <= ||x_g - x|| <= 2 r1``: Gaussian noise, ``steps`` normalised
+    gradient-ascent steps of size ``eta`` on ``gas_ascent_loss`` (toward "looks
+    normal": hard negatives), projected every ``project_every`` steps and at the end.
+
+    ``model(x)[2]`` is the raw anomaly score. ``r1``, ``noise``, ``eta``: floats
+    or ``[B, 1]`` tensors (per-row radii). ``bn = "eval"``: the ascent's
+    forwards use batch norm's running statistics (what evaluation uses) and
+    leave them alone; ``"train"`` (GLASS) normalises with the perturbed rows'
+    own batch statistics and moves the running ones toward them at every
+    step. The model is left in train mode.
+    """
+    r2 = 2 * r1
+    if bn == "eval":
+        model.eval()
+    x_g = x + noise * torch.randn_like(x)
+    for step in range(1, steps + 1):
+        x_g = x_g.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(gas_ascent_loss(model(x_g)[2]), x_g)
+        x_g = x_g + eta * grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
+        if step % project_every == 0 or step == steps:
+            x_g = project_shell(x_g, x, r1, r2)
+    model.train()
+    return project_shell(x_g.detach(), x, r1, r2)

@@ -88,3 +88,33 @@ def test_project_shell_bounds():
     x_g = torch.tensor([[0.1, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0.7, 0]])
     norms = (project_shell(x_g, x, 0.5, 1.0) - x).norm(dim=1)
     assert torch.allclose(norms, torch.tensor([0.5, 1.0, 0.7]))
+
+
+def test_project_shell_takes_a_radius_per_row():
+    x = torch.zeros(3, 4)
+    x_g = torch.tensor([[0.1, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0.7, 0]])
+    r1 = torch.tensor([[0.5], [0.2], [1.0]])
+    norms = (project_shell(x_g, x, r1, 2 * r1) - x).norm(dim=1)
+    assert torch.allclose(norms, torch.tensor([0.5, 0.4, 1.0]))
+
+
+def test_global_synthesis_keeps_the_shell_and_leaves_batch_norm_alone_in_eval_mode():
+    from stages.heads.clad import CladModel
+    from stages.losses import global_synthesis
+
+    torch.manual_seed(0)
+    model = CladModel(16, 2, (32, 8), 32)
+    model.train()
+    model(torch.randn(64, 16) * 3 + 1)  # running statistics away from their initial values
+    before = [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    x = torch.randn(40, 16)
+    r1 = torch.linspace(0.5, 2.0, 40)[:, None]
+    x_g = global_synthesis(model, x, r1, r1 / 4, 0.1 * r1, steps=4, project_every=2, bn="eval")
+    d = (x_g - x).norm(dim=1, keepdim=True)
+    assert (d >= r1 - 1e-5).all() and (d <= 2 * r1 + 1e-5).all()
+    after = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert model.training  # handed back in train mode
+    global_synthesis(model, x, r1, r1 / 4, 0.1 * r1, steps=4, project_every=2, bn="train")
+    moved = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert not all(torch.equal(a, b) for a, b in zip(before, moved, strict=True))  # GLASS' way moves them
