@@ -30,8 +30,7 @@ from stages.labels import held_out_rows
 from stages.losses import (
     classification_loss,
     contrastive_loss,
-    gas_ascent_loss,
-    project_shell,
+    global_synthesis,
     score_loss,
     variance_loss,
 )
@@ -68,10 +67,17 @@ class CladSettings:
     use_gas: bool = True
     use_las: bool = True
     window_shards: int = 4
+    mix_classes: bool = True  # every window of shards spread over the classes (cache.stream.interleaved_order)
+    gas_bn: str = "eval"  # eval: the ascent reads batch norm's running statistics, never updates them | train
+    gas_radius: str = "class"  # class: r1 per class from its own NN distances (with gas_scale nn) | global
+    fusion_beta: str = "fresh"  # fresh: eq. 4's beta redrawn every step from the batch's stored betas | stored
 
     def __post_init__(self) -> None:
         _choice("score_loss", self.score_loss, ("hinge", "bce"))
         _choice("gas_scale", self.gas_scale, ("nn", "absolute"))
+        _choice("gas_bn", self.gas_bn, ("eval", "train"))
+        _choice("gas_radius", self.gas_radius, ("class", "global"))
+        _choice("fusion_beta", self.fusion_beta, ("fresh", "stored"))
         for name in ("epochs_contrastive", "epochs_finetune", "gas_steps"):
             _at_least(name, getattr(self, name), 0)
         for name in ("batch_contrastive", "batch_finetune", "disc_hidden", "gas_project_every", "window_shards"):
@@ -148,22 +154,44 @@ class CladModel(nn.Module):
 
 
 def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
-                       n_probe: int = 2000, n_bank: int = 50000) -> float:
-    """Median distance of held-out normal rows to their nearest training normal row."""
-    import faiss
+                       n_probe: int = 2000, n_bank: int = 50000, shards: np.ndarray | None = None) -> float:
+    """Median distance of held-out normal rows ``probe`` to their nearest
+    training normal row (of ``shards`` only, default all, in a seeded order)."""
+    from stages.heads.knn import nearest_rows
 
     bank, rows = [], 0
-    for part in cache.normal_parts(held, seeded(seed, "nn-bank").permutation(cache.n_shards)):
+    order = seeded(seed, "nn-bank").permutation(cache.n_shards) if shards is None else shards
+    for part in cache.normal_parts(held, order):
         bank.append(part)
         rows += len(part)
         if rows >= n_bank:
             break
-    x = np.concatenate(bank, dtype=np.float32)[:n_bank]
-    q = probe[seeded(seed, "nn-probe").permutation(len(probe))[:n_probe]].astype(np.float32)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    dist, _ = index.search(q, 1)
-    return float(np.median(np.sqrt(np.maximum(dist[:, 0], 0))))
+    x = torch.from_numpy(np.concatenate(bank, dtype=np.float32)[:n_bank])
+    q = torch.from_numpy(probe[seeded(seed, "nn-probe").permutation(len(probe))[:n_probe]].astype(np.float32))
+    dist, _ = nearest_rows(q, x, (x * x).sum(1))
+    return float(dist[:, 0].median())
+
+
+def class_nn_distances(cache: TrainCache, held: np.ndarray, seed: int) -> np.ndarray:
+    """``[n_classes]`` median NN distance of each class's held-out normal rows
+    to that class's training rows (NaN for a class without held-out images).
+
+    GLASS sets its GAS radius per class; one radius for all classes puts the
+    synthetic shell inside the normal spread of a coarse class and far
+    outside a fine one. Only the class's own shards are read.
+    """
+    from stages.labels import normal_maps
+
+    first = cache.image_class[cache.image_offsets[:-1]]
+    out = np.full(len(cache.class_names), np.nan)
+    for c in range(len(cache.class_names)):
+        sel = held & (cache.image_class == c)
+        if not sel.any():
+            continue
+        probe = np.concatenate(list(normal_maps(cache, sel).values()))
+        shards = seeded(seed, "nn-bank", c).permutation(np.nonzero(first == c)[0])
+        out[c] = median_nn_distance(cache, held, probe, seed, shards=shards)
+    return out
 
 
 # -- training ------------------------------------------------------------------------
@@ -179,7 +207,20 @@ class _Trainer:
         self.val = held_out_rows(ctx.cache, ctx.held, VAL_ROWS, ctx.seed)
         self.r1, self.noise, self.eta = self._gas_scale()
         self.r2 = 2 * self.r1
+        self.class_of_image = torch.from_numpy(ctx.cache.image_class.astype(np.int64))
+        self.class_r1 = self._class_radii()
         self.streams: dict[str, BatchStream] = {}
+
+    def _class_radii(self) -> torch.Tensor | None:
+        """``[n_classes]`` r1 per class (``gas_radius = class`` with ``gas_scale = nn``), else None;
+        a class without held-out images takes the global r1."""
+        if self.t.gas_radius != "class" or self.t.gas_scale != "nn" or not len(self.val[0]):
+            return None
+        d = class_nn_distances(self.ctx.cache, self.ctx.held, self.ctx.seed)
+        r1 = np.where(np.isfinite(d), self.t.gas_nn_factor * d, self.r1)
+        self.ctx.log("train: GAS radius r1 per class: " + ", ".join(
+            f"{n} {v:.3g}" for n, v in zip(self.ctx.cache.class_names, r1, strict=True)))
+        return torch.tensor(r1, dtype=torch.float32)
 
     def _gas_scale(self) -> tuple[float, float, float]:
         """GAS radius r1, per-dimension noise and ascent step.
@@ -212,21 +253,23 @@ class _Trainer:
     def stream(self, batch: int) -> BatchStream:
         n_syn = (batch // 4) if self.t.use_las else 0
         return BatchStream(self.ctx.cache, batch // 2, n_syn, self.ctx.seed, self.ctx.held, self.t.window_shards,
-                           self.device)
+                           self.device, mix_classes=self.t.mix_classes)
 
     # -- one step ------------------------------------------------------------------
-    def gas(self, x: torch.Tensor) -> torch.Tensor:
-        """Global anomaly synthesis: noise, gradient ascent, projection to the shell."""
-        t = self.t
-        x_g = x + self.noise * torch.randn_like(x)
-        for step in range(1, t.gas_steps + 1):
-            x_g = x_g.detach().requires_grad_(True)
-            loss = gas_ascent_loss(self.model(x_g)[2])
-            (grad,) = torch.autograd.grad(loss, x_g)
-            x_g = x_g + self.eta * grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
-            if step % t.gas_project_every == 0 or step == t.gas_steps:
-                x_g = project_shell(x_g, x, self.r1, self.r2)
-        return project_shell(x_g.detach(), x, self.r1, self.r2)
+    def gas_radii(self, image: torch.Tensor) -> tuple[Any, Any, Any]:
+        """(r1, noise, eta) for rows of global images ``image`` ``[n]``: floats, or
+        ``[n, 1]`` tensors with per-class radii (noise and step scale with r1)."""
+        if self.class_r1 is None:
+            return self.r1, self.noise, self.eta
+        r1 = self.class_r1[self.class_of_image[image.cpu()]].to(self.device)[:, None]
+        scale = r1 / self.r1
+        return r1, self.noise * scale, self.eta * scale
+
+    def gas(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Global anomaly synthesis of normal rows ``x`` of images ``image`` (``losses.global_synthesis``)."""
+        r1, noise, eta = self.gas_radii(image)
+        return global_synthesis(self.model, x, r1, noise, eta, self.t.gas_steps, self.t.gas_project_every,
+                                self.t.gas_bn)
 
     def step(self, batch: Any, contrastive: bool) -> dict[str, torch.Tensor]:
         t, n = self.t, self.n_labels
@@ -237,12 +280,14 @@ class _Trainer:
             xa = batch.anomaly
             fuse = torch.rand(len(xa), device=self.device) < t.fusion_p
             beta = batch.anomaly_beta[:, None]
+            if t.fusion_beta == "fresh":  # a new blend every step, drawn from the stored betas
+                beta = beta[torch.randperm(len(beta), device=self.device)]
             fused = (1 - beta) * xa + beta * batch.anomaly_pair  # eq. 4
             parts_x.append(torch.where(fuse[:, None], fused, xa))
             parts_y.append(torch.full((len(xa),), n, device=self.device))
         if t.use_gas:
             n_gas = len(xn) // 2
-            parts_x.append(self.gas(xn[:n_gas]))
+            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas]))
             parts_y.append(torch.full((n_gas,), n, device=self.device))
         x, y = torch.cat(parts_x), torch.cat(parts_y)
         z, logits, s = self.model(x)
@@ -319,13 +364,17 @@ class CladHead(Head):
     summary = "CLAD adaptor + discriminator, contrastive (seed 001)"
     reads = ("holdout", "pseudo_k", "seed")
     uses_labels = True
-    added = {"score_loss": "hinge"}
+    added = {"score_loss": "hinge", "mix_classes": False, "gas_bn": "train", "gas_radius": "global",
+             "fusion_beta": "stored"}
     profiles = {
         "paper": {},
         # a short schedule that finishes the demo in minutes on 2 CPU cores
-        "fast": {"epochs_contrastive": 2, "epochs_finetune": 4, "batch_contrastive": 4000, "batch_finetune": 20000,
+        # CPU schedules: the paper's batches (8,000 / 100,000) give a CPU epoch a few dozen optimizer
+        # steps; at the same rows per second, batches of 2,000 / 4,000 buy 5-10x the steps, and steps
+        # are what an MLP trained from scratch needs (docs/RESULTS.md, "CLAD that works")
+        "fast": {"epochs_contrastive": 2, "epochs_finetune": 4, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 3, "gas_project_every": 3},
-        "long": {"epochs_contrastive": 4, "epochs_finetune": 12, "batch_contrastive": 8000, "batch_finetune": 50000,
+        "long": {"epochs_contrastive": 4, "epochs_finetune": 12, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 5, "gas_project_every": 5},
     }
 
@@ -340,7 +389,8 @@ class CladHead(Head):
                 "adaptor_dims": list(settings.adaptor_dims), "disc_hidden": settings.disc_hidden,
                 "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         summary = {"history": history, "n_labels": ctx.n_labels,
-                   "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta}}
+                   "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta,
+                           "class_r1": None if tr.class_r1 is None else tr.class_r1.tolist()}}
         return cls(tr.model, meta, ctx.device), summary
 
     def checkpoint(self) -> dict[str, Any]:

@@ -64,6 +64,7 @@ class RlrSettings:
     ccl_k: int = 3  # CCL positive window side (3 keeps the view's one-cell shift inside it)
     ccl_negatives: str = "window"  # window (cheap) | all (the paper's wording; slow on CPU)
     window_shards: int = 4  # shards read at once by the image stream (bounds memory)
+    mix_classes: bool = True  # every window of shards spread over the classes (cache.stream.interleaved_order)
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_images", 1), ("dim", 1), ("layers", 1), ("attn_heads", 1),
@@ -132,6 +133,7 @@ class RlrHead(Head):
     settings_class = RlrSettings
     summary = "reconstruction from a learnable reference (RLR, seed 003); ccl=classes|pseudo adds CCL (seed 002)"
     reads = ("holdout", "pseudo_k", "seed")
+    added = {"mix_classes": False}
     profiles = {
         "paper": {},
         # about 3 minutes on the built-in set on 2 CPU cores (measured: docs/RESULTS.md)
@@ -149,7 +151,8 @@ class RlrHead(Head):
         if t.ccl != "none":
             labels, _ = image_labels(t.ccl, cache, ctx.train.pseudo_k, ctx.seed)
         stream = ImageStream(cache, t.batch_images, ctx.seed, ctx.held, image_labels=labels,
-                             balanced=t.ccl != "none", device=ctx.device, window=t.window_shards)
+                             balanced=t.ccl != "none", device=ctx.device, window=t.window_shards,
+                             mix_classes=t.mix_classes)
         meta = {"head": cls.name, "embed_dim": cache.embed_dim, "grid": list(stream.grid), "dim": t.dim,
                 "layers": t.layers, "heads": t.attn_heads, "window": t.window, "mask_prob": t.mask_prob,
                 "proj_blocks": t.proj_blocks, "ffn_mult": t.ffn_mult, "error": t.error,
