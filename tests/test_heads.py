@@ -43,7 +43,8 @@ def test_every_head_trains_saves_loads_and_scores(name, extracted, tmp_path):
     ctx = train_context(cfg, cache, files, torch.device("cpu"), store.info().key, lambda m: None,
                         lambda *a: _NullBar())
     head, summary = train_head(cfg, ctx)
-    assert json.dumps(summary, default=float)  # the summary is JSON-able
+    back = json.loads(json.dumps(summary, default=float))  # the summary is JSON-able, keys and numbers intact
+    assert set(back) == set(summary) and back["probe"] == {k: float(v) for k, v in summary["probe"].items()}
     ckpt = torch.load(files.final, map_location="cpu", weights_only=True)  # weights_only: no pickled code
     again = head_class(name).from_checkpoint(ckpt, torch.device("cpu"))
     maps = torch.from_numpy(np.stack(list(_two_maps(cache).values())).astype(np.float32))
