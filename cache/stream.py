@@ -71,6 +71,34 @@ class TrainCache:
         float16 parts are cast while concatenating: no second full-size copy."""
         return np.concatenate(list(self.normal_parts(excluded_images)), dtype=np.float32)
 
+    def row_sample(self, excluded_images: np.ndarray, n_normal: int, n_anomaly: int, seed: int
+                   ) -> dict[str, np.ndarray]:
+        """A uniform sample of about ``n_normal`` normal and ``n_anomaly`` synthetic
+        rows of the images not excluded (each shard read once; the same share
+        of every shard), with the synthetic rows' same-place normal rows and
+        betas: ``normal`` ``[n, C]`` float16 with ``image`` ``[n]`` (global image
+        index), ``anomaly``/``pair`` ``[m, C]`` float16, ``beta`` ``[m]``."""
+        counts = self.row_counts()
+        total_n = sum(int((~excluded_images[img]).sum()) for _, img in counts)
+        total_a = sum(n - len(img) for n, img in counts)
+        fn, fa = min(1.0, n_normal / max(total_n, 1)), min(1.0, n_anomaly / max(total_a, 1))
+        rng = seeded(seed, "row-sample")
+        out: dict[str, list[np.ndarray]] = {"normal": [], "image": [], "anomaly": [], "pair": [], "beta": []}
+        for s in range(self.n_shards):
+            d = self.load(s)
+            keep = ~excluded_images[d["image"]]
+            is_a = d["anomaly"].astype(bool)
+            n_idx = np.nonzero(keep & ~is_a)[0]
+            a_idx = np.nonzero(keep & is_a)[0]
+            n_idx = n_idx[rng.random(len(n_idx)) < fn]
+            a_idx = a_idx[rng.random(len(a_idx)) < fa]
+            out["normal"].append(d["features"][n_idx])
+            out["image"].append(d["image"][n_idx])
+            out["anomaly"].append(d["features"][a_idx])
+            out["pair"].append(d["features"][d["pair"][a_idx]])
+            out["beta"].append(d["beta"][a_idx])
+        return {k: np.concatenate(v) for k, v in out.items()}
+
     def row_counts(self) -> list[tuple[int, np.ndarray]]:
         """Per shard: (rows, per-row image index) for anomaly==0 rows; cheap (no features)."""
         out = []

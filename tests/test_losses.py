@@ -118,3 +118,22 @@ def test_global_synthesis_keeps_the_shell_and_leaves_batch_norm_alone_in_eval_mo
     global_synthesis(model, x, r1, r1 / 4, 0.1 * r1, steps=4, project_every=2, bn="train")
     moved = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
     assert not all(torch.equal(a, b) for a, b in zip(before, moved, strict=True))  # GLASS' way moves them
+
+
+def test_precise_batch_norm_is_the_average_of_the_chunks_batch_statistics():
+    from stages.heads.clad import precise_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model.train()
+    for _ in range(5):  # an exponential average of other batches first
+        model(torch.randn(16, 3) * 5 + 3)
+    model.eval()
+    chunks = [torch.randn(32, 3), torch.randn(48, 3) + 1, torch.randn(32, 3) * 2]
+    precise_batch_norm(model, chunks)
+    bn = model[1]
+    with torch.no_grad():
+        h = [model[0](c) for c in chunks]
+    assert torch.allclose(bn.running_mean, torch.stack([x.mean(0) for x in h]).mean(0), atol=1e-6)
+    assert torch.allclose(bn.running_var, torch.stack([x.var(0) for x in h]).mean(0), atol=1e-5)
+    assert bn.momentum == 0.1 and not model.training  # momentum and mode restored

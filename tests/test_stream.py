@@ -131,3 +131,16 @@ def test_class_nn_distances_equal_brute_force_per_class(extracted):
         want = np.median(np.sqrt(np.maximum(d2.min(1), 0)))
         assert abs(got[c] - want) < 1e-3 * want
     assert abs(got[0] - got[1]) > 0.05 * got.max()  # the two classes (a texture, an object) differ
+
+
+def test_row_sample_is_uniform_over_training_rows_and_keeps_pairs(extracted):
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    held = holdout_images(cache, 0.2, 0)
+    d = cache.row_sample(held, 2000, 500, seed=0)
+    assert 1700 < len(d["normal"]) < 2300 and 350 < len(d["anomaly"]) < 650
+    assert not held[d["image"]].any()
+    per_class = np.bincount(cache.image_class[d["image"]], minlength=2)
+    assert abs(per_class[0] - per_class[1]) < 0.2 * len(d["normal"])  # 4 training images per class: even
+    assert len(d["pair"]) == len(d["anomaly"]) == len(d["beta"]) and ((d["beta"] > 0) & (d["beta"] < 1)).all()
+    again = cache.row_sample(held, 2000, 500, seed=0)
+    assert np.array_equal(again["normal"], d["normal"])  # reproducible

@@ -31,6 +31,7 @@ from stages.losses import (
     classification_loss,
     contrastive_loss,
     global_synthesis,
+    project_shell,
     score_loss,
     variance_loss,
 )
@@ -71,6 +72,8 @@ class CladSettings:
     gas_bn: str = "eval"  # eval: the ascent reads batch norm's running statistics, never updates them | train
     gas_radius: str = "class"  # class: r1 per class from its own NN distances (with gas_scale nn) | global
     fusion_beta: str = "fresh"  # fresh: eq. 4's beta redrawn every step from the batch's stored betas | stored
+    bn_refresh: bool = True  # batch norm's statistics re-estimated on a sample of all classes after every epoch
+    bn_rows: int = 20000  # normal rows of that sample (plus half as many local and global synthetic rows)
 
     def __post_init__(self) -> None:
         _choice("score_loss", self.score_loss, ("hinge", "bce"))
@@ -78,6 +81,7 @@ class CladSettings:
         _choice("gas_bn", self.gas_bn, ("eval", "train"))
         _choice("gas_radius", self.gas_radius, ("class", "global"))
         _choice("fusion_beta", self.fusion_beta, ("fresh", "stored"))
+        _at_least("bn_rows", self.bn_rows, 2)
         for name in ("epochs_contrastive", "epochs_finetune", "gas_steps"):
             _at_least(name, getattr(self, name), 0)
         for name in ("batch_contrastive", "batch_finetune", "disc_hidden", "gas_project_every", "window_shards"):
@@ -153,6 +157,31 @@ class CladModel(nn.Module):
         return self.forward(x)[2]
 
 
+@torch.no_grad()
+def precise_batch_norm(model: nn.Module, chunks: list[torch.Tensor]) -> None:
+    """Set every batch-norm layer's running statistics to the average over
+    ``chunks`` (each ``[b, C_d]``, composed like a training batch) of the
+    batch statistics a training forward computes (momentum=None: a
+    cumulative average), instead of the exponential average of the last ~10
+    training batches. Those come from the last windows of shards, i.e. from
+    a few classes, and evaluation of every class normalises with them.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [m.momentum for m in bns]
+    was_training = model.training
+    model.train()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    for x in chunks:
+        model(x)
+    for m, mom in zip(bns, momenta, strict=True):
+        m.momentum = mom
+    model.train(was_training)
+
+
 def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
                        n_probe: int = 2000, n_bank: int = 50000, shards: np.ndarray | None = None) -> float:
     """Median distance of held-out normal rows ``probe`` to their nearest
@@ -210,6 +239,39 @@ class _Trainer:
         self.class_of_image = torch.from_numpy(ctx.cache.image_class.astype(np.int64))
         self.class_r1 = self._class_radii()
         self.streams: dict[str, BatchStream] = {}
+        self.bn_sample = (ctx.cache.row_sample(ctx.held, t.bn_rows, t.bn_rows // 2 if t.use_las else 0, ctx.seed)
+                          if t.bn_refresh else None)
+
+    def refresh_batch_norm(self, batch: int) -> None:
+        """``precise_batch_norm`` on the fixed row sample, cut into training-sized
+        batches: normal : local (fused as in training) : global (the noise shell
+        of normal rows, without ascent) = 2 : 1 : 1."""
+        d = self.bn_sample
+        if d is None:
+            return
+        order = torch.from_numpy(seeded(self.ctx.seed, "bn-order").permutation(len(d["normal"])))
+        xn_all = torch.from_numpy(d["normal"]).float()[order]
+        img_all = torch.from_numpy(d["image"].astype(np.int64))[order]
+        xa_all, pair_all = torch.from_numpy(d["anomaly"]).float(), torch.from_numpy(d["pair"]).float()
+        beta_all = torch.from_numpy(d["beta"]).float()
+        n_chunks = max(1, len(xn_all) // max(batch // 2, 1))
+        chunks = []
+        for i in range(n_chunks):
+            xn, img = xn_all[i::n_chunks], img_all[i::n_chunks]
+            parts = [xn]
+            if len(xa_all):
+                sel = torch.arange(i, len(xa_all), n_chunks)
+                beta = beta_all[sel][:, None]
+                fuse = torch.rand(len(sel)) < self.t.fusion_p
+                fused = (1 - beta) * xa_all[sel] + beta * pair_all[sel]
+                parts.append(torch.where(fuse[:, None], fused, xa_all[sel]))
+            if self.t.use_gas:
+                g = xn[: len(xn) // 2]
+                r1, noise, _ = self.gas_radii(img[: len(g)])
+                r1, noise = (r1.cpu(), noise.cpu()) if torch.is_tensor(r1) else (r1, noise)
+                parts.append(project_shell(g + noise * torch.randn_like(g), g, r1, 2 * r1))
+            chunks.append(torch.cat(parts).to(self.device))
+        precise_batch_norm(self.model, chunks)
 
     def _class_radii(self) -> torch.Tensor | None:
         """``[n_classes]`` r1 per class (``gas_radius = class`` with ``gas_scale = nn``), else None;
@@ -328,13 +390,17 @@ class _Trainer:
         batches = {ph.name: b for ph, b in phases}
 
         def on_phase(ph: Phase, first: int) -> None:
-            st = self.streams.setdefault(ph.name, self.stream(batches[ph.name]))
+            if ph.name not in self.streams:
+                self.streams[ph.name] = self.stream(batches[ph.name])
+            st = self.streams[ph.name]
             self.ctx.log(f"train: phase {ph.name}: {ph.epochs} epochs of {st.batches_per_epoch} batches "
                          f"({st.n_normal} normal + {st.n_anomaly} local + "
                          f"{st.n_normal // 2 if self.t.use_gas else 0} global synthetic rows)")
 
         def run_epoch(_i: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
-            st = self.streams.setdefault(ph.name, self.stream(batches[ph.name]))
+            if ph.name not in self.streams:
+                self.streams[ph.name] = self.stream(batches[ph.name])
+            st = self.streams[ph.name]
             sums: dict[str, float] = {}
             rows, t0 = 0, time.perf_counter()
             for b in st.epoch(epoch):
@@ -348,6 +414,7 @@ class _Trainer:
                 rows += len(b.normal) + len(b.anomaly) + (len(b.normal) // 2 if self.t.use_gas else 0)
             n_b = st.batches_per_epoch
             rate = rows / (time.perf_counter() - t0)
+            self.refresh_batch_norm(batches[ph.name])
             return {**{k: v / n_b for k, v in sums.items()}, "val_auroc": self.validate(),
                     **self.ctx.probe(self.probe_scores), "rows_per_s": rate}
 
@@ -365,7 +432,7 @@ class CladHead(Head):
     reads = ("holdout", "pseudo_k", "seed")
     uses_labels = True
     added = {"score_loss": "hinge", "mix_classes": False, "gas_bn": "train", "gas_radius": "global",
-             "fusion_beta": "stored"}
+             "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000}
     profiles = {
         "paper": {},
         # a short schedule that finishes the demo in minutes on 2 CPU cores
