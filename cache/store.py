@@ -122,6 +122,10 @@ class FeatureStore:
             info = self.info()
             if info.key != key:
                 changes = diff_settings(info.settings, settings) or ["(data set content changed)"]
+                if all(c.startswith("dataset:") for c in changes):
+                    raise StaleError(f"{self.path}: the data set changed since extraction (images added, removed "
+                                     "or modified; 'clad status WORK' says which); re-run "
+                                     "'clad extract WORK --rebuild' to re-extract it, or restore the data set")
                 raise StaleError(
                     f"{self.path}: cache was extracted with other settings ({'; '.join(changes[:5])}); "
                     "re-run 'clad extract WORK --rebuild' to discard it, or restore the old settings")

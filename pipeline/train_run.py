@@ -54,8 +54,7 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
     cfg = run_config(base, overrides)  # checks every value before anything is written
     ex = extract_state(ws, cfg)
     if ex.state != "done":
-        raise StaleError(f"{ws.cache_dir}: feature cache is {ex.state} ({ex.detail}); "
-                         "run 'clad extract WORK' first")
+        raise StaleError(f"{ws.cache_dir}: feature cache is {ex.state}: {ex.detail}")
     summary = read_json(files.summary)
     if restart:
         shutil.rmtree(files.root, ignore_errors=True)

@@ -66,10 +66,12 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         return StageState("extract", "missing", "run 'clad extract WORK'")
     done = total = 0
     broken: list[str] = []
+    infos = []
     for s in stores:
         if not s.exists():
             return StageState("extract", "partial", "a split store is missing; run 'clad extract WORK'")
         info = s.info()
+        infos.append(info)
         current = {**cfg.extract_settings(), "dataset": info.settings.get("dataset")}
         if settings_hash(current) != info.key:
             changes = diff_settings(info.settings, current)
@@ -78,6 +80,9 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         done += len(s.committed())
         total += len(info.plan)
         broken += [f"{s.shard_path(i).relative_to(ws.cache_dir)}: {why}" for i, why in s.incomplete().items()]
+    changed = _data_changes(cfg, infos)
+    if changed:
+        return StageState("extract", "stale", changed, extra={"changes": [changed]})
     if broken:
         return StageState("extract", "partial", f"{len(broken)} incomplete shard(s) ({'; '.join(broken[:3])}); "
                           "run 'clad extract WORK' to re-extract them", (done, total),
@@ -86,3 +91,21 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         return StageState("extract", "partial", f"{done}/{total} shards; run 'clad extract WORK' to finish",
                           (done, total))
     return StageState("extract", "done", f"{total} shards", (done, total))
+
+
+def _data_changes(cfg: Config, infos: list[Any]) -> str:
+    """Why the cache no longer matches the data set on disk ("" when it does):
+    images added or removed since extraction, or files modified."""
+    from stages.extract import dataset_changes
+
+    recorded = infos[0].settings.get("dataset", "")
+    cached = {i for info in infos for shard in info.plan for i in shard}
+    try:
+        what = dataset_changes(cfg, recorded, cached)
+    except CladError as exc:
+        return f"the data set cannot be read: {exc}"
+    if not what:
+        return ""
+    return (f"the data set changed since extraction ({what} under {cfg.data.root}); the cache, and every run "
+            "trained on it, does not include them: run 'clad extract WORK --rebuild' to re-extract it "
+            "(or restore the data set as it was)")
