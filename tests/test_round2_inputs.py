@@ -4,8 +4,10 @@ import csv
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from core.errors import CladError
 from core.settings import FeatureConfig
 from stages.data import load_image
 from tests.conftest import clad
@@ -47,3 +49,38 @@ def test_exif_orientation_is_applied_when_scoring(trained, tiny_data, tmp_path):
     rows = {r["path"]: r for r in csv.DictReader((out / "results.csv").open())}
     s_up, s_side = float(rows[str(up)]["score"]), float(rows[str(side)]["score"])
     assert abs(s_up - s_side) <= 1e-5 * abs(s_up), (s_up, s_side)
+
+
+def _verdicts(tmp_path, text, lowest=0.2):
+    from core.layout import RunFiles
+    from core.settings import CalibrateConfig
+    from stages.calibrate import verdicts_in_force
+
+    files = RunFiles(tmp_path / "run")
+    files.root.mkdir(exist_ok=True)
+    files.user_thresholds.write_text("[thresholds]\n" + text + "\n")
+    cal = {"classes": {"washer": {"threshold": 0.5, "scale": 0.1, "min": lowest}}}
+    return verdicts_in_force(cal, files, CalibrateConfig())
+
+
+@pytest.mark.parametrize("value", ["true", "nan", "inf", "-inf", '"1.5"', "-0.5"])
+def test_user_thresholds_that_are_not_finite_numbers_or_negative_are_refused(tmp_path, value):
+    with pytest.raises(CladError, match=r"thresholds.toml: threshold washer = .*(finite number|negative)") as exc:
+        _verdicts(tmp_path, f"washer = {value}")
+    assert "\n" not in str(exc.value)
+
+
+def test_user_thresholds_accepted_where_they_mean_something(tmp_path):
+    assert _verdicts(tmp_path, "washer = 2").thresholds["washer"] == 2.0
+    # a head whose raw scores go below zero (CLAD's discriminator): a negative threshold is meaningful
+    assert _verdicts(tmp_path, "washer = -0.5", lowest=-3.0).thresholds["washer"] == -0.5
+
+
+def test_score_refuses_a_boolean_threshold_in_one_line(trained, tiny_data, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    (work / "runs" / "t" / "thresholds.toml").write_text("[thresholds]\nwasher = true\n")
+    img = sorted((tiny_data / "washer" / "test" / "good").glob("*.png"))[0]
+    res = clad("score", str(work), "--run", "t", str(img), "--out", str(tmp_path / "out"), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "threshold washer = True is not a finite number" in res.stderr.strip().splitlines()[-1]
