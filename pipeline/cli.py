@@ -220,8 +220,9 @@ def calibrate(work: Path, run_name: str, device: str) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder (default: WORK/runs/NAME/scores).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--class", "class_name", default="", help="Class of every image (default: the nearest enclosing "
-              "folder named like a trained class, else predicted by the run).")
+@click.option("--class", "class_name", default="", help="Class of every image (default: predicted by the run; "
+              "a folder named like a trained class decides only when the prediction is unsure, and a "
+              "confident prediction that disagrees with it is warned about and recorded).")
 def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | None, device: str,
           class_name: str) -> None:
     """Score new images (files or folders) with a trained run: class, score, verdict, heat map."""

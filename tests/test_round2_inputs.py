@@ -84,3 +84,29 @@ def test_score_refuses_a_boolean_threshold_in_one_line(trained, tiny_data, tmp_p
     res = clad("score", str(work), "--run", "t", str(img), "--out", str(tmp_path / "out"), check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "threshold washer = True is not a finite number" in res.stderr.strip().splitlines()[-1]
+
+
+def test_a_folder_name_does_not_silently_overrule_a_confident_prediction(trained, tiny_data, tmp_path):
+    misfiled = tmp_path / "incoming" / "washer"  # weave parts filed under a folder named like the other class
+    misfiled.mkdir(parents=True)
+    for p in sorted((tiny_data / "weave" / "test" / "good").glob("*.png")):
+        shutil.copy(p, misfiled / p.name)
+    right = tmp_path / "incoming" / "weave"
+    shutil.copytree(tiny_data / "weave" / "test" / "good", right)
+    out = tmp_path / "out"
+    res = clad("score", str(trained), "--run", "t", str(tmp_path / "incoming"), "--out", str(out))
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    wrong = [r for r in rows if "/washer/" in r["path"]]
+    assert wrong and all(r["predicted_class"] == "weave" and float(r["confidence"]) >= 0.5 for r in wrong)
+    # judged against the class it is, the disagreement recorded and said, file by file
+    assert all(r["class"] == "weave" and r["folder_class"] == "washer" for r in wrong)
+    assert all(r["class_from"] == "predicted (folder says washer)" for r in wrong)
+    for r in wrong:
+        assert f"{r['path']}: the folder name says 'washer' but the run predicts 'weave'" in res.stderr
+    same = [r for r in rows if "/weave/" in r["path"]]
+    assert all(r["class"] == "weave" and r["class_from"] == "folder" for r in same)
+    # --class still wins, silently: the user said so
+    res = clad("score", str(trained), "--run", "t", str(misfiled), "--class", "washer", "--out", str(tmp_path / "o2"))
+    rows = list(csv.DictReader((tmp_path / "o2" / "results.csv").open()))
+    assert all(r["class"] == "washer" and r["class_from"] == "user (--class)" for r in rows)
+    assert "folder name says" not in res.stderr
