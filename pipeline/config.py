@@ -61,34 +61,46 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     choices = CHOICES.get((cls.__name__, name))
     if choices is not None and value not in choices:
         raise CladError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {value!r}")
-    default = next(f for f in fields(cls) if f.name == name).default
-    if isinstance(default, bool):
+    kind = str(next(f for f in fields(cls) if f.name == name).type)
+    if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
         if not isinstance(value, bool):
             raise CladError(f"{where}: '{name}' must be true or false, got {value!r}")
         return value
-    if isinstance(default, tuple):
+    if kind.startswith("tuple"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise CladError(f"{where}: '{name}' must be a list, got {value!r}")
-        elem = type(default[0]) if default else str
-        try:
-            return tuple(elem(v) for v in value)
-        except ValueError as exc:
-            raise CladError(f"{where}: '{name}' has a bad element ({exc})") from None
+        elem = "int" if kind == "tuple[int, ...]" else "str"
+        return tuple(_scalar(elem, name, v, where, f"an element of '{name}'") for v in value)
+    return _scalar(kind, name, value, where, f"'{name}'")
+
+
+_KIND_WORDS = {"int": "int (a whole number)", "float": "float (a number)", "str": "str (text)"}
+
+
+def _scalar(kind: str, name: str, value: Any, where: str, what: str) -> Any:
+    """A number or text setting, checked against its declared type: true is not 1,
+    and a list is not text (TOML and --set give real types; only they are converted)."""
+    def refuse() -> CladError:
+        fix = {"int": f"{name} = 3", "float": f"{name} = 0.5", "str": f'{name} = "text"'}[kind]
+        return CladError(f"{where}: {what} must be {_KIND_WORDS[kind]}, got {value!r} "
+                         f"({type(value).__name__}); write it like {fix}")
+
+    if isinstance(value, (bool, list, tuple, dict)):
+        raise refuse()
+    if kind == "str":
+        return str(value)  # a number is fine as text (a folder named 2024)
     try:
-        if isinstance(default, float):
+        if kind == "float":
             return float(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        return str(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
     except (TypeError, ValueError):
-        raise CladError(
-            f"{where}: '{name}' must be {type(default).__name__}, got {value!r}") from None
+        raise refuse() from None
 
 
 def section_from_dict(cls: type, raw: dict[str, Any], where: str, base: Any = None) -> Any:
