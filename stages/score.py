@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from core.errors import CladError
-from core.files import write_atomic
+from core.files import remove_stale_temps, swap_into_place, temp_dir, write_atomic
 from core.layout import RunFiles
 from core.settings import Config
 from stages.calibrate import load_router, read_calibration, verdicts_in_force
@@ -45,19 +45,41 @@ FIELDS = ["path", "class", "class_from", "confidence", "predicted_class", "in_di
 CONFIDENT = 0.5
 
 
-def expand_inputs(paths: list[str]) -> list[Path]:
-    """Files as given, folders searched recursively for images."""
+def expand_inputs(paths: list[str], skip: Path | None = None) -> tuple[list[Path], int]:
+    """Files as given, folders searched recursively for images; returns them and
+    how many images were passed over inside folders because they lie in the
+    output folder ``skip`` (a second run would score its own heat maps) or in
+    hidden folders (temporaries of a running or killed score)."""
     out: list[Path] = []
+    skipped = 0
+    own = skip.resolve() if skip is not None else None
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            for q in sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and not q.is_dir()):
+                rel = q.relative_to(p).parts
+                if any(part.startswith(".") for part in rel) or (own is not None and own in q.resolve().parents):
+                    skipped += 1
+                else:
+                    out.append(q)
         elif p.is_file():
             out.append(p)
         else:
-            raise CladError(f"{p}: no such file or folder")
+            raise CladError(f"{p}: no such file or folder" + (" (a broken symbolic link)" if p.is_symlink() else ""))
     if not out:
-        raise CladError(f"no images found in {', '.join(paths)}")
-    return out
+        raise CladError(f"no images found in {', '.join(paths)}"
+                        + (f" ({skipped} in the output folder or hidden folders were skipped)" if skipped else ""))
+    return out, skipped
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """``--out`` is a folder that ``clad score`` owns and replaces whole: refuse a
+    regular file, and a folder holding anything but an earlier score's output."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CladError(f"--out {out_dir}: is a file, not a folder; name a new folder (it is created) "
+                        "or move the file away")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "results.csv").is_file():
+        raise CladError(f"--out {out_dir}: folder holds files that are not an earlier 'clad score' output "
+                        "(no results.csv), and score replaces its output folder whole; name a new or empty folder")
 
 
 def folder_class(path: Path, classes: list[str]) -> str:
@@ -71,7 +93,12 @@ def folder_class(path: Path, classes: list[str]) -> str:
 def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path, device: torch.device,
                  log: Callable[[str], None], bar: Callable[[int], Any], class_name: str = "",
                  batch: int = 16) -> list[dict[str, Any]]:
-    """Score each image; write a heat map per image and results.csv/json. Unreadable images are skipped."""
+    """Score each image; write a heat map per image and results.csv/json. Unreadable images are skipped.
+
+    Everything is written into a hidden sibling ``.OUT.tmp-PID`` and swapped
+    into place at the end, so ``out_dir`` always holds one whole scoring (a
+    kill leaves the previous one; its temporaries are removed by the next run)."""
+    check_out_dir(out_dir)
     head, meta = load_trained_head(files.final, device)
     classes = list(meta["class_names"])
     if class_name and class_name not in classes:
@@ -81,7 +108,9 @@ def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path,
     router = load_router(files)
     encoder = FeatureEncoder(cfg.features, device)
     size = cfg.features.crop or cfg.features.resize
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for gone in remove_stale_temps(out_dir.parent, recursive=False, of=out_dir.name):
+        log(f"score: removed {gone}, left by an interrupted process")
+    work_dir = temp_dir(out_dir)
     results: list[dict[str, Any]] = []
     progress = bar(len(paths))
     for s in range(0, len(paths), batch):
@@ -100,16 +129,17 @@ def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path,
             maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
             routes = router.route(descriptors(feats)) if router is not None else [None] * len(ok)
             for p, img, amap, sc, rt in zip(ok, arr, maps, image_scores(maps), routes, strict=True):
-                results.append(_judge(p, img, amap, float(sc), rt, class_name, classes, verdicts, out_dir,
-                                      len(results), log))
+                results.append(_judge(p, img, amap, float(sc), rt, class_name, classes, verdicts,
+                                      (work_dir, out_dir), len(results), log))
         progress.update(len(paths[s:s + batch]))
     progress.close()
-    _write_table(results, out_dir, verdicts)
+    _write_table(results, work_dir, verdicts)
+    swap_into_place(work_dir, out_dir)
     return results
 
 
 def _judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any, class_name: str,
-           classes: list[str], verdicts: Any, out_dir: Path, index: int,
+           classes: list[str], verdicts: Any, dirs: tuple[Path, Path], index: int,
            log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Class, normalised score and verdict of one image, and its heat map."""
     predicted = route.class_name if route is not None else classes[0]
@@ -130,11 +160,12 @@ def _judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any,
     if how == "predicted" and not fits:
         verdict = OOD  # fits no trained class: rejected, never judged "normal" against a wrong class
     thr = verdicts.thresholds.get(cls, float("nan"))
-    png = out_dir / f"{index:05d}_{p.stem}.png"
+    name = f"{index:05d}_{p.stem}.png"
+    png = dirs[1] / name  # where it will be: the table names the final place
     title = (f"{p.name} [{cls}]: score {score:.3f} (threshold {thr:.3f}, normalised {norm:.2f}) -> {verdict}"
              if verdict != OOD else f"{p.name}: score {score:.3f}; fits no trained class (nearest {cls}) -> {OOD}")
     lo, hi = float(amap.min()), float(amap.max())
-    overlay(img, amap, png, title, vmin=min(lo, thr) if np.isfinite(thr) else lo,
+    overlay(img, amap, dirs[0] / name, title, vmin=min(lo, thr) if np.isfinite(thr) else lo,
             vmax=max(hi, thr) if np.isfinite(thr) else hi)
     return {"path": str(p), "class": cls, "class_from": how, "confidence": round(confidence, 4),
             "predicted_class": predicted, "in_distribution": "yes" if fits else "no", "folder_class": folder,
