@@ -300,3 +300,25 @@ def apply_sets(cfg: Config, sets: tuple[str, ...] | list[str]) -> Config:
         cls = _SECTION_TYPES[section]
         cfg = replace(cfg, **{section: section_from_dict(cls, raw, "--set", getattr(cfg, section))})
     return cfg
+
+
+def check_sets_used(cfg: Config, sets: tuple[str, ...] | list[str]) -> None:
+    """Refuse a ``--set`` of a [train] setting that the run's head does not read
+    (``--set knn_k=3`` for a CLAD run): accepted, it would be remembered with the
+    run and change nothing, silently. Other sections' settings are always used."""
+    head = cfg.train.head
+    own = {f.name for f in fields(HEADS[head].settings)}
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        section, _, name = key.rpartition(".")
+        section = section.removeprefix("train.") or "train"
+        if section == "train" and (name in _COMMON_TRAIN or name in own):
+            continue
+        if section in HEADS and section != head:
+            why = f"names head {section}'s setting"
+        elif section == "train":
+            why = f"is a setting of {', '.join(_owners(name)) or 'no head'}"
+        else:
+            continue
+        raise CladError(f"--set {item!r}: {why}, but this run trains head {head}, which does not read it; "
+                        f"{head}'s settings: {', '.join(sorted(own))} (or pick the head with --head)")

@@ -12,7 +12,7 @@ from cache.store import FeatureStore
 from core.errors import StaleError
 from core.files import read_json, remove_stale_temps
 from core.layout import RunFiles
-from pipeline.config import load_config, save_config
+from pipeline.config import check_sets_used, load_config, save_config
 from pipeline.progress import progress, say
 from pipeline.runs import run_config, saved_overrides, write_overrides
 from pipeline.workspace import Workspace, extract_state
@@ -52,6 +52,7 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
         say(f"train: removed {p.name}, left by an interrupted process")
     overrides = resolve_overrides(ws, name, cli, restart)
     cfg = run_config(base, overrides)  # checks every value before anything is written
+    check_sets_used(cfg, cli.get("sets") or [])  # this command line's; a run's remembered ones were checked
     ex = extract_state(ws, cfg)
     if ex.state != "done":
         raise StaleError(f"{ws.cache_dir}: feature cache is {ex.state}: {ex.detail}")
