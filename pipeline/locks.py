@@ -49,3 +49,25 @@ def extract_lock(work: Path, say: Callable[[str], None]) -> AbstractContextManag
 def run_lock(work: Path, run: str, what: str, say: Callable[[str], None]) -> AbstractContextManager[None]:
     """The lock of run ``run`` (train, calibrate, evaluate, score)."""
     return held(Path(work) / ".locks" / f"run-{run}.lock", what, say)
+
+
+def running(path: Path) -> str:
+    """The pid (as written) of a process holding the lock file ``path`` now, "" if none.
+    Probes with a shared, non-blocking lock released at once (status never waits)."""
+    if not path.is_file():
+        return ""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return ""
+    finally:
+        os.close(fd)
+
+
+def extraction_running(work: Path) -> str:
+    """The pid of a 'clad extract' working on ``work`` now ("" if none)."""
+    return running(Path(work) / ".locks" / "extract.lock")

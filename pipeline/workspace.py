@@ -9,6 +9,7 @@ from typing import Any
 
 from core.errors import CladError
 from pipeline.config import Config, diff_settings, load_config, settings_hash
+from pipeline.locks import extraction_running
 
 
 @dataclass
@@ -83,13 +84,17 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
     changed = _data_changes(cfg, infos)
     if changed:
         return StageState("extract", "stale", changed, extra={"changes": [changed]})
+    pid = extraction_running(ws.root) if (broken or done < total) else ""
+    if pid:  # shards being written look incomplete or missing: say so, and that the fix is to wait
+        return StageState("extract", "partial", f"{done}/{total} shards; an extraction is running (pid {pid}): "
+                          "wait for it to finish", (done, total), extra={"running": pid})
     if broken:
         return StageState("extract", "partial", f"{len(broken)} incomplete shard(s) ({'; '.join(broken[:3])}); "
-                          "run 'clad extract WORK' to re-extract them", (done, total),
+                          "no extraction is running: run 'clad extract WORK' to re-extract them", (done, total),
                           extra={"incomplete": broken})
     if done < total:
-        return StageState("extract", "partial", f"{done}/{total} shards; run 'clad extract WORK' to finish",
-                          (done, total))
+        return StageState("extract", "partial", f"{done}/{total} shards and no extraction is running (one was "
+                          "interrupted); run 'clad extract WORK' to finish", (done, total))
     return StageState("extract", "done", f"{total} shards", (done, total))
 
 

@@ -14,6 +14,7 @@ Supported layouts (``data.layout``):
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,17 @@ class Sample:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """The images of a folder; a link to an image that is gone is refused (it was dropped silently)."""
+    out = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise CladError(f"{p}: broken symbolic link (to {os.readlink(p)}, which does not exist); "
+                            "restore its target or remove the link")
+        if p.is_file():
+            out.append(p)
+    return sorted(out)
 
 
 def detect_layout(root: Path) -> str:
@@ -245,7 +255,8 @@ def load_rgb(path: str) -> Image.Image:
                                 "on a side; replace or remove it")
             return _to_rgb8(im, path, raw)
     except FileNotFoundError:
-        raise CladError(f"{path}: image file not found; re-index the data set") from None
+        raise CladError(f"{path}: image file not found (moved or deleted since it was listed); restore the file, "
+                        "or run 'clad extract WORK --rebuild' if the data set changed on purpose") from None
     except Image.DecompressionBombError as exc:
         raise CladError(f"{path}: refused as a possible decompression bomb ({exc}); "
                         "replace or remove it") from None

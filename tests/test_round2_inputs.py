@@ -110,3 +110,32 @@ def test_a_folder_name_does_not_silently_overrule_a_confident_prediction(trained
     rows = list(csv.DictReader((tmp_path / "o2" / "results.csv").open()))
     assert all(r["class"] == "washer" and r["class_from"] == "user (--class)" for r in rows)
     assert "folder name says" not in res.stderr
+
+
+def test_a_broken_image_link_in_a_training_folder_is_refused(tiny_data, tmp_path):
+    import os
+
+    from core.settings import DataConfig
+    from stages.data import index_dataset
+    from stages.score import expand_inputs
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    link = data / "washer" / "train" / "good" / "extra.png"
+    os.symlink(tmp_path / "gone.png", link)
+    with pytest.raises(CladError, match=r"extra.png: broken symbolic link .*gone.png.*restore its target or remove"):
+        index_dataset(DataConfig(root=str(data)))
+    # scoring lists it too, so that it is reported as unreadable rather than passed over
+    files, _ = expand_inputs([str(link.parent)])
+    assert link in files
+    with pytest.raises(CladError, match="image file not found .*restore the file"):
+        load_image(str(link), CFG)
+
+
+def test_a_set_the_head_does_not_read_is_refused_and_not_remembered(extracted):
+    for sets in (["--set", "epochs_contrastive=2"], ["--set", "clad.margin=2"]):
+        res = clad("train", str(extracted), "--run", "unused", "--head", "knn", *sets, check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        line = res.stderr.strip().splitlines()[-1]
+        assert "this run trains head knn, which does not read it" in line and "knn_coreset, knn_k" in line
+    assert not (extracted / "runs" / "unused").exists()

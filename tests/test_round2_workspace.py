@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 from tests.conftest import clad, set_config
 
@@ -45,3 +46,109 @@ def test_images_added_after_extraction_make_the_cache_stale(tiny_data, tmp_path)
     assert "data set changed since extraction" in line and "--rebuild" in line
     clad("extract", str(work), "--rebuild")
     assert _status(work)["extract"]["state"] == "done"
+
+
+def _inputs(tiny_data, folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    src = sorted(tiny_data.rglob("test/*/*.png"))
+    for i in range(n):
+        shutil.copy(src[i % len(src)], folder / f"img{i:03d}.png")
+    return folder
+
+
+def _consistent(out):
+    """results.csv names exactly the heat maps in the folder; no temporaries beside or inside it."""
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(Path(r["heatmap"]).name for r in rows) == sorted(p.name for p in out.glob("*.png"))
+    assert all(Path(r["heatmap"]).parent == out for r in rows)
+    left = [p for p in out.parent.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not left, left
+    return rows
+
+
+def test_score_out_is_one_whole_scoring_even_after_kill_9(trained, tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.conftest import CLAD, ROOT
+
+    out = tmp_path / "res" / "out"
+    clad("score", str(trained), "--run", "t", str(_inputs(tiny_data, tmp_path / "few", 3)), "--out", str(out))
+    assert len(_consistent(out)) == 3
+    many = _inputs(tiny_data, tmp_path / "many", 40)
+    args = ["score", str(trained), "--run", "t", str(many), "--out", str(out)]
+    proc = subprocess.Popen(CLAD + args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "res").rglob("00006_*.png")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "scoring finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # killed mid-way: the folder still holds the previous scoring, whole
+    rows = list(csv_rows(out))
+    assert len(rows) == 3 and sorted(p.name for p in out.glob("*.png")) == sorted(
+        Path(r["heatmap"]).name for r in rows)
+    res = clad(*args)
+    assert "left by an interrupted process" in res.stderr
+    assert len(_consistent(out)) == 40
+
+
+def csv_rows(out):
+    import csv
+
+    return csv.DictReader((out / "results.csv").open())
+
+
+def test_score_out_inside_an_input_folder_is_not_scored_again(trained, tiny_data, tmp_path):
+    folder = _inputs(tiny_data, tmp_path / "in", 3)
+    out = folder / "out"
+    clad("score", str(trained), "--run", "t", str(folder), "--out", str(out))
+    res = clad("score", str(trained), "--run", "t", str(folder), "--out", str(out))
+    assert len(_consistent(out)) == 3  # not 6: its own heat maps are not inputs
+    assert "skipped 3 image(s) inside the output folder" in res.stderr
+
+
+def test_score_out_that_is_a_file_or_a_foreign_folder_is_one_line(trained, tiny_data, tmp_path):
+    folder = _inputs(tiny_data, tmp_path / "in", 1)
+    (tmp_path / "taken.csv").write_text("mine")
+    line = _one_line(clad("score", str(trained), "--run", "t", str(folder), "--out", str(tmp_path / "taken.csv"),
+                          check=False))
+    assert "taken.csv: is a file, not a folder" in line
+    # a folder of the user's own files is never replaced by a scoring (the input folder itself, say)
+    line = _one_line(clad("score", str(trained), "--run", "t", str(folder), "--out", str(folder), check=False))
+    assert "not an earlier 'clad score' output" in line
+    assert (folder / "img000.png").is_file() and (tmp_path / "taken.csv").read_text() == "mine"
+
+
+def test_evaluate_removes_temporaries_of_a_killed_evaluation(trained, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    dead = work / "runs" / "t" / ".eval.tmp-999999999"  # no such process
+    (dead / "figures").mkdir(parents=True)
+    (dead / "figures" / "x.png").write_bytes(b"x" * 1000)
+    res = clad("evaluate", str(work), "--run", "t")
+    assert not dead.exists() and "left by an interrupted evaluation" in res.stderr
+    assert (work / "runs" / "t" / "eval" / "metrics.json").is_file()
+
+
+def test_a_partial_cache_says_whether_an_extraction_is_running(extracted, tmp_path):
+    import os
+
+    from pipeline.locks import extract_lock
+
+    work = tmp_path / "w"
+    shutil.copytree(extracted, work)
+    shutil.rmtree(work / "cache" / "test.zarr" / "shards" / "00001")  # as if a run stopped before it
+    st = _status(work)["extract"]
+    assert st["state"] == "partial" and "no extraction is running" in st["detail"]
+    assert "run 'clad extract WORK' to finish" in st["detail"]
+    with extract_lock(work, print):  # an extraction at work (this process holds its lock)
+        st = _status(work)["extract"]
+        assert f"an extraction is running (pid {os.getpid()}): wait for it to finish" in st["detail"]
+        line = _one_line(clad("train", str(work), "--run", "x", "--head", "knn", check=False))
+        assert "feature cache is partial" in line and "an extraction is running" in line
