@@ -141,6 +141,12 @@ class FeatureStore:
         (tmp / "shards").mkdir()
         os.replace(tmp, self.path)
 
+    def is_empty(self) -> bool:
+        """No shard was ever committed or started: the store holds its attributes only
+        (an extraction that failed before its first shard), so nothing is lost by replacing it."""
+        tmp = self.path / ".tmp"
+        return not self._folders() and not (tmp.is_dir() and any(tmp.iterdir()))
+
     def discard_partial(self) -> None:
         """Drop shards whose writers died (anything under .tmp)."""
         shutil.rmtree(self.path / ".tmp", ignore_errors=True)

@@ -142,6 +142,26 @@ def save_torch_atomic(obj: dict[str, Any], path: Path) -> None:
     write_with(path, lambda fh: torch.save(obj, fh), fsync=True)
 
 
+def load_safely(path: Path, what: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that is not a plain
+    tensor pickle (a pickle with code, a PNG, a truncated file) is one line
+    naming it, ``what`` it should be and ``fix``. Never retried with
+    ``weights_only=False``: that would run whatever code the file holds."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, TypeError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = "it holds code or objects other than tensors" if isinstance(exc, pickle.UnpicklingError) \
+            else f"{type(exc).__name__}: {first[:100]}"
+        raise CladError(f"{path}: not {what} that can be loaded safely ({why}); {fix}") from None
+
+
 def read_json(path: Path) -> Any:
     """The parsed JSON file, or None when it does not exist."""
     return json.loads(path.read_text()) if path.is_file() else None

@@ -74,6 +74,9 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         info = s.info()
         infos.append(info)
         current = {**cfg.extract_settings(), "dataset": info.settings.get("dataset")}
+        if settings_hash(current) != info.key and all(x.exists() and x.is_empty() for x in stores):
+            return StageState("extract", "missing", "nothing extracted yet (an earlier 'clad extract' stopped "
+                              "before its first shard); run 'clad extract WORK'")
         if settings_hash(current) != info.key:
             changes = diff_settings(info.settings, current)
             return StageState("extract", "stale", "; ".join(changes[:5]) +

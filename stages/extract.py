@@ -315,6 +315,8 @@ def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False)
             # extracted before mtimes were fingerprinted: its key stays valid
             # (a same-size replacement made before this upgrade goes unseen)
             settings["dataset"] = plan.legacy_fingerprint
+        if store.exists() and store.is_empty() and store.info().key != settings_hash(settings):
+            store.delete()  # an extraction with other settings that stopped before its first shard: nothing to keep
         store.create_or_validate(settings_hash(settings), settings, plan.image_ids(split), plan.class_names)
         store.discard_partial()
     return out

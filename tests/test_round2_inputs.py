@@ -139,3 +139,51 @@ def test_a_set_the_head_does_not_read_is_refused_and_not_remembered(extracted):
         line = res.stderr.strip().splitlines()[-1]
         assert "this run trains head knn, which does not read it" in line and "knn_coreset, knn_k" in line
     assert not (extracted / "runs" / "unused").exists()
+
+
+class _Code:
+    def __reduce__(self):
+        import os
+
+        return (os.getpid, ())  # code: weights_only must refuse to run it
+
+
+@pytest.mark.parametrize("kind", ["pickle_with_code", "png", "not_a_dict"])
+def test_a_weights_file_that_is_not_a_state_dict_is_one_line(tmp_path, kind):
+    import pickle
+
+    import torch
+
+    from stages.backbone import _load_weights
+
+    path = tmp_path / f"weights-{kind}.pt"
+    if kind == "pickle_with_code":
+        torch.save({"w": _Code()}, path, pickle_module=pickle)
+    elif kind == "png":
+        Image.new("RGB", (20, 20)).save(path, format="PNG")
+    else:
+        torch.save([torch.zeros(2)], path)
+    with pytest.raises(CladError) as exc:
+        _load_weights(torch.nn.Linear(2, 2), "any", str(path))
+    msg = str(exc.value)
+    assert msg.startswith(str(path)) and "state dict" in msg and "features.weights" in msg
+    assert "weights_only" not in msg and "\n" not in msg
+
+
+def test_bad_weights_then_good_ones_is_not_other_settings(tiny_data, tmp_path):
+    from tests.conftest import set_config
+
+    work = tmp_path / "w"
+    clad("init", str(work), "--data", str(tiny_data))
+    png = tmp_path / "weights.png"
+    Image.new("RGB", (20, 20)).save(png)
+    set_config(work, features={"weights": str(png), "shard_images": 4})
+    res = clad("extract", str(work), check=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "weights_only" not in res.stderr
+    assert f"{png}: not a state dict" in res.stderr.strip().splitlines()[-1]
+    # nothing was extracted: the empty cache is missing, not 'extracted with other settings'
+    set_config(work, features={"weights": "package"})
+    st = clad("status", str(work)).stdout.splitlines()[0]
+    assert "missing" in st and "other settings" not in st and "stale" not in st
+    clad("extract", str(work))
+    assert "done" in clad("status", str(work)).stdout.splitlines()[0]
