@@ -4,6 +4,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import clad, set_config
 
 
@@ -152,3 +154,48 @@ def test_a_partial_cache_says_whether_an_extraction_is_running(extracted, tmp_pa
         assert f"an extraction is running (pid {os.getpid()}): wait for it to finish" in st["detail"]
         line = _one_line(clad("train", str(work), "--run", "x", "--head", "knn", check=False))
         assert "feature cache is partial" in line and "an extraction is running" in line
+
+
+@pytest.mark.parametrize("alloc", ["torch_cpu", "numpy", "cuda"])
+def test_out_of_memory_in_training_is_one_line_naming_the_batch_settings(extracted, tmp_path, monkeypatch, alloc):
+    import numpy as np
+    import torch
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from stages.heads import head_class
+
+    def fit(cls, settings, ctx):  # the allocation a too-large batch makes, with the real exception it raises
+        if alloc == "torch_cpu":
+            torch.empty(10**14)  # RuntimeError: DefaultCPUAllocator: can't allocate memory
+        elif alloc == "numpy":
+            np.empty(10**14)  # numpy's _ArrayMemoryError, a MemoryError
+        else:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 372.53 GiB")
+        raise AssertionError("allocated 800 TB")
+
+    work = tmp_path / "w"
+    shutil.copytree(extracted, work)
+    monkeypatch.setattr(head_class("clad"), "fit", classmethod(fit))
+    res = CliRunner().invoke(main, ["train", str(work), "--run", "oom", "--head", "clad",
+                                    "--set", "batch_finetune=100000000"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip().splitlines()[-1]
+    assert "out of memory" in line and "batch_finetune = 100000000" in line and "batch_contrastive" in line
+    assert "--set batch_finetune=25000000" in line and "Traceback" not in res.output
+
+
+def test_a_bug_in_training_keeps_its_traceback(extracted, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from stages.heads import head_class
+
+    def fit(cls, settings, ctx):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    work = tmp_path / "w"
+    shutil.copytree(extracted, work)
+    monkeypatch.setattr(head_class("clad"), "fit", classmethod(fit))
+    res = CliRunner().invoke(main, ["train", str(work), "--run", "bug", "--head", "clad"])
+    assert isinstance(res.exception, RuntimeError) and "shapes" in str(res.exception)
