@@ -218,7 +218,8 @@ def load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise CladError(f"{path}: not valid TOML ({exc}); fix the file or re-run 'clad init --force'") from None
+        raise CladError(f"{path}: not valid TOML ({exc}); fix the file, or write a new one with "
+                        f"'clad init {path.parent} --data PATH --force'") from None
     return config_from_dict(raw, str(path))
 
 

@@ -43,3 +43,15 @@ def test_status_on_a_config_with_sigma_true_is_one_line(tmp_path):
     res = clad("status", str(work), check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "'sigma' must be float (a number), got True" in res.stderr.strip()
+
+
+def test_messages_name_commands_that_exist(tmp_path):
+    from pipeline.config import load_config
+    from stages.data import load_image
+
+    (tmp_path / "config.toml").write_text("[data\nroot = 1\n")
+    with pytest.raises(CladError, match=rf"write a new one with 'clad init {tmp_path} --data PATH --force'"):
+        load_config(tmp_path / "config.toml")
+    with pytest.raises(CladError) as exc:
+        load_image(str(tmp_path / "gone.png"), Config().features)
+    assert "re-index" not in str(exc.value) and "restore the file" in str(exc.value)
