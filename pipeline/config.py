@@ -313,7 +313,7 @@ def check_sets_used(cfg: Config, sets: tuple[str, ...] | list[str]) -> None:
         key = item.split("=", 1)[0].strip()
         section, _, name = key.rpartition(".")
         section = section.removeprefix("train.") or "train"
-        if section == "train" and (name in _COMMON_TRAIN or name in own):
+        if section == "train" and (name in _COMMON_TRAIN or name in own or name in _MOVED):
             continue
         if section in HEADS and section != head:
             why = f"names head {section}'s setting"

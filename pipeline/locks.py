@@ -42,8 +42,8 @@ def held(path: Path, what: str, say: Callable[[str], None], shared: bool = False
                 + (doing or f"working on the same {'workspace' if 'extract' in path.name else 'run'}")
                 + f" ({path.name})")
             fcntl.flock(fd, mode)
-        if not shared:  # shared holders leave the file alone (an exclusive waiter names the last writer)
-            os.ftruncate(fd, 0)
+        if not shared:  # shared holders never truncate (another may be reading); each writes its pid padded,
+            os.ftruncate(fd, 0)  # so a waiter names the latest of them
         os.pwrite(fd, f"{os.getpid():<12}".encode(), 0)
         yield
     finally:

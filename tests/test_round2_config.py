@@ -55,3 +55,13 @@ def test_messages_name_commands_that_exist(tmp_path):
     with pytest.raises(CladError) as exc:
         load_image(str(tmp_path / "gone.png"), Config().features)
     assert "re-index" not in str(exc.value) and "restore the file" in str(exc.value)
+
+
+def test_sets_every_head_reads_or_that_moved_are_not_refused():
+    from pipeline.config import check_sets_used, with_run_choices
+
+    cfg = with_run_choices(Config(), head="knn")
+    check_sets_used(cfg, ["knn_k=3", "knn.knn_k=3", "seed=2", "holdout=0.1", "threshold_quantile=0.99",
+                          "evaluate.sigma=2", "data.labels=pseudo"])
+    with pytest.raises(CladError, match="is a setting of clad, rlr"):
+        check_sets_used(cfg, ["lr=1e-3"])
