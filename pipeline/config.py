@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
@@ -61,7 +62,7 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     choices = CHOICES.get((cls.__name__, name))
     if choices is not None and value not in choices:
         raise CladError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {value!r}")
-    kind = str(next(f for f in fields(cls) if f.name == name).type)
+    kind = _kind(next(f for f in fields(cls) if f.name == name))
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
@@ -78,7 +79,15 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     return _scalar(kind, name, value, where, f"'{name}'")
 
 
-_KIND_WORDS = {"int": "int (a whole number)", "float": "float (a number)", "str": "str (text)"}
+_KIND_WORDS = {"int": "int (a whole number)", "float": "float (a finite number)", "str": "str (text)"}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    """The declared type of a settings field as a word: bool, int, float, str or tuple[...]."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if t.startswith("tuple"):
+        return "tuple[int, ...]" if "int" in t else "tuple[str, ...]"
+    return t if t in ("bool", "int", "float", "str") else type(f.default).__name__
 
 
 def _scalar(kind: str, name: str, value: Any, where: str, what: str) -> Any:
@@ -95,6 +104,8 @@ def _scalar(kind: str, name: str, value: Any, where: str, what: str) -> Any:
         return str(value)  # a number is fine as text (a folder named 2024)
     try:
         if kind == "float":
+            if not math.isfinite(float(value)):  # nan passes every range check, inf most
+                raise ValueError(value)
             return float(value)
         if isinstance(value, float) and not value.is_integer():
             raise ValueError(value)

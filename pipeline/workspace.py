@@ -115,5 +115,5 @@ def _data_changes(cfg: Config, infos: list[Any]) -> str:
     if not what:
         return ""
     return (f"the data set changed since extraction ({what} under {cfg.data.root}); the cache, and every run "
-            "trained on it, does not include them: run 'clad extract WORK --rebuild' to re-extract it "
+            "trained on it, holds the old data set: run 'clad extract WORK --rebuild' to re-extract it "
             "(or restore the data set as it was)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,25 @@ def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path,
     verdicts = verdicts_in_force(cal, files, cfg.calibrate)
     router = load_router(files)
     encoder = FeatureEncoder(cfg.features, device)
-    size = cfg.features.crop or cfg.features.resize
     for gone in remove_stale_temps(out_dir.parent, recursive=False, of=out_dir.name):
         log(f"score: removed {gone}, left by an interrupted process")
     work_dir = temp_dir(out_dir)
+    try:
+        results = _score_into(cfg, paths, (work_dir, out_dir), head, encoder, router, verdicts, classes,
+                              class_name, log, bar(len(paths)), batch)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)  # out_dir keeps the previous scoring, whole
+        raise
+    swap_into_place(work_dir, out_dir)
+    return results
+
+
+def _score_into(cfg: Config, paths: list[Path], dirs: tuple[Path, Path], head: Any, encoder: Any, router: Any,
+                verdicts: Any, classes: list[str], class_name: str, log: Callable[[str], None], progress: Any,
+                batch: int) -> list[dict[str, Any]]:
+    """Score batch by batch, writing heat maps and the tables into ``dirs[0]``."""
+    size = cfg.features.crop or cfg.features.resize
     results: list[dict[str, Any]] = []
-    progress = bar(len(paths))
     for s in range(0, len(paths), batch):
         ok, images = [], []
         for p in paths[s:s + batch]:
@@ -129,12 +143,11 @@ def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path,
             maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
             routes = router.route(descriptors(feats)) if router is not None else [None] * len(ok)
             for p, img, amap, sc, rt in zip(ok, arr, maps, image_scores(maps), routes, strict=True):
-                results.append(_judge(p, img, amap, float(sc), rt, class_name, classes, verdicts,
-                                      (work_dir, out_dir), len(results), log))
+                results.append(_judge(p, img, amap, float(sc), rt, class_name, classes, verdicts, dirs,
+                                      len(results), log))
         progress.update(len(paths[s:s + batch]))
     progress.close()
-    _write_table(results, work_dir, verdicts)
-    swap_into_place(work_dir, out_dir)
+    _write_table(results, dirs[0], verdicts)
     return results
 
 

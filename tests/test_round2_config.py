@@ -10,13 +10,15 @@ from tests.conftest import clad
 
 
 @pytest.mark.parametrize("section, key, value, words", [
-    ("evaluate", "sigma", True, "must be float (a number), got True"),
+    ("evaluate", "sigma", True, "must be float (a finite number), got True"),
     ("features", "shard_images", False, "must be int (a whole number), got False"),
     ("features", "backbone", ["resnet18"], "must be str (text), got ['resnet18']"),
     ("data", "textures", {"a": 1}, "must be str (text)"),
-    ("evaluate", "sigma", [4.0], "must be float (a number)"),
+    ("evaluate", "sigma", [4.0], "must be float (a finite number)"),
     ("data", "classes", ["a", ["b"]], "an element of 'classes' must be str (text)"),
     ("train", "seed", 1.5, "must be int (a whole number)"),
+    ("evaluate", "sigma", float("inf"), "must be float (a finite number), got inf"),
+    ("evaluate", "sigma", float("nan"), "must be float (a finite number), got nan"),
 ])
 def test_wrong_types_are_refused_when_the_file_is_read(section, key, value, words):
     with pytest.raises(CladError, match=rf"config.toml \[{section}\].*{key}") as exc:
@@ -25,7 +27,7 @@ def test_wrong_types_are_refused_when_the_file_is_read(section, key, value, word
 
 
 def test_wrong_types_are_refused_on_the_command_line():
-    with pytest.raises(CladError, match=re.escape("'sigma' must be float (a number), got True")):
+    with pytest.raises(CladError, match=re.escape("'sigma' must be float (a finite number), got True")):
         apply_sets(Config(), ["evaluate.sigma=true"])
     with pytest.raises(CladError, match=re.escape("'backbone' must be str (text)")):
         apply_sets(Config(), ['features.backbone=["a", "b"]'])
@@ -42,7 +44,7 @@ def test_status_on_a_config_with_sigma_true_is_one_line(tmp_path):
     (work / "config.toml").write_text(text)
     res = clad("status", str(work), check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "'sigma' must be float (a number), got True" in res.stderr.strip()
+    assert "'sigma' must be float (a finite number), got True" in res.stderr.strip()
 
 
 def test_messages_name_commands_that_exist(tmp_path):
