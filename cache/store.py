@@ -122,6 +122,10 @@ class FeatureStore:
             info = self.info()
             if info.key != key:
                 changes = diff_settings(info.settings, settings) or ["(data set content changed)"]
+                if all(c.startswith("dataset:") for c in changes):
+                    raise StaleError(f"{self.path}: the data set changed since extraction (images added, removed "
+                                     "or modified; 'clad status WORK' says which); re-run "
+                                     "'clad extract WORK --rebuild' to re-extract it, or restore the data set")
                 raise StaleError(
                     f"{self.path}: cache was extracted with other settings ({'; '.join(changes[:5])}); "
                     "re-run 'clad extract WORK --rebuild' to discard it, or restore the old settings")
@@ -136,6 +140,12 @@ class FeatureStore:
         root.attrs.update({"key": key, "settings": settings, "plan": plan, "class_names": class_names})
         (tmp / "shards").mkdir()
         os.replace(tmp, self.path)
+
+    def is_empty(self) -> bool:
+        """No shard was ever committed or started: the store holds its attributes only
+        (an extraction that failed before its first shard), so nothing is lost by replacing it."""
+        tmp = self.path / ".tmp"
+        return not self._folders() and not (tmp.is_dir() and any(tmp.iterdir()))
 
     def discard_partial(self) -> None:
         """Drop shards whose writers died (anything under .tmp)."""

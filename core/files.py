@@ -7,6 +7,7 @@ through ``write_atomic`` (text/bytes) or ``save_torch_atomic`` (checkpoints).
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -26,7 +27,7 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-TEMP_PATTERN = re.compile(r"^\..+\.tmp-(\d+)(\.[A-Za-z0-9]+)?$")  # every writer's hidden temporary name
+TEMP_PATTERN = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(\.[A-Za-z0-9]+)?$")  # every writer's hidden temporary name
 
 
 def _out_of_space(exc: BaseException, where: Path) -> bool:
@@ -69,26 +70,63 @@ def write_with(path: Path, write: Callable[[IO[bytes]], None], fsync: bool = Fal
         raise
 
 
-def remove_stale_temps(root: Path) -> list[Path]:
-    """Remove the hidden temporary files under ``root`` whose writer process is gone
-    (left by kill -9 or a crash; they can be large). Returns what was removed."""
-    removed = []
-    for p in Path(root).rglob(".*.tmp-*"):
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(root: Path, recursive: bool = True, of: str = "") -> list[Path]:
+    """Remove the hidden temporaries under ``root`` (files, and folders such as
+    ``.eval.tmp-PID`` or ``.scores.old-PID``) whose writer process is gone (left
+    by kill -9 or a crash; they can be large). ``recursive=False`` looks at
+    ``root``'s own entries only; ``of`` keeps to the temporaries of that one name
+    (in a user's folder, nothing else is touched). Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    find = root.rglob if recursive else root.glob
+    name = glob.escape(of) if of else "*"
+    found = sorted(set(find(f".{name}.tmp-*")) | set(find(f".{name}.old-*")))
+    removed: list[Path] = []
+    for p in found:
         m = TEMP_PATTERN.match(p.name)
-        if m is None or not p.is_file():
+        if m is None or any(r in p.parents for r in removed) or _alive(int(m.group(1))):
             continue
-        pid = int(m.group(1))
-        try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file() or p.is_symlink():
             p.unlink(missing_ok=True)
-            removed.append(p)
+        else:
+            continue
+        removed.append(p)
     return removed
+
+
+def temp_dir(final: Path) -> Path:
+    """A fresh hidden sibling folder ``.NAME.tmp-PID`` to build ``final`` in
+    (see ``swap_into_place``); dead processes' ones are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(final.parent, recursive=False, of=final.name)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def swap_into_place(tmp: Path, final: Path) -> None:
+    """Replace the folder ``final`` by the finished folder ``tmp`` (two renames):
+    a reader, or a kill at any moment, sees the old folder whole or the new one
+    whole, never a mix; an old copy left by a kill is ``.NAME.old-PID``."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
@@ -102,6 +140,26 @@ def save_torch_atomic(obj: dict[str, Any], path: Path) -> None:
     import torch
 
     write_with(path, lambda fh: torch.save(obj, fh), fsync=True)
+
+
+def load_safely(path: Path, what: str, fix: str) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that is not a plain
+    tensor pickle (a pickle with code, a PNG, a truncated file) is one line
+    naming it, ``what`` it should be and ``fix``. Never retried with
+    ``weights_only=False``: that would run whatever code the file holds."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError,
+            AttributeError, TypeError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = "it holds code or objects other than tensors" if isinstance(exc, pickle.UnpicklingError) \
+            else f"{type(exc).__name__}: {first[:100]}"
+        raise CladError(f"{path}: not {what} that can be loaded safely ({why}); {fix}") from None
 
 
 def read_json(path: Path) -> Any:

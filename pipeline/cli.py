@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pipeline.config import (
     with_profile,
     write_atomic,
 )
-from pipeline.locks import extract_lock, run_lock
+from pipeline.locks import cache_read_lock, cache_rebuild_lock, extract_lock, run_lock
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace
 from stages.heads import head_class, head_names
@@ -117,7 +118,7 @@ def init(work: Path, data_root: Path, textures: str, backbone: str, weights: str
 @click.option("--rebuild", is_flag=True, help="Discard a cache made with other settings and start over.")
 def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
     """Stage 1: extract patch features of all images into WORK/cache (resumable)."""
-    with extract_lock(work, say):
+    with extract_lock(work, say), (cache_rebuild_lock(work, say) if rebuild else nullcontext()):
         extract_locked(work, scheduler, device, rebuild)
 
 
@@ -184,7 +185,7 @@ def train(work: Path, run_name: str, profile: str | None, head: str | None, sets
 
     if head:
         head_class(head)  # an unknown name is refused with the list
-    with run_lock(work, run_name, "train", say):
+    with run_lock(work, run_name, "train", say), cache_read_lock(work, "train", say):
         train_run(Workspace(work), run_name, {"profile": profile, "head": head, "sets": list(sets)},
                   device, restart)
 
@@ -197,7 +198,7 @@ def evaluate(work: Path, run_name: str, device: str) -> None:
     """Stage 3: metrics, report and pictures of a trained run (runs/NAME/eval)."""
     from pipeline.eval_run import evaluate_run_cli
 
-    with run_lock(work, run_name, "evaluate", say):
+    with run_lock(work, run_name, "evaluate", say), cache_read_lock(work, "evaluate", say):
         evaluate_run_cli(Workspace(work), run_name, device)
 
 
@@ -209,7 +210,7 @@ def calibrate(work: Path, run_name: str, device: str) -> None:
     """Per-class verdict thresholds of a trained run, from training data only (no retraining)."""
     from pipeline.eval_run import calibrate_cli
 
-    with run_lock(work, run_name, "calibrate", say):
+    with run_lock(work, run_name, "calibrate", say), cache_read_lock(work, "calibrate", say):
         calibrate_cli(Workspace(work), run_name, device)
 
 
@@ -220,8 +221,9 @@ def calibrate(work: Path, run_name: str, device: str) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder (default: WORK/runs/NAME/scores).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--class", "class_name", default="", help="Class of every image (default: the nearest enclosing "
-              "folder named like a trained class, else predicted by the run).")
+@click.option("--class", "class_name", default="", help="Class of every image (default: predicted by the run; "
+              "a folder named like a trained class decides only when the prediction is unsure, and a "
+              "confident prediction that disagrees with it is warned about and recorded).")
 def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | None, device: str,
           class_name: str) -> None:
     """Score new images (files or folders) with a trained run: class, score, verdict, heat map."""

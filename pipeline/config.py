@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
@@ -61,34 +62,56 @@ def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     choices = CHOICES.get((cls.__name__, name))
     if choices is not None and value not in choices:
         raise CladError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {value!r}")
-    default = next(f for f in fields(cls) if f.name == name).default
-    if isinstance(default, bool):
+    kind = _kind(next(f for f in fields(cls) if f.name == name))
+    if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
         if not isinstance(value, bool):
             raise CladError(f"{where}: '{name}' must be true or false, got {value!r}")
         return value
-    if isinstance(default, tuple):
+    if kind.startswith("tuple"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise CladError(f"{where}: '{name}' must be a list, got {value!r}")
-        elem = type(default[0]) if default else str
-        try:
-            return tuple(elem(v) for v in value)
-        except ValueError as exc:
-            raise CladError(f"{where}: '{name}' has a bad element ({exc})") from None
+        elem = "int" if kind == "tuple[int, ...]" else "str"
+        return tuple(_scalar(elem, name, v, where, f"an element of '{name}'") for v in value)
+    return _scalar(kind, name, value, where, f"'{name}'")
+
+
+_KIND_WORDS = {"int": "int (a whole number)", "float": "float (a finite number)", "str": "str (text)"}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    """The declared type of a settings field as a word: bool, int, float, str or tuple[...]."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if t.startswith("tuple"):
+        return "tuple[int, ...]" if "int" in t else "tuple[str, ...]"
+    return t if t in ("bool", "int", "float", "str") else type(f.default).__name__
+
+
+def _scalar(kind: str, name: str, value: Any, where: str, what: str) -> Any:
+    """A number or text setting, checked against its declared type: true is not 1,
+    and a list is not text (TOML and --set give real types; only they are converted)."""
+    def refuse() -> CladError:
+        fix = {"int": f"{name} = 3", "float": f"{name} = 0.5", "str": f'{name} = "text"'}[kind]
+        return CladError(f"{where}: {what} must be {_KIND_WORDS[kind]}, got {value!r} "
+                         f"({type(value).__name__}); write it like {fix}")
+
+    if isinstance(value, (bool, list, tuple, dict)):
+        raise refuse()
+    if kind == "str":
+        return str(value)  # a number is fine as text (a folder named 2024)
     try:
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
+        if kind == "float":
+            if not math.isfinite(float(value)):  # nan passes every range check, inf most
                 raise ValueError(value)
-            return int(value)
-        return str(value)
+            return float(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
     except (TypeError, ValueError):
-        raise CladError(
-            f"{where}: '{name}' must be {type(default).__name__}, got {value!r}") from None
+        raise refuse() from None
 
 
 def section_from_dict(cls: type, raw: dict[str, Any], where: str, base: Any = None) -> Any:
@@ -206,7 +229,8 @@ def load_config(path: Path) -> Config:
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise CladError(f"{path}: not valid TOML ({exc}); fix the file or re-run 'clad init --force'") from None
+        raise CladError(f"{path}: not valid TOML ({exc}); fix the file, or write a new one with "
+                        f"'clad init {path.parent} --data PATH --force'") from None
     return config_from_dict(raw, str(path))
 
 
@@ -288,3 +312,25 @@ def apply_sets(cfg: Config, sets: tuple[str, ...] | list[str]) -> Config:
         cls = _SECTION_TYPES[section]
         cfg = replace(cfg, **{section: section_from_dict(cls, raw, "--set", getattr(cfg, section))})
     return cfg
+
+
+def check_sets_used(cfg: Config, sets: tuple[str, ...] | list[str]) -> None:
+    """Refuse a ``--set`` of a [train] setting that the run's head does not read
+    (``--set knn_k=3`` for a CLAD run): accepted, it would be remembered with the
+    run and change nothing, silently. Other sections' settings are always used."""
+    head = cfg.train.head
+    own = {f.name for f in fields(HEADS[head].settings)}
+    for item in sets:
+        key = item.split("=", 1)[0].strip()
+        section, _, name = key.rpartition(".")
+        section = section.removeprefix("train.") or "train"
+        if section == "train" and (name in _COMMON_TRAIN or name in own or name in _MOVED):
+            continue
+        if section in HEADS and section != head:
+            why = f"names head {section}'s setting"
+        elif section == "train":
+            why = f"is a setting of {', '.join(_owners(name)) or 'no head'}"
+        else:
+            continue
+        raise CladError(f"--set {item!r}: {why}, but this run trains head {head}, which does not read it; "
+                        f"{head}'s settings: {', '.join(sorted(own))} (or pick the head with --head)")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from core.errors import CladError, StaleError
-from core.files import read_json
+from core.files import read_json, remove_stale_temps
 from core.layout import RunFiles
 from core.settings import Config
 from pipeline.config import load_config
@@ -64,6 +64,9 @@ def evaluate_run_cli(ws: Workspace, name: str, device: str) -> None:
     from stages.evaluate import evaluate_run, metrics_table, verdict_table
     from stages.extract import resolve_device
 
+    files = RunFiles(ws.run_dir(name))
+    for gone in remove_stale_temps(files.root, recursive=False, of="eval"):
+        say(f"evaluate: removed {gone}, left by an interrupted evaluation")
     calibrate_cli(ws, name, device, force=False)  # a missing or stale calibration is redone first
     cfg, key = trained_config(ws, name)
     files = RunFiles(ws.run_dir(name))
@@ -87,13 +90,17 @@ def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, 
               class_name: str) -> None:
     from stages.calibrate import ensure_calibrated
     from stages.extract import resolve_device
-    from stages.score import expand_inputs, score_images
+    from stages.score import check_out_dir, expand_inputs, score_images
 
     cfg, key = trained_config(ws, name)
     files = RunFiles(ws.run_dir(name))
     ensure_calibrated(cfg, files, key)
-    inputs = expand_inputs(paths)
     out = out_dir or files.scores_dir
+    check_out_dir(out)
+    inputs, passed_over = expand_inputs(paths, out)
+    if passed_over:
+        say(f"score: skipped {passed_over} image(s) inside the output folder {out} or hidden folders "
+            "(earlier heat maps and temporaries are not inputs)")
     t0 = time.perf_counter()
     results = score_images(cfg, files, inputs, out, resolve_device(device), say,
                            lambda n: progress(n, "score", unit="img"), class_name)

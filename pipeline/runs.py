@@ -76,7 +76,7 @@ def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> li
         out.append(StageState(f"train[{name}]", "stale", "; ".join(changes[:5]) +
                               f" (re-run 'clad train WORK --run {name} --restart')", extra={"changes": changes}))
     elif extract.state != "done":
-        out.append(StageState(f"train[{name}]", "stale", f"the feature cache is {extract.state}"))
+        out.append(StageState(f"train[{name}]", "stale", f"the feature cache is {extract.state}: {extract.detail}"))
     else:
         out.append(StageState(f"train[{name}]", "done", f"{summary.get('head', 'clad')} head"))
     trained = out[-1].state == "done"

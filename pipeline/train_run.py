@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from cache.store import FeatureStore
-from core.errors import StaleError
+from core.errors import CladError, StaleError
 from core.files import read_json, remove_stale_temps
 from core.layout import RunFiles
-from pipeline.config import load_config, save_config
+from pipeline.config import check_sets_used, load_config, save_config
 from pipeline.progress import progress, say
 from pipeline.runs import run_config, saved_overrides, write_overrides
 from pipeline.workspace import Workspace, extract_state
@@ -22,6 +25,36 @@ def _bar(phase: str, done: int, total: int) -> Any:
     b = progress(total, f"train {phase}", unit="epoch")
     b.update(done)
     return b
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure of torch or numpy, on the CPU or a GPU (not a bug)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(exc, MemoryError) or (oom is not None and isinstance(exc, oom)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text.lower()
+                                              or "DefaultCPUAllocator: can't allocate memory" in text)
+
+
+@contextmanager
+def out_of_memory_is_one_line(cfg: Any, device: str) -> Iterator[None]:
+    """Turn an allocation failure while training into one line naming the head's
+    batch settings (their values and a smaller one to try); the run resumes from
+    its last checkpoint when trained again."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        settings = cfg.train.head_settings()
+        batches = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings) if "batch" in f.name}
+        what = (", ".join(f"{k} = {v}" for k, v in batches.items()) if batches else "")
+        fix = ("lower " + " or ".join(f"--set {k}={max(1, int(v) // 4)}" for k, v in batches.items())
+               if batches else f"head {cfg.train.head} has no batch setting; free memory or use a larger machine")
+        raise CladError(f"out of memory on the {device} while training head {cfg.train.head}"
+                        + (f" ({what})" if what else "") + f"; {fix}, and run the same command again "
+                        "(it resumes from the last checkpoint)") from None
 
 
 def resolve_overrides(ws: Workspace, name: str, cli: dict[str, Any], restart: bool) -> dict[str, Any]:
@@ -52,10 +85,10 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
         say(f"train: removed {p.name}, left by an interrupted process")
     overrides = resolve_overrides(ws, name, cli, restart)
     cfg = run_config(base, overrides)  # checks every value before anything is written
+    check_sets_used(cfg, cli.get("sets") or [])  # this command line's; a run's remembered ones were checked
     ex = extract_state(ws, cfg)
     if ex.state != "done":
-        raise StaleError(f"{ws.cache_dir}: feature cache is {ex.state} ({ex.detail}); "
-                         "run 'clad extract WORK' first")
+        raise StaleError(f"{ws.cache_dir}: feature cache is {ex.state}: {ex.detail}")
     summary = read_json(files.summary)
     if restart:
         shutil.rmtree(files.root, ignore_errors=True)
@@ -84,9 +117,10 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
     say(f"train: run {name!r}, head {cfg.train.head} ({head_class(cfg.train.head).summary}), "
         f"profile {cfg.train.profile}, on {dev.type}")
     ctx = train_context(cfg, cache, files, dev, store.info().key, say, _bar)
-    head, result = train_head(cfg, ctx)
-    t_train = time.perf_counter() - t0
-    cal = calibrate_run(cfg, head, ctx, ctx.run_key)
+    with out_of_memory_is_one_line(cfg, dev.type):
+        head, result = train_head(cfg, ctx)
+        t_train = time.perf_counter() - t0
+        cal = calibrate_run(cfg, head, ctx, ctx.run_key)
     result.update({"train_key": ctx.run_key, "head": cfg.train.head, "seconds_train": t_train,
                    "seconds_total": time.perf_counter() - t0, "device": dev.type,
                    "torch_threads": torch.get_num_threads(),

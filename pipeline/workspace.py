@@ -9,6 +9,7 @@ from typing import Any
 
 from core.errors import CladError
 from pipeline.config import Config, diff_settings, load_config, settings_hash
+from pipeline.locks import extraction_running
 
 
 @dataclass
@@ -66,11 +67,16 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         return StageState("extract", "missing", "run 'clad extract WORK'")
     done = total = 0
     broken: list[str] = []
+    infos = []
     for s in stores:
         if not s.exists():
             return StageState("extract", "partial", "a split store is missing; run 'clad extract WORK'")
         info = s.info()
+        infos.append(info)
         current = {**cfg.extract_settings(), "dataset": info.settings.get("dataset")}
+        if settings_hash(current) != info.key and all(x.exists() and x.is_empty() for x in stores):
+            return StageState("extract", "missing", "nothing extracted yet (an earlier 'clad extract' stopped "
+                              "before its first shard); run 'clad extract WORK'")
         if settings_hash(current) != info.key:
             changes = diff_settings(info.settings, current)
             return StageState("extract", "stale", "; ".join(changes[:5]) +
@@ -78,11 +84,36 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         done += len(s.committed())
         total += len(info.plan)
         broken += [f"{s.shard_path(i).relative_to(ws.cache_dir)}: {why}" for i, why in s.incomplete().items()]
+    changed = _data_changes(cfg, infos)
+    if changed:
+        return StageState("extract", "stale", changed, extra={"changes": [changed]})
+    pid = extraction_running(ws.root) if (broken or done < total) else ""
+    if pid:  # shards being written look incomplete or missing: say so, and that the fix is to wait
+        return StageState("extract", "partial", f"{done}/{total} shards; an extraction is running (pid {pid}): "
+                          "wait for it to finish", (done, total), extra={"running": pid})
     if broken:
         return StageState("extract", "partial", f"{len(broken)} incomplete shard(s) ({'; '.join(broken[:3])}); "
-                          "run 'clad extract WORK' to re-extract them", (done, total),
+                          "no extraction is running: run 'clad extract WORK' to re-extract them", (done, total),
                           extra={"incomplete": broken})
     if done < total:
-        return StageState("extract", "partial", f"{done}/{total} shards; run 'clad extract WORK' to finish",
-                          (done, total))
+        return StageState("extract", "partial", f"{done}/{total} shards and no extraction is running (one was "
+                          "interrupted); run 'clad extract WORK' to finish", (done, total))
     return StageState("extract", "done", f"{total} shards", (done, total))
+
+
+def _data_changes(cfg: Config, infos: list[Any]) -> str:
+    """Why the cache no longer matches the data set on disk ("" when it does):
+    images added or removed since extraction, or files modified."""
+    from stages.extract import dataset_changes
+
+    recorded = infos[0].settings.get("dataset", "")
+    cached = {i for info in infos for shard in info.plan for i in shard}
+    try:
+        what = dataset_changes(cfg, recorded, cached)
+    except CladError as exc:
+        return f"the data set cannot be read: {exc}"
+    if not what:
+        return ""
+    return (f"the data set changed since extraction ({what} under {cfg.data.root}); the cache, and every run "
+            "trained on it, holds the old data set: run 'clad extract WORK --rebuild' to re-extract it "
+            "(or restore the data set as it was)")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from core.errors import CladError
+from core.files import load_safely
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports timm / huggingface_hub
 
@@ -181,9 +182,13 @@ def _load_weights(net: nn.Module, name: str, weights: str) -> None:
         if not path.is_file():
             raise CladError(f"features.weights={weights!r}: file not found; give a state-dict file, "
                             "'package' or 'hub-cache'")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        fix = "give a state-dict file (torch.save(model.state_dict(), PATH)), 'package' or 'hub-cache'"
+        state = load_safely(path, "a state dict", f"features.weights: {fix}")
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CladError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors; "
+                            f"features.weights: {fix}")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:

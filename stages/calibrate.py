@@ -95,10 +95,16 @@ def read_user_thresholds(path: Path) -> dict[str, float]:
         raise CladError(f"{path}: unreadable threshold file ({exc}); write '[thresholds]' then 'CLASS = VALUE' "
                         "lines") from None
     table = raw.get("thresholds", raw)
-    try:
-        return {str(k): float(v) for k, v in table.items()}
-    except (TypeError, ValueError):
-        raise CladError(f"{path}: thresholds must be numbers, e.g. 'bottle = 1.5' under [thresholds]") from None
+    if not isinstance(table, dict):
+        raise CladError(f"{path}: write '[thresholds]' then 'CLASS = VALUE' lines")
+    out = {}
+    for k, v in table.items():
+        # TOML's true is not 1.0, nan and inf judge nothing: a wrong verdict for every image would be silent
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CladError(f"{path}: threshold {k} = {v!r} is not a finite number; write a raw score, "
+                            f"e.g. '{k} = 1.5' under [thresholds] (or delete the line to use the calibrated one)")
+        out[str(k)] = float(v)
+    return out
 
 
 def verdicts_in_force(cal: dict[str, Any], files: RunFiles, cfg: CalibrateConfig) -> Verdicts:
@@ -116,6 +122,11 @@ def verdicts_in_force(cal: dict[str, Any], files: RunFiles, cfg: CalibrateConfig
         for c, v in read_user_thresholds(path).items():
             if c not in thr:
                 raise CladError(f"{path}: class {c!r} is not a class of this run ({', '.join(thr)})")
+            lowest = classes[c].get("min")
+            if v < 0 and not (lowest is not None and math.isfinite(lowest) and lowest < 0):
+                raise CladError(f"{path}: threshold {c} = {v!r} is negative, but this run's scores of {c} are "
+                                f"never negative (lowest calibration score {lowest}): every image would be "
+                                "anomalous; write a threshold of 0 or more")
             thr[c], sources[c] = v, f"user ({path.name})"
             if not math.isfinite(scales.get(c, math.nan)):
                 scales[c] = max(abs(v) * 0.05, 1e-6)

@@ -14,11 +14,12 @@ Supported layouts (``data.layout``):
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.errors import CladError
 from core.settings import DataConfig, FeatureConfig
@@ -40,8 +41,17 @@ class Sample:
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    """The images of a folder; a link to an image that is gone is refused (it was dropped silently)."""
+    out = []
+    for p in folder.iterdir():
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith("."):
+            continue
+        if p.is_symlink() and not p.exists():
+            raise CladError(f"{p}: broken symbolic link (to {os.readlink(p)}, which does not exist); "
+                            "restore its target or remove the link")
+        if p.is_file():
+            out.append(p)
+    return sorted(out)
 
 
 def detect_layout(root: Path) -> str:
@@ -52,12 +62,13 @@ def detect_layout(root: Path) -> str:
     return "folder"
 
 
-def index_dataset(cfg: DataConfig) -> list[Sample]:
+def index_dataset(cfg: DataConfig, check_masks: bool = True) -> list[Sample]:
     """All samples of the configured data set, sorted, validated.
 
     Raises CladError naming the folder or file and the fix for a missing or
     empty folder, a class without training images, a defect image without a
-    mask, or a mask whose size differs from its image.
+    mask, or a mask whose size differs from its image (``check_masks``: that
+    last check opens every defect image's header; ``clad status`` skips it).
     """
     if not cfg.root:
         raise CladError("data.root is empty; set it with 'clad init WORK --data PATH'")
@@ -86,7 +97,8 @@ def index_dataset(cfg: DataConfig) -> list[Sample]:
         if not any(s.class_name == c and s.split == "train" for s in samples):
             raise CladError(f"{root / c}: class {c!r} has no training images; add normal "
                             "images under train/good or drop the class via data.classes")
-    _check_masks(samples)
+    if check_masks:
+        _check_masks(samples)
     return sorted(samples, key=lambda s: s.image_id)
 
 
@@ -165,9 +177,10 @@ def _check_masks(samples: list[Sample]) -> None:
             continue
         try:
             with Image.open(s.path) as im, Image.open(s.mask_path) as mk:
-                if im.size != mk.size:
-                    raise CladError(f"{s.mask_path}: mask is {mk.size[0]}x{mk.size[1]} but its image "
-                                    f"{s.path} is {im.size[0]}x{im.size[1]}; fix or remove the pair")
+                isz, msz = upright_size(im), upright_size(mk)
+                if isz != msz:
+                    raise CladError(f"{s.mask_path}: mask is {msz[0]}x{msz[1]} but its image "
+                                    f"{s.path} is {isz[0]}x{isz[1]}; fix or remove the pair")
         except (OSError, UnidentifiedImageError) as exc:
             raise CladError(f"{s.mask_path if 'mask' in str(exc) else s.path}: unreadable ({exc}); "
                             "replace or remove the file") from None
@@ -175,7 +188,32 @@ def _check_masks(samples: list[Sample]) -> None:
 
 # -- image loading ----------------------------------------------------------
 MIN_SIDE = 16  # px: smaller images carry less than one backbone patch at stride 16
-def _to_rgb8(im: Image.Image, path: str) -> Image.Image:
+_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the picture by 90 degrees
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is meant to be seen: its EXIF orientation
+    applied (from the header only, nothing decoded)."""
+    try:
+        turn = im.getexif().get(0x0112) in _SWAPS_SIDES
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels decide (load_rgb reports them)
+        turn = False
+    return (im.size[1], im.size[0]) if turn else im.size
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The decoded image turned as its EXIF orientation says (a phone photo
+    stored sideways with orientation 6 comes out upright); every image and
+    mask of the pipeline is read through here, so training, evaluation and
+    scoring see the same picture."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
+        return im
+    return im if orientation in (None, 1) else ImageOps.exif_transpose(im)
+
+
+def _to_rgb8(im: Image.Image, path: str, src: Image.Image | None = None) -> Image.Image:
     """8-bit RGB from any single-channel depth, scaled by the image's real bit depth.
 
     Pillow's ``convert("RGB")`` clips 16-bit values at 255 (a 16-bit image
@@ -187,9 +225,10 @@ def _to_rgb8(im: Image.Image, path: str) -> Image.Image:
     if im.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "PA", "La", "RGBX"):
         return im.convert("RGB")
     arr = np.asarray(im)
-    bits = im.tag_v2.get(258) if hasattr(im, "tag_v2") else None  # TIFF BitsPerSample
+    src = src or im  # the file as opened: its format and TIFF tags (a turned copy has neither)
+    bits = src.tag_v2.get(258) if hasattr(src, "tag_v2") else None  # TIFF BitsPerSample
     bits = bits[0] if isinstance(bits, tuple) else bits
-    if im.mode.startswith("I;16") or (im.mode == "I" and (im.format == "PNG" or bits == 16)):
+    if im.mode.startswith("I;16") or (im.mode == "I" and (src.format == "PNG" or bits == 16)):
         if arr.min() < 0 or arr.max() > 65535:
             raise CladError(f"{path}: 16-bit image with values outside 0..65535; save it as 8 or 16 bit")
         gray = arr.astype(np.float64) / 65535.0
@@ -208,14 +247,16 @@ def _to_rgb8(im: Image.Image, path: str) -> Image.Image:
 def load_rgb(path: str) -> Image.Image:
     """Decode an image fully as 8-bit RGB; a truncated, corrupt or unscalable file is a CladError."""
     try:
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as raw:
+            raw.load()
+            im = upright(raw)
             if min(im.size) < MIN_SIDE:
                 raise CladError(f"{path}: image is {im.size[0]}x{im.size[1]} px, smaller than {MIN_SIDE} px "
                                 "on a side; replace or remove it")
-            return _to_rgb8(im, path)
+            return _to_rgb8(im, path, raw)
     except FileNotFoundError:
-        raise CladError(f"{path}: image file not found; re-index the data set") from None
+        raise CladError(f"{path}: image file not found (moved or deleted since it was listed); restore the file, "
+                        "or run 'clad extract WORK --rebuild' if the data set changed on purpose") from None
     except Image.DecompressionBombError as exc:
         raise CladError(f"{path}: refused as a possible decompression bomb ({exc}); "
                         "replace or remove it") from None
@@ -250,7 +291,7 @@ def load_mask(path: str, cfg: FeatureConfig) -> np.ndarray:
     try:
         with Image.open(path) as mk:
             mk.load()
-            im = mk.convert("L")
+            im = upright(mk).convert("L")
     except (OSError, UnidentifiedImageError) as exc:
         raise CladError(f"{path}: unreadable mask ({exc}); replace or remove it") from None
     return (np.asarray(_resize_crop(im, cfg, Image.NEAREST)) > 0).astype(np.uint8)

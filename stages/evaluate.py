@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 from cache.store import FeatureStore
 from core.errors import CladError, StaleError
+from core.files import remove_stale_temps, swap_into_place, temp_dir
 from core.layout import RunFiles
 from core.settings import Config
 from stages.calibrate import load_router, read_calibration, verdicts_in_force
@@ -73,8 +72,10 @@ def evaluate_run(cfg: Config, cache_dir: Path, files: RunFiles, train_key: str, 
     size = cfg.features.crop or cfg.features.resize
     verdicts = verdicts_in_force(read_calibration(files), files, cfg.calibrate)
     router = load_router(files)
-    tmp = run_dir / f".eval.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = run_dir / "eval"
+    for gone in remove_stale_temps(run_dir, recursive=False, of=final.name):
+        log(f"evaluate: removed {gone}, left by an interrupted process")
+    tmp = temp_dir(final)  # .eval.tmp-PID, swapped into place when complete
     figs = tmp / "figures"
     per_class: dict[str, dict[str, float]] = {}
     figures: dict[str, list[str]] = {}
@@ -116,12 +117,7 @@ def evaluate_run(cfg: Config, cache_dir: Path, files: RunFiles, train_key: str, 
     (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_nan))
     (tmp / "metrics.csv").write_text(_csv(per_class, mean))
     (tmp / "report.md").write_text(report_markdown(result))
-    final = run_dir / "eval"
-    old = run_dir / f".eval.old-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_into_place(tmp, final)
     return result
 
 

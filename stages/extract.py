@@ -140,6 +140,19 @@ def _legacy_fingerprint(samples: list[Sample]) -> str:
     return h.hexdigest()[:16]
 
 
+def dataset_changes(cfg: Config, recorded: str, cached_ids: set[str]) -> str:
+    """What changed in the data set since a cache recorded the fingerprint
+    ``recorded`` of the images ``cached_ids`` ("" when nothing did). As cheap
+    as the fingerprint: file names, sizes and mtimes, no image is opened."""
+    samples = index_dataset(cfg.data, check_masks=False)
+    if recorded in (dataset_fingerprint(cfg, samples), _legacy_fingerprint(samples)):
+        return ""
+    now = {s.image_id for s in samples}
+    added, removed = len(now - cached_ids), len(cached_ids - now)
+    parts = [f"{n} image(s) {what}" for n, what in ((added, "added"), (removed, "removed")) if n]
+    return " and ".join(parts or ["images, masks or texture images replaced or modified"])
+
+
 def store_settings(cfg: Config, plan: Plan) -> dict[str, Any]:
     return {**cfg.extract_settings(), "dataset": plan.fingerprint}
 
@@ -302,6 +315,8 @@ def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False)
             # extracted before mtimes were fingerprinted: its key stays valid
             # (a same-size replacement made before this upgrade goes unseen)
             settings["dataset"] = plan.legacy_fingerprint
+        if store.exists() and store.is_empty() and store.info().key != settings_hash(settings):
+            store.delete()  # an extraction with other settings that stopped before its first shard: nothing to keep
         store.create_or_validate(settings_hash(settings), settings, plan.image_ids(split), plan.class_names)
         store.discard_partial()
     return out

@@ -76,7 +76,7 @@ def test_routing_and_verdicts_through_the_cli(trained, tiny_data, tmp_path):
     assert "## Verdicts at the run's own thresholds" in (work / "runs" / "t" / "eval" / "report.md").read_text()
     assert (work / "runs" / "t" / "eval" / "figures" / "verdicts.png").is_file()
     # the folder names the class; a user threshold for it wins and the table says so
-    (work / "runs" / "t" / "thresholds.toml").write_text("[thresholds]\nweave = -1e9\n")
+    (work / "runs" / "t" / "thresholds.toml").write_text("[thresholds]\nweave = 0\n")  # (a negative one is refused)
     out = tmp_path / "out"
     clad("score", str(work), "--run", "t", str(tiny_data / "weave" / "test"), "--out", str(out))
     rows = json.loads((out / "results.json").read_text())["images"]

@@ -47,3 +47,43 @@ def test_concurrent_extract_and_train_wait_for_each_other(tiny_data, tmp_path):
                                     "train", str(work), "--run", "same", "--head", "knn")
     assert stderr.count("train: done in") == 1  # trained once; the other found it finished
     assert "already trained" in stderr
+
+
+def _waits_while_held(lock, tmp_path, name, *args, check=None):
+    """Start ``clad ARGS`` while this process holds ``lock``; it must say it waits (and
+    ``check()`` must hold while it does); after the release it finishes. Returns its stderr."""
+    log = tmp_path / f"{name}.err"
+    with lock:
+        proc = _start(log, *args)
+        deadline = time.time() + 300
+        while time.time() < deadline and "waiting for another clad process" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert proc.poll() is None, log.read_text()  # still waiting
+        if check:
+            check()
+    assert proc.wait(timeout=600) == 0, log.read_text()
+    return log.read_text()
+
+
+def test_rebuild_waits_for_readers_and_readers_wait_for_a_rebuild(trained, tmp_path):
+    import shutil
+
+    from pipeline.locks import cache_read_lock, cache_rebuild_lock
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    # a rebuild in progress (held here, exclusively): evaluate waits for it instead of reading a cache being deleted
+    err = _waits_while_held(cache_rebuild_lock(work, print), tmp_path, "evaluate", "evaluate", str(work), "--run", "t")
+    assert "rebuilding the feature cache" in err and (work / "runs" / "t" / "eval" / "metrics.json").is_file()
+    # a reader at work (held here, shared): the rebuild waits, and deletes nothing meanwhile
+    shards = sorted(p.name for p in (work / "cache" / "train.zarr" / "shards").iterdir())
+
+    def untouched():
+        assert sorted(p.name for p in (work / "cache" / "train.zarr" / "shards").iterdir()) == shards
+
+    err = _waits_while_held(cache_read_lock(work, "test", print), tmp_path, "rebuild", "extract", str(work),
+                            "--rebuild", check=untouched)
+    assert "reading the feature cache" in err and "Traceback" not in err
+    assert "done" in clad("status", str(work)).stdout.splitlines()[0]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from core.errors import CladError
+from core.files import load_safely
 from core.settings import HEADS, RUN_CODE_VERSION, Config, HeadSpec, diff_settings, settings_hash
 from stages.heads.base import Head
 
@@ -83,7 +84,11 @@ def load_trained_head(final_path: Any, device: torch.device) -> tuple[Head, dict
     final_path = Path(final_path)
     if not final_path.is_file():
         raise CladError(f"{final_path}: no trained model; run 'clad train WORK --run {final_path.parents[1].name}'")
-    ckpt = torch.load(final_path, map_location="cpu", weights_only=True)
+    run = final_path.parents[1].name
+    ckpt = load_safely(final_path, "a clad checkpoint", f"retrain with 'clad train WORK --run {run} --restart'")
+    if not isinstance(ckpt, dict) or "meta" not in ckpt:
+        raise CladError(f"{final_path}: not a clad checkpoint (no 'meta'); retrain with "
+                        f"'clad train WORK --run {run} --restart'")
     meta = ckpt["meta"]
     head = head_class(meta.get("head", "clad")).from_checkpoint(ckpt, device)
     return head, meta

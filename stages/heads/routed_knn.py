@@ -158,7 +158,7 @@ class RoutedKnnHead(Head):
         self.settings, self.meta, self.image_ids = settings, meta, image_ids
         if settings.select == "cells" and cells is None or settings.project and axes is None:
             raise CladError("routed_knn: the checkpoint lacks what its settings need (cells or axes); "
-                            "re-train with 'clad train WORK --restart'")
+                            "re-train with 'clad train WORK --run NAME --restart'")
         self.axes = axes  # (mean [C], basis [C, d]) of the candidate search, or None
         self._rows = torch.from_numpy(self.rows)
         self._spaces: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # projected? -> (rows, squared norms)
