@@ -9,7 +9,7 @@ PROFILE ?= fast
 SCORE   ?= $(DATA)/capsule/test
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: setup test extract train evaluate score status demo bench clean-work
+.PHONY: setup test test-fast extract train evaluate score status demo bench clean-work
 
 setup: $(STAMP)
 
@@ -24,6 +24,11 @@ $(STAMP):
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
+
+# The unit tests alone (no workspace, subprocess, backbone or real data): a loop of a
+# minute or two on 2 cores. Tests are marked `slow` in tests/conftest.py. CI runs `make test`.
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 $(DATA):
 	$(BIN)/clad demo-data $(DATA)

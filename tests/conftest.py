@@ -1,8 +1,14 @@
-"""Shared fixtures: a tiny generated data set and an extracted workspace."""
+"""Shared fixtures: a tiny generated data set and an extracted workspace.
+
+Tests are marked ``slow`` here (see ``pytest_collection_modifyitems``) so that
+``make test-fast`` (``pytest -m "not slow"``) is a loop of unit tests of a minute or
+two; ``make test`` (what CI runs) still runs every test.
+"""
 
 from __future__ import annotations
 
 import os
+import inspect
 import signal
 import subprocess
 import sys
@@ -17,6 +23,38 @@ from stages.demo_data import write_demo_dataset
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CLAD = [sys.executable, "-m", "pipeline.cli"]
+
+
+# A test is slow when it needs a generated data set, an extracted cache or a trained
+# run (session workspaces built by real subprocesses), or when it runs the CLI, a
+# subprocess or the real data sets itself.
+SLOW_FIXTURES = {"tiny_data", "extracted", "trained"}
+SLOW_CALLS = ("clad(", "subprocess", "Popen", "kill_and_resume", "SHARED_DATA", "write_demo_dataset",
+              "timm.create_model", "create_backbone(")
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: needs a built workspace, a subprocess, a backbone or real data; "
+                                       "`make test-fast` leaves it out, `make test` runs it")
+
+
+def _calls_something_slow(item) -> bool:
+    func = getattr(item, "function", None)
+    if func is None:
+        return False
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    return any(call in source for call in SLOW_CALLS)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or _calls_something_slow(item):
+            item.add_marker(pytest.mark.slow)
 
 
 def clad(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
