@@ -6,7 +6,7 @@ source "$(dirname "$0")/study_common.sh"
 # 1. bottle alone, lite0: CLAD fast and the knn yardstick on the same cache; GAS scaled to the data
 [ -f "$S/bottle/config.toml" ] || $CLAD init "$S/bottle" --data "$MVTEC/bottle" --textures "$DTD"
 $CLAD extract "$S/bottle"
-# (first the GAS radii of METHOD.md, "absolute", then ours, "nn": see README)
+# (first the GAS radii of docs/METHOD.md, "absolute", then ours, "nn": see README)
 train_eval "$S/bottle" knn --head knn --set gas_scale=absolute
 train_eval "$S/bottle" clad-fast --profile fast --set gas_scale=absolute
 train_eval "$S/bottle" no-gas --profile fast --set use_gas=false --set gas_scale=absolute

@@ -7,7 +7,7 @@ configuration for a small cache and one 10x larger. Prints a table and
 writes bench-results/train_stream.json.
 
 ``--dim 1536 --batches 100000`` measures the feature width of a WideResNet-50
-cache (METHOD.md's C_d) instead of lite0's 360 (small cache, streamed only),
+cache (docs/METHOD.md's C_d) instead of lite0's 360 (small cache, streamed only),
 written to train_stream_dim1536.json.
 """
 

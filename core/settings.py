@@ -88,7 +88,7 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class SynthesisConfig:
-    """GLASS-style local anomaly synthesis (METHOD.md section 1)."""
+    """GLASS-style local anomaly synthesis (docs/METHOD.md section 1)."""
 
     variants: int = 2  # synthetic images per normal training image
     beta_mean: float = 0.5

@@ -52,7 +52,7 @@ def map_efficientnet_pytorch_keys(state: dict[str, torch.Tensor],
 
     The flat ``_blocks.N`` become ``blocks.S.I`` using the stage depths of the
     timm model; block 0 is a depthwise-separable block, the rest inverted
-    residuals (DESIGN.md gives the table).
+    residuals (docs/DESIGN.md gives the table).
     """
     flat_to_stage: list[tuple[int, int]] = [
         (s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]

@@ -1,4 +1,4 @@
-"""GLASS-style local anomaly synthesis (pure numpy; METHOD.md section 1).
+"""GLASS-style local anomaly synthesis (pure numpy; docs/METHOD.md section 1).
 
 ``synthesize`` turns one normal image into an anomalous one: two rotated,
 thresholded Perlin masks combined by union / intersection / one alone
