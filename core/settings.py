@@ -168,10 +168,6 @@ class TrainConfig:
         return {name: self.head_settings(name) for name in HEADS}
 
 
-# Run-level settings a head may declare that it reads (only those enter its key).
-COMMON_TRAIN = ("holdout", "pseudo_k", "seed")
-
-
 @dataclass(frozen=True)
 class CalibrateConfig:
     """Per-class verdict thresholds from training normals (``clad calibrate``)."""

@@ -103,8 +103,3 @@ def normal_maps(cache: TrainCache, selected: np.ndarray) -> dict[int, np.ndarray
         for i in np.unique(d["image"][normal]):
             out[int(i)] = d["features"][normal & (d["image"] == i)]
     return out
-
-
-def held_out_maps(cache: TrainCache, held: np.ndarray) -> dict[int, np.ndarray]:
-    """The held-out images' normal maps (see ``normal_maps``)."""
-    return normal_maps(cache, held)

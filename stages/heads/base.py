@@ -16,7 +16,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from core.files import read_json
 from core.layout import RunFiles
 from stages.train_context import TrainContext
 
@@ -89,8 +88,3 @@ class Head(ABC):
         scores = {i: self.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
                   for i, m in maps.items()}
         return scores, {int(i) for i in np.nonzero(ctx.held)[0]}
-
-
-def read_summary(files: RunFiles) -> dict[str, Any] | None:
-    """The finished run's train.json (None while unfinished)."""
-    return read_json(files.summary)

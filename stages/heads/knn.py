@@ -180,15 +180,13 @@ class KnnHead(Head):
 
 
 def cross_fitted_scores(ctx: TrainContext, rows: np.ndarray, row_images: np.ndarray, k: int, folds: int,
-                        held_score: Callable[[torch.Tensor], torch.Tensor], per_class: bool = False
-                        ) -> dict[int, np.ndarray]:
+                        held_score: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, np.ndarray]:
     """Patch scores of every normal training image by a bank that never saw it.
 
     Held-out images are scored by ``held_score`` (the deployed bank); the
     other images of each class are split into ``folds`` seeded folds, and each
     fold is scored by exact search over the bank without the rows of that fold's
-    images (``per_class``: and only its own class's rows, as a class-routed
-    head searches). A fold bank is a little smaller than the real one, so these
+    images. A fold bank is a little smaller than the real one, so these
     scores err high: thresholds from them err towards fewer false alarms.
     """
     out = {i: held_score(torch.from_numpy(m.astype(np.float32))).numpy()
@@ -197,19 +195,12 @@ def cross_fitted_scores(ctx: TrainContext, rows: np.ndarray, row_images: np.ndar
     for c in np.unique(ctx.cache.image_class):
         idx = np.nonzero((ctx.cache.image_class == c) & ~ctx.held)[0]
         fold[seeded(ctx.seed, "calibration-folds", int(c)).permutation(idx)] = np.arange(len(idx)) % folds
-    groups = np.unique(ctx.cache.image_class) if per_class else [None]
-    row_class = ctx.cache.image_class[row_images]
     for f in range(folds):
         members = fold == f
         if not members.any():
             continue
         ctx.log(f"calibrate: cross-fitting fold {f + 1}/{folds} ({int(members.sum())} images)")
-        for g in groups:
-            sel = members if g is None else members & (ctx.cache.image_class == g)
-            if not sel.any():
-                continue
-            keep = ~members[row_images] if g is None else ~members[row_images] & (row_class == g)
-            sub = MemoryBank(rows[keep], k)
-            for i, m in normal_maps(ctx.cache, sel).items():
-                out[i] = sub.score(torch.from_numpy(m.astype(np.float32))).numpy()
+        sub = MemoryBank(rows[~members[row_images]], k)
+        for i, m in normal_maps(ctx.cache, members).items():
+            out[i] = sub.score(torch.from_numpy(m.astype(np.float32))).numpy()
     return out
