@@ -1,4 +1,4 @@
-"""CLAD's losses as pure torch functions (paper eqs. 8-23; METHOD.md section 2)."""
+"""CLAD's losses as pure torch functions (paper eqs. 8-23; docs/METHOD.md section 2)."""
 
 from __future__ import annotations
 

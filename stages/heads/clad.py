@@ -62,7 +62,7 @@ class CladSettings:
     gas_eta: float = 0.001
     gas_project_every: int = 5
     gas_noise: float = 0.015
-    gas_scale: str = "nn"  # nn: radii in units of the normal NN distance | absolute: METHOD.md's constants
+    gas_scale: str = "nn"  # nn: radii in units of the normal NN distance | absolute: docs/METHOD.md's constants
     gas_nn_factor: float = 1.0  # with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1
     use_contrastive: bool = True
     use_gas: bool = True
@@ -287,7 +287,7 @@ class _Trainer:
     def _gas_scale(self) -> tuple[float, float, float]:
         """GAS radius r1, per-dimension noise and ascent step.
 
-        ``absolute``: METHOD.md's constants (noise 0.015, r1 = 0.85 * noise *
+        ``absolute``: docs/METHOD.md's constants (noise 0.015, r1 = 0.85 * noise *
         sqrt(C_d), i.e. [0.5, 1.0] at 1536). ``nn``: the same geometry in units
         of this cache's data: r1 = factor x the median distance of held-out
         normal patches to their nearest training patch, noise = r1 / sqrt(C_d),
