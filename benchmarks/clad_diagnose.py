@@ -189,6 +189,8 @@ def _las_rows(cache: TrainCache, images: np.ndarray, limit: int) -> np.ndarray:
 
 def main(work: Path, runs: list[str]) -> None:
     rows = [r for run in runs for r in diagnose(work, run)]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [{k: r.get(k, "-") for k in cols} for r in rows]  # a head without GAS or batch norm: "-"
     report(f"clad_diagnose_{work.name}_{'_'.join(runs)}", rows, work=str(work), runs=runs)
 
 
