@@ -33,6 +33,7 @@ from stages.features import FeatureEncoder
 from stages.heads import load_trained_head
 from stages.heads.base import ExportContext
 from stages.maps import anomaly_maps, image_scores
+from stages.onnx_graph import write_onnx
 
 GOLDEN_PER_KIND = 2  # golden images per class and kind (normal, defective)
 
@@ -111,15 +112,14 @@ def _write_bundle(cfg: Config, files: RunFiles, root: Path, train_image_class: n
     size = f.crop or f.resize
     encoder = FeatureEncoder(f, cpu)
     log(f"export: feature extractor {f.backbone} (layers {list(f.layers)}) as ONNX at {size}x{size}")
+    rel = "feature_extractor.onnx"
+    info = write_onnx(ExtractorGraph(encoder), torch.zeros(2, 3, size, size), root / rel, "image", "features",
+                      {0: "batch"})
     ctx = ExportContext(root, "head", classes, np.asarray(train_image_class))
-    rel, info = ctx.onnx(ExtractorGraph(encoder), torch.zeros(2, 3, size, size), "feature_extractor", {0: "batch"},
-                         "image", "features")
-    (root / "head").mkdir(exist_ok=True)
     side = size // encoder.stride
     features = {**info, "file": rel, "backbone": f.backbone, "layers": list(f.layers), "patch": f.patch,
                 "pretrain_dim": f.pretrain_dim, "embed_dim": f.embed_dim, "grid": [side, side],
                 "batch": f.batch_images, "round_to": "float16"}
-    ctx.written.remove(rel)
     log(f"export: head {meta['head']!r}")
     head_spec = head.export(ctx)
     routing = None
