@@ -176,6 +176,10 @@ def run(argv: list[str] | None = None) -> int:
         raise BundleError("no images given; name image files or folders after the bundle (or use --verify)")
     overrides = parse_thresholds(args.threshold)
     bundle = Bundle(args.bundle)
+    verdicts(bundle, overrides)  # a class name the bundle does not know is refused before anything is loaded
+    if args.class_name and args.class_name not in bundle.manifest["classes"]:
+        raise BundleError(f"--class {args.class_name!r}: not a class of this bundle "
+                          f"({', '.join(bundle.manifest['classes'])})")
     t0 = time.perf_counter()
     scorer = Scorer(bundle)
     say(f"bundle {args.bundle}: run {bundle.manifest['run']!r}, head {bundle.manifest['head_name']}, "
