@@ -157,3 +157,14 @@ def test_runtime_installs_into_a_fresh_venv_without_torch_and_scores(bundles, ti
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(rows(tmp_path / "o" / "results.csv")) == 5 and "OK" in res.stderr
+
+
+def test_export_refuses_bad_input_in_one_line(extracted, tmp_path):
+    res = clad("export", str(extracted), "--run", "never_trained", "--out", str(tmp_path / "b"), check=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "never_trained" in res.stderr
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    res = clad("export", str(extracted), "--run", "never_trained", "--out", str(busy), check=False)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no manifest.json" in res.stderr
+    assert (busy / "notes.txt").read_text() == "mine"
