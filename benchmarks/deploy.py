@@ -5,7 +5,7 @@ Exports the run (``clad export``), then scores the same images with
 size, the runtime venv's size (``--venv DIR``: a venv holding only
 ``pip install ./runtime``), clad-run's start-up time (the bundle opened,
 checked and its models loaded, from the command's own report), images/s of
-each, and the largest raw-score difference between the two results.csv and
+each (whole commands, process start included), and the largest raw-score difference between the two results.csv and
 the parity the export measured on its golden set.
 
 Usage: python benchmarks/deploy.py WORK RUN IMAGES... [--venv DIR]   (writes bench-results/deploy-RUN.json)
