@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from core.errors import CladError
 from core.layout import RunFiles
 from pipeline.eval_run import calibrate_cli, trained_config
@@ -17,6 +19,7 @@ def export_cli(ws: Workspace, name: str, out: Path) -> None:
     from cache.stream import TrainCache
     from stages.calibrate import ensure_calibrated
     from stages.export import check_out, export_run
+    from stages.labels import holdout_images
 
     check_out(out)
     cfg, key = trained_config(ws, name)
@@ -26,9 +29,11 @@ def export_cli(ws: Workspace, name: str, out: Path) -> None:
     train_store = ws.cache_dir / "train.zarr"
     if not train_store.is_dir():
         raise CladError(f"{train_store}: missing; run 'clad extract {ws.root}'")
-    image_class = TrainCache(FeatureStore(train_store)).image_class
+    cache = TrainCache(FeatureStore(train_store))
+    held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
+    held_ids = {cache.image_ids[i] for i in np.nonzero(held)[0]}
     t0 = time.perf_counter()
-    m = export_run(cfg, files, out, image_class, say)
+    m = export_run(cfg, files, out, cache.image_class, say, held_ids)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     par = m["parity"]
     say(f"export: run {name!r} ({m['head_name']}) -> {out} ({size / 2**20:.1f} MiB, {len(m['files'])} files) in "

@@ -58,9 +58,10 @@ def check_out(out: Path) -> None:
                         "export replaces its output folder whole; name a new or empty folder")
 
 
-def golden_samples(cfg: Config) -> list[tuple[str, str, int]]:
-    """(path, class, label) per class: a few normal and defective test images, or training
-    images where a class has no test set."""
+def golden_samples(cfg: Config, held_ids: set[str] = frozenset()) -> list[tuple[str, str, int]]:
+    """(path, class, label) per class: a few normal and defective test images, or where a class
+    has no test set its held-out training images (``held_ids``; others only if too few are held out:
+    a knn bank's own image scores ~0 with torch, a few float16 roundings more with onnxruntime)."""
     samples = index_dataset(cfg.data, check_masks=False)
     out = []
     for c in sorted({s.class_name for s in samples}):
@@ -69,7 +70,9 @@ def golden_samples(cfg: Config) -> list[tuple[str, str, int]]:
             picked = [s for s in test if s.label == 0][:GOLDEN_PER_KIND] + \
                      [s for s in test if s.label == 1][:GOLDEN_PER_KIND]
         else:
-            picked = [s for s in samples if s.class_name == c][-GOLDEN_PER_KIND:]
+            train = [s for s in samples if s.class_name == c]
+            train.sort(key=lambda s: s.image_id not in held_ids)  # held-out first (a stable sort)
+            picked = train[:GOLDEN_PER_KIND]
         out += [(s.path, c, s.label) for s in picked]
     return out
 
@@ -81,18 +84,21 @@ def _versions() -> dict[str, str]:
 
     from core.settings import RUN_CODE_VERSION
 
-    return {"clad_run_code": str(RUN_CODE_VERSION), "torch": torch.__version__, "timm": timm.__version__,
+    import clad_run
+
+    return {"clad_code_version": str(RUN_CODE_VERSION), "clad_run_package": clad_run.__version__,
+            "torch": torch.__version__, "timm": timm.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 
 
 def export_run(cfg: Config, files: RunFiles, out: Path, train_image_class: np.ndarray,
-               log: Callable[[str], None]) -> dict[str, Any]:
+               log: Callable[[str], None], held_ids: set[str] = frozenset()) -> dict[str, Any]:
     """Write the bundle of run ``files`` to ``out`` (built in a hidden sibling, swapped into place)."""
     check_out(out)
     work = temp_dir(out)
     try:
-        manifest = _write_bundle(cfg, files, work, train_image_class, log)
+        manifest = _write_bundle(cfg, files, work, train_image_class, log, held_ids)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -101,7 +107,7 @@ def export_run(cfg: Config, files: RunFiles, out: Path, train_image_class: np.nd
 
 
 def _write_bundle(cfg: Config, files: RunFiles, root: Path, train_image_class: np.ndarray,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], held_ids: set[str]) -> dict[str, Any]:
     from clad_run.bundle import FORMAT, FORMAT_VERSION, sha256
 
     cpu = torch.device("cpu")
@@ -130,7 +136,7 @@ def _write_bundle(cfg: Config, files: RunFiles, root: Path, train_image_class: n
                    "quantile": router.quantile, "ood_factor": router.ood_factor,
                    "ood_limit": [None if not math.isfinite(v) else float(v) for v in router.ood_limit],
                    "confident": 0.5}
-    golden = golden_samples(cfg)
+    golden = golden_samples(cfg, held_ids)
     images = np.stack([load_image(p, f) for p, _, _ in golden])
     log(f"export: golden set of {len(golden)} images through the torch path")
     feats = encoder(images).astype(np.float32)
