@@ -7,9 +7,10 @@ DATA    ?= work/demo-data
 RUN     ?= main
 PROFILE ?= fast
 SCORE   ?= $(DATA)/capsule/test
+BUNDLE  ?= work/bundle-$(RUN)
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 
-.PHONY: setup test test-fast extract train evaluate score status demo bench clean-work
+.PHONY: setup test test-fast extract train evaluate score export deploy-run status demo bench clean-work
 
 setup: $(STAMP)
 
@@ -19,7 +20,7 @@ $(STAMP):
 	# torch 2.14.1 + torchvision 0.29.1: the only pair with a working torchvision on these machines
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
 	$(BIN)/python -m pip install -q -e ".[test,backbones]" 2>&1 | grep -v "^WARNING: Location" || true
-	$(BIN)/python -c "import torch, torchvision, timm, zarr, faiss, dask.distributed, pipeline.cli"
+	$(BIN)/python -c "import torch, torchvision, timm, zarr, faiss, dask.distributed, onnxruntime, pipeline.cli, clad_run.cli"
 	@rm -f $(VENV)/.installed-*; touch $@
 
 test: setup
@@ -47,6 +48,12 @@ evaluate: setup
 
 score: setup
 	$(BIN)/clad score $(WORK) --run $(RUN) $(SCORE)
+
+export: setup
+	$(BIN)/clad export $(WORK) --run $(RUN) --out $(BUNDLE)
+
+deploy-run: setup
+	$(BIN)/clad-run $(BUNDLE) $(SCORE) --out $(BUNDLE)-scores --verify
 
 status: setup
 	$(BIN)/clad status $(WORK)

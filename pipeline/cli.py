@@ -235,6 +235,21 @@ def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | Non
 
 @main.command()
 @click.argument("work", type=click.Path(path_type=Path))
+@click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Bundle folder to write (replaced whole if it holds an earlier bundle).")
+def export(work: Path, run_name: str, out_dir: Path) -> None:
+    """Write a self-contained deploy bundle of a trained run for clad-run: the feature extractor
+    as ONNX, the head's part (ONNX graph or per-class arrays), a manifest with preprocessing,
+    classes, thresholds, versions, a sha256 per file and the parity measured on golden images."""
+    from pipeline.export_run import export_cli
+
+    with run_lock(work, run_name, "export", say), cache_read_lock(work, "export", say):
+        export_cli(Workspace(work), run_name, out_dir)
+
+
+@main.command()
+@click.argument("work", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(work: Path, as_json: bool) -> None:
     """Show each stage and run: done, partial, stale or missing."""

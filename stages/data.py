@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from clad_run import preprocess as _pp
+from clad_run.preprocess import IMAGE_SUFFIXES, MIN_SIDE, upright, upright_size  # noqa: F401 - re-exported
+from PIL import Image, UnidentifiedImageError
 
 from core.errors import CladError
 from core.settings import DataConfig, FeatureConfig
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -187,81 +188,27 @@ def _check_masks(samples: list[Sample]) -> None:
 
 
 # -- image loading ----------------------------------------------------------
-MIN_SIDE = 16  # px: smaller images carry less than one backbone patch at stride 16
-_SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the picture by 90 degrees
-
-
-def upright_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) as the image is meant to be seen: its EXIF orientation
-    applied (from the header only, nothing decoded)."""
-    try:
-        turn = im.getexif().get(0x0112) in _SWAPS_SIDES
-    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels decide (load_rgb reports them)
-        turn = False
-    return (im.size[1], im.size[0]) if turn else im.size
-
-
-def upright(im: Image.Image) -> Image.Image:
-    """The decoded image turned as its EXIF orientation says (a phone photo
-    stored sideways with orientation 6 comes out upright); every image and
-    mask of the pipeline is read through here, so training, evaluation and
-    scoring see the same picture."""
-    try:
-        orientation = im.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 - a damaged EXIF block: keep the pixels as stored
-        return im
-    return im if orientation in (None, 1) else ImageOps.exif_transpose(im)
+# One implementation, shared with the deploy runtime (clad_run, numpy + pillow only), so that
+# training, evaluation, ``clad score`` and ``clad-run`` cannot read an image differently.
 
 
 def _to_rgb8(im: Image.Image, path: str, src: Image.Image | None = None) -> Image.Image:
-    """8-bit RGB from any single-channel depth, scaled by the image's real bit depth.
-
-    Pillow's ``convert("RGB")`` clips 16-bit values at 255 (a 16-bit image
-    turns white) and truncates floats (black), so high-depth grayscale is
-    scaled here: 16-bit (PNG ``I;16``/``I``, TIFF 16 bits per sample) by
-    65535, float in [0, 1] by 1. 32-bit integer and out-of-range float images
-    are refused: their scale cannot be known.
-    """
-    if im.mode in ("1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "PA", "La", "RGBX"):
-        return im.convert("RGB")
-    arr = np.asarray(im)
-    src = src or im  # the file as opened: its format and TIFF tags (a turned copy has neither)
-    bits = src.tag_v2.get(258) if hasattr(src, "tag_v2") else None  # TIFF BitsPerSample
-    bits = bits[0] if isinstance(bits, tuple) else bits
-    if im.mode.startswith("I;16") or (im.mode == "I" and (src.format == "PNG" or bits == 16)):
-        if arr.min() < 0 or arr.max() > 65535:
-            raise CladError(f"{path}: 16-bit image with values outside 0..65535; save it as 8 or 16 bit")
-        gray = arr.astype(np.float64) / 65535.0
-    elif im.mode == "F":
-        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise CladError(f"{path}: float image with values outside [0, 1] ({arr.min():.3g}..{arr.max():.3g}); "
-                            "save it as 8 or 16 bit integers")
-        gray = arr.astype(np.float64)
-    else:
-        raise CladError(f"{path}: {im.mode} image ({bits or 32}-bit integer) cannot be scaled to 8 bits "
-                        "reliably; save it as 8 or 16 bit")
-    g8 = np.round(gray * 255.0).astype(np.uint8)
-    return Image.fromarray(np.stack([g8] * 3, -1), "RGB")
+    """``clad_run.preprocess.to_rgb8`` with its errors as CladError."""
+    try:
+        return _pp.to_rgb8(im, path, src)
+    except _pp.ImageError as exc:
+        raise CladError(str(exc)) from None
 
 
 def load_rgb(path: str) -> Image.Image:
     """Decode an image fully as 8-bit RGB; a truncated, corrupt or unscalable file is a CladError."""
     try:
-        with Image.open(path) as raw:
-            raw.load()
-            im = upright(raw)
-            if min(im.size) < MIN_SIDE:
-                raise CladError(f"{path}: image is {im.size[0]}x{im.size[1]} px, smaller than {MIN_SIDE} px "
-                                "on a side; replace or remove it")
-            return _to_rgb8(im, path, raw)
-    except FileNotFoundError:
-        raise CladError(f"{path}: image file not found (moved or deleted since it was listed); restore the file, "
-                        "or run 'clad extract WORK --rebuild' if the data set changed on purpose") from None
-    except Image.DecompressionBombError as exc:
-        raise CladError(f"{path}: refused as a possible decompression bomb ({exc}); "
-                        "replace or remove it") from None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise CladError(f"{path}: unreadable or truncated image ({exc}); replace or remove it") from None
+        return _pp.load_rgb(path)
+    except _pp.ImageError as exc:
+        if exc.kind == "missing":
+            raise CladError(f"{path}: image file not found (moved or deleted since it was listed); restore the "
+                            "file, or run 'clad extract WORK --rebuild' if the data set changed on purpose") from None
+        raise CladError(str(exc)) from None
 
 
 def output_size(cfg: FeatureConfig) -> int:
@@ -269,17 +216,14 @@ def output_size(cfg: FeatureConfig) -> int:
     return cfg.crop if cfg.crop else cfg.resize
 
 
-def _resize_crop(im: Image.Image, cfg: FeatureConfig, resample: int) -> Image.Image:
-    im = im.resize((cfg.resize, cfg.resize), resample)
-    if cfg.crop and cfg.crop < cfg.resize:
-        off = (cfg.resize - cfg.crop) // 2
-        im = im.crop((off, off, off + cfg.crop, off + cfg.crop))
-    return im
+def _resize_crop(im: Image.Image, cfg: FeatureConfig, interpolation: str) -> Image.Image:
+    return _pp.resize_crop(im, cfg.resize, cfg.crop, interpolation)
 
 
 def load_image(path: str, cfg: FeatureConfig) -> np.ndarray:
-    """Image as ``[S, S, 3] float32`` in [0, 1], resized then centre-cropped."""
-    im = _resize_crop(load_rgb(path), cfg, Image.BILINEAR)
+    """Image as ``[S, S, 3] float32`` in [0, 1], resized then centre-cropped
+    (``clad_run.preprocess.load_image``, the deploy runtime's own function)."""
+    im = _resize_crop(load_rgb(path), cfg, "bilinear")
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
@@ -294,4 +238,4 @@ def load_mask(path: str, cfg: FeatureConfig) -> np.ndarray:
             im = upright(mk).convert("L")
     except (OSError, UnidentifiedImageError) as exc:
         raise CladError(f"{path}: unreadable mask ({exc}); replace or remove it") from None
-    return (np.asarray(_resize_crop(im, cfg, Image.NEAREST)) > 0).astype(np.uint8)
+    return (np.asarray(_resize_crop(im, cfg, "nearest")) > 0).astype(np.uint8)

@@ -78,8 +78,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.
     weight exactly 0 (their score is -inf before the softmax). Without
     ``need_weights`` torch's fused kernel runs (3-4x faster on CPU, same maths).
     """
-    b = max(q.shape[0], k.shape[0], v.shape[0])
-    q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
+    if torch.jit.is_tracing():  # ONNX export (clad export): plain broadcasting MatMuls (an expand would bake
+        need_weights = True  # the example's batch size into the graph; the fused kernel's export differs)
+    else:
+        b = max(q.shape[0], k.shape[0], v.shape[0])
+        q, k, v = (t.expand(b, -1, -1, -1) for t in (q, k, v))
     if not need_weights:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), None
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])

@@ -11,13 +11,45 @@ and status only ever talk to this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from core.errors import CladError
 from core.layout import RunFiles
 from stages.train_context import TrainContext
+
+
+@dataclass
+class ExportContext:
+    """Where and with what a head writes its part of a deploy bundle (``Head.export``)."""
+
+    root: Path  # the bundle folder being written
+    folder: str  # the head's sub-folder of it ("head")
+    class_names: list[str]
+    image_class: np.ndarray  # [training images of the cache] class index of each
+    written: list[str] = field(default_factory=list)  # bundle-relative paths, in order
+
+    def save(self, name: str, array: np.ndarray) -> str:
+        """``array`` as ``folder/name.npy``; returns its bundle-relative path."""
+        rel = f"{self.folder}/{name}.npy"
+        (self.root / self.folder).mkdir(parents=True, exist_ok=True)
+        np.save(self.root / rel, np.ascontiguousarray(array), allow_pickle=False)
+        self.written.append(rel)
+        return rel
+
+    def onnx(self, module: torch.nn.Module, example: torch.Tensor, name: str, dynamic: dict[int, str],
+             input_name: str = "features", output_name: str = "scores") -> tuple[str, dict[str, Any]]:
+        """``module`` as the graph ``folder/name.onnx``; returns its path and description."""
+        from stages.onnx_graph import write_onnx
+
+        rel = f"{self.folder}/{name}.onnx"
+        info = write_onnx(module, example, self.root / rel, input_name, output_name, dynamic)
+        self.written.append(rel)
+        return rel, info
 
 
 class Head(ABC):
@@ -65,6 +97,14 @@ class Head(ABC):
     @abstractmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> Head:
         """Rebuild the head from ``checkpoint()``'s dict (also older runs' files)."""
+
+    # -- deploy -----------------------------------------------------------------
+    def export(self, ctx: ExportContext) -> dict[str, Any]:
+        """Write the head's part of a deploy bundle through ``ctx`` (an ONNX graph where the
+        head is a network, ``.npy`` arrays where it is data) and return its manifest entry:
+        ``rule`` (a scoring rule the runtime ``clad_run`` implements: onnx_rows, onnx_maps,
+        knn_bank, routed_knn), ``settings`` and ``files`` (bundle-relative paths)."""
+        raise CladError(f"head {self.name!r} cannot be exported yet (it does not implement Head.export)")
 
     # -- scoring ----------------------------------------------------------------
     @abstractmethod

@@ -23,7 +23,7 @@ from cache.stream import BatchStream, TrainCache
 from core.errors import CladError
 from core.files import seed_from, seeded
 from stages.epochs import EpochLoop, Phase
-from stages.heads.base import Head, TrainContext
+from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
 from stages.heads.rows import score_in_chunks
 from stages.labels import held_out_rows
@@ -474,4 +474,21 @@ class CladHead(Head):
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
         n, hw, c = maps.shape
         return score_in_chunks(self.model.score, maps.reshape(-1, c), self.device).reshape(n, hw)
+
+    def export(self, ctx: ExportContext) -> dict[str, Any]:
+        """Adaptor + the discriminator's score column as one ONNX graph on patch rows ``[N, C_d] -> [N]``."""
+        model = CladScoreGraph(self.model).cpu().eval()
+        rel, info = ctx.onnx(model, torch.zeros(4, int(self.meta["embed_dim"])), "clad_score", {0: "rows"})
+        return {"rule": "onnx_rows", "settings": info, "files": {"graph": rel}}
+
+
+class CladScoreGraph(nn.Module):
+    """``[N, C_d]`` rows -> ``[N]`` anomaly scores: what ``CladModel.score`` computes (eval mode)."""
+
+    def __init__(self, model: CladModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[2]
 

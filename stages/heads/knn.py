@@ -16,7 +16,7 @@ import torch
 
 from core.errors import CladError
 from core.files import seeded
-from stages.heads.base import Head, TrainContext
+from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
 from stages.labels import normal_maps
 
@@ -170,6 +170,19 @@ class KnnHead(Head):
         n, hw, c = maps.shape
         out = [self.bank.score(maps.reshape(-1, c)[s:s + 65536]) for s in range(0, n * hw, 65536)]
         return (torch.cat(out) if out else torch.zeros(0)).reshape(n, hw)
+
+    def export(self, ctx: ExportContext) -> dict[str, Any]:
+        """The memory bank as ``.npy`` arrays, one file per class (a run trained before bank rows
+        recorded their image: one file); the runtime searches all of them (rule ``knn_bank``)."""
+        rows = self.bank.rows
+        if self.bank_images is None:
+            files = {"all": ctx.save("bank_all", rows)}
+        else:
+            cls = ctx.image_class[self.bank_images]
+            files = {name: ctx.save(f"bank_{name}", rows[cls == k]) for k, name in enumerate(ctx.class_names)
+                     if (cls == k).any()}
+        return {"rule": "knn_bank", "settings": {"k": int(self.bank.k), "distance": "euclidean, exact"},
+                "files": {"bank": files}}
 
     def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
         """Cross-fitting (``cross_fitted_scores``); every image counts as unseen."""

@@ -38,7 +38,7 @@ from core.errors import CladError
 from core.files import seed_from
 from stages.ccl import ccl_loss, feature_view
 from stages.epochs import EpochLoop, Phase
-from stages.heads.base import Head, TrainContext
+from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
 from stages.labels import image_labels
 from stages.rlr import RLRModel, reconstruction_error
@@ -223,3 +223,22 @@ class RlrHead(Head):
             x = maps[s:s + chunk].to(self.device).float()
             out.append(reconstruction_error(x, self.model(x), self.meta["error"]).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, hw)
+
+    def export(self, ctx: ExportContext) -> dict[str, Any]:
+        """The model and its reconstruction error as one ONNX graph on whole maps ``[n, H*W, C_d] -> [n, H*W]``."""
+        grid = self.meta["grid"]
+        graph = RlrScoreGraph(self.model, self.meta["error"]).cpu().eval()
+        example = torch.zeros(2, grid[0] * grid[1], int(self.meta["embed_dim"]))
+        rel, info = ctx.onnx(graph, example, "rlr_score", {0: "images"})
+        return {"rule": "onnx_maps", "settings": {**info, "grid": list(grid)}, "files": {"graph": rel}}
+
+
+class RlrScoreGraph(torch.nn.Module):
+    """``[n, H*W, C_d]`` maps -> ``[n, H*W]`` reconstruction errors (eval mode)."""
+
+    def __init__(self, model: RLRModel, error: str):
+        super().__init__()
+        self.model, self.error = model, error
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reconstruction_error(x, self.model(x), self.error)

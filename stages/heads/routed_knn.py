@@ -43,7 +43,7 @@ candidates).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -52,7 +52,7 @@ import torch
 from cache.image_stream import cache_grid
 from core.errors import CladError
 from core.files import seeded
-from stages.heads.base import Head, TrainContext
+from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.knn import MemoryBank, exact_distances
 from stages.heads.registry import register_head
 from stages.labels import normal_maps
@@ -214,6 +214,30 @@ class RoutedKnnHead(Head):
         return cls(ckpt["rows"].numpy(), ckpt["offsets"].numpy(), ckpt["descriptors"].numpy(),
                    ckpt["descriptor_class"].numpy(), settings, meta,
                    ids.numpy() if ids is not None else None, cells.numpy() if cells is not None else None, axes)
+
+    # -- deploy -------------------------------------------------------------------------
+    def export(self, ctx: ExportContext) -> dict[str, Any]:
+        """Rule ``routed_knn``: routing descriptors of every bank image, the principal axes, and per
+        class its images' rows, row offsets and cell descriptors in separate files (a runtime
+        loads a class when it scores an image of it)."""
+        files: dict[str, Any] = {"descriptors": ctx.save("descriptors", self.desc),
+                                 "descriptor_class": ctx.save("descriptor_class", self.desc_class), "classes": {}}
+        if self.axes is not None:
+            files["axes_mean"], files["axes_basis"] = ctx.save("axes_mean", self.axes[0]), ctx.save("axes_basis",
+                                                                                                   self.axes[1])
+        for k, name in enumerate(self.meta["class_names"]):
+            members = np.nonzero(self.desc_class == k)[0]
+            if not len(members):
+                continue
+            sizes = self.offsets[members + 1] - self.offsets[members]
+            per = {"rows": ctx.save(f"rows_{name}", np.concatenate(
+                       [self.rows[self.offsets[j]:self.offsets[j + 1]] for j in members])),
+                   "offsets": ctx.save(f"offsets_{name}", np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))}
+            if self.cells is not None:
+                per["cells"] = ctx.save(f"cells_{name}", self.cells[members])
+            files["classes"][name] = per
+        settings = {**asdict(self.settings), "grid": list(self.meta.get("grid", [])), "cells": CELLS}
+        return {"rule": "routed_knn", "settings": settings, "files": files}
 
     # -- scoring ------------------------------------------------------------------------
     def class_images(self, x: np.ndarray, allowed: np.ndarray) -> np.ndarray:

@@ -1,0 +1,3 @@
+from clad_run.cli import main
+
+main()
