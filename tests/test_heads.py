@@ -15,7 +15,7 @@ from core.layout import RunFiles
 from pipeline.config import config_from_dict, load_config, save_config
 from stages.heads import head_class, head_names, run_key
 from stages.train import train_context, train_head
-from tests.conftest import clad
+from tests.conftest import clad, set_config
 
 # Settings that make each head train in seconds on the tiny data (others: the fast profile).
 TINY = {"clad": {"epochs_contrastive": 1, "epochs_finetune": 1, "batch_contrastive": 1200, "batch_finetune": 2000,
@@ -87,6 +87,16 @@ def _old_key(extract_key: str, flat: dict, labels: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# the CLAD settings that existed before the registry (later ones are hashed only away from their old behaviour)
+_OLD_CLAD = ("epochs_contrastive", "epochs_finetune", "batch_contrastive", "batch_finetune", "lr", "weight_decay",
+             "adaptor_dims", "disc_hidden", "margin", "alpha", "gamma", "delta", "score_loss",
+             "contrast_normals_only", "fusion_p", "gas_steps", "gas_eta", "gas_project_every", "gas_noise",
+             "gas_scale", "gas_nn_factor", "use_contrastive", "use_gas", "use_las", "window_shards")
+# CLAD's later settings at the behaviour runs had before them (2026-12-02 changed these defaults)
+_CLAD_BEFORE = {"mix_classes": False, "gas_bn": "train", "gas_radius": "global", "fusion_beta": "stored",
+                "bn_refresh": False}
+
+
 def _make_old(run_dir):
     """Turn a run into what the pre-registry code wrote: a flat [train] table
     (with threshold_quantile), no calibration, the old key, meta with one threshold."""
@@ -94,7 +104,8 @@ def _make_old(run_dir):
 
     cfg = load_config(run_dir / "config.toml")
     flat = {"profile": cfg.train.profile, "head": cfg.train.head,
-            **dataclasses.asdict(cfg.train.head_settings("clad")), "holdout": cfg.train.holdout,
+            **{k: v for k, v in dataclasses.asdict(cfg.train.head_settings("clad")).items() if k in _OLD_CLAD},
+            "holdout": cfg.train.holdout,
             "pseudo_k": cfg.train.pseudo_k, **dataclasses.asdict(cfg.train.head_settings("knn")),
             "threshold_quantile": cfg.calibrate.quantile, "seed": cfg.train.seed}
     tree = {"data": dataclasses.asdict(cfg.data), "features": dataclasses.asdict(cfg.features),
@@ -120,6 +131,10 @@ def test_runs_trained_before_the_registry_still_load_score_and_calibrate(trained
     clad("train", str(work), "--run", "nn", "--head", "knn")
     for run in ("t", "nn"):
         _make_old(work / "runs" / run)
+    st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
+    # today's CLAD defaults are not the old run's behaviour: stale, the change named
+    assert st["train[t]"]["state"] == "stale" and "bn_refresh" in json.dumps(st["train[t]"])
+    set_config(work, train={"clad": _CLAD_BEFORE})  # a workspace that keeps the older behaviour
     st = {s["stage"]: s for s in json.loads(clad("status", str(work), "--json").stdout)}
     assert st["train[t]"]["state"] == "done" and st["train[nn]"]["state"] == "done"
     assert st["calibrate[t]"]["state"] == "missing"
