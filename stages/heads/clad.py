@@ -22,6 +22,7 @@ from torch import nn
 from cache.stream import BatchStream, TrainCache
 from core.errors import CladError
 from core.files import seed_from, seeded
+from stages.clad_model import Adaptor, CladModel, Discriminator, precise_batch_norm  # noqa: F401 - re-exported
 from stages.epochs import EpochLoop, Phase
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
@@ -101,85 +102,10 @@ def _at_least(name: str, value: int, low: int) -> None:
         raise CladError(f"train.{name}={value}: must be >= {low}; fix config.toml or --set")
 
 
-# -- the model ---------------------------------------------------------------------
-def _mlp(dims: list[int], last_plain: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if not (last_plain and i == len(dims) - 2):
-            layers += [nn.BatchNorm1d(b), nn.LeakyReLU(0.2)]
-    return nn.Sequential(*layers)
-
-
-class Adaptor(nn.Module):
-    """3-layer MLP with batch norm reducing C_d (e.g. 360 -> 1024 -> 512 -> 256)."""
-
-    def __init__(self, in_dim: int, dims: tuple[int, ...] = (1024, 512, 256)):
-        super().__init__()
-        self.net = _mlp([in_dim, *dims], last_plain=True)
-        self.out_dim = dims[-1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C_d]`` -> ``[B, dims[-1]]``."""
-        return self.net(x)
-
-
-class Discriminator(nn.Module):
-    """3-layer MLP with two heads: N+1 class logits (classes + anomaly) and a raw score."""
-
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 1024):
-        super().__init__()
-        self.n_classes = n_classes
-        self.net = _mlp([in_dim, hidden, hidden, n_classes + 2], last_plain=True)
-
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, D]`` -> (logits ``[B, N+1]``, anomaly score ``[B]``; high = anomalous)."""
-        out = self.net(z)
-        return out[:, :-1], out[:, -1]
-
-
-class CladModel(nn.Module):
-    """Adaptor + discriminator; ``score`` gives per-patch anomaly scores."""
-
-    def __init__(self, in_dim: int, n_classes: int, adaptor_dims: tuple[int, ...], hidden: int):
-        super().__init__()
-        self.adaptor = Adaptor(in_dim, adaptor_dims)
-        self.disc = Discriminator(adaptor_dims[-1], n_classes, hidden)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z = self.adaptor(x)
-        logits, s = self.disc(z)
-        return z, logits, s
-
-    @torch.no_grad()
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """``[n, C_d]`` -> ``[n]`` anomaly scores (eval mode)."""
-        return self.forward(x)[2]
-
-
-@torch.no_grad()
-def precise_batch_norm(model: nn.Module, chunks: list[torch.Tensor]) -> None:
-    """Set every batch-norm layer's running statistics to the average over
-    ``chunks`` (each ``[b, C_d]``, composed like a training batch) of the
-    batch statistics a training forward computes (momentum=None: a
-    cumulative average), instead of the exponential average of the last ~10
-    training batches. Those come from the last windows of shards, i.e. from
-    a few classes, and evaluation of every class normalises with them.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    momenta = [m.momentum for m in bns]
-    was_training = model.training
-    model.train()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    for x in chunks:
-        model(x)
-    for m, mom in zip(bns, momenta, strict=True):
-        m.momentum = mom
-    model.train(was_training)
+def fuse_las(xa: torch.Tensor, pair: torch.Tensor, beta: torch.Tensor, fuse: torch.Tensor) -> torch.Tensor:
+    """Eq. 4 on the rows where ``fuse`` ``[n]`` is set: ``(1 - beta) x_las + beta x_pair``
+    (``beta`` ``[n, 1]``, ``pair`` the same-place normal rows); the LAS row itself elsewhere."""
+    return torch.where(fuse[:, None], (1 - beta) * xa + beta * pair, xa)
 
 
 def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
@@ -263,8 +189,7 @@ class _Trainer:
                 sel = torch.arange(i, len(xa_all), n_chunks)
                 beta = beta_all[sel][:, None]
                 fuse = torch.rand(len(sel)) < self.t.fusion_p
-                fused = (1 - beta) * xa_all[sel] + beta * pair_all[sel]
-                parts.append(torch.where(fuse[:, None], fused, xa_all[sel]))
+                parts.append(fuse_las(xa_all[sel], pair_all[sel], beta, fuse))
             if self.t.use_gas:
                 g = xn[: len(xn) // 2]
                 r1, noise, _ = self.gas_radii(img[: len(g)])
@@ -344,8 +269,7 @@ class _Trainer:
             beta = batch.anomaly_beta[:, None]
             if t.fusion_beta == "fresh":  # a new blend every step, drawn from the stored betas
                 beta = beta[torch.randperm(len(beta), device=self.device)]
-            fused = (1 - beta) * xa + beta * batch.anomaly_pair  # eq. 4
-            parts_x.append(torch.where(fuse[:, None], fused, xa))
+            parts_x.append(fuse_las(xa, batch.anomaly_pair, beta, fuse))
             parts_y.append(torch.full((len(xa),), n, device=self.device))
         if t.use_gas:
             n_gas = len(xn) // 2
