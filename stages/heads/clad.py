@@ -10,6 +10,7 @@ synthetic rows = 2 : 1 : 1.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -75,6 +76,8 @@ class CladSettings:
     fusion_beta: str = "fresh"  # fresh: eq. 4's beta redrawn every step from the batch's stored betas | stored
     bn_refresh: bool = True  # batch norm's statistics re-estimated on a sample of all classes after every epoch
     bn_rows: int = 20000  # normal rows of that sample (plus half as many local and global synthetic rows)
+    lr_schedule: str = "constant"  # constant | cosine: lr decays to 0 over each phase's steps (stateless: resumable)
+    ema: float = 0.0  # decay per step of an average of the weights that is evaluated and kept; 0 = off
 
     def __post_init__(self) -> None:
         _choice("score_loss", self.score_loss, ("hinge", "bce"))
@@ -82,6 +85,9 @@ class CladSettings:
         _choice("gas_bn", self.gas_bn, ("eval", "train"))
         _choice("gas_radius", self.gas_radius, ("class", "global"))
         _choice("fusion_beta", self.fusion_beta, ("fresh", "stored"))
+        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        if not 0 <= self.ema < 1:
+            raise CladError(f"train.clad.ema = {self.ema!r}: must be in [0, 1) (0 = off); fix config.toml or --set")
         _at_least("bn_rows", self.bn_rows, 2)
         for name in ("epochs_contrastive", "epochs_finetune", "gas_steps"):
             _at_least(name, getattr(self, name), 0)
@@ -159,6 +165,12 @@ class _Trainer:
         self.labels_t = torch.from_numpy(ctx.labels)
         torch.manual_seed(seed_from(ctx.seed, "init"))  # same initial weights every time
         self.model = CladModel(ctx.cache.embed_dim, self.n_labels, t.adaptor_dims, t.disc_hidden).to(self.device)
+        # with ema > 0 an average of the weights is what is probed, selected and kept; the loop
+        # checkpoints both (``holder``), so a killed run resumes with its average
+        self.ema_model = copy.deepcopy(self.model) if t.ema > 0 else None
+        self.eval_model = self.ema_model if self.ema_model is not None else self.model
+        self.holder = self.model if self.ema_model is None else nn.ModuleDict(
+            {"net": self.model, "ema": self.ema_model})
         self.val = held_out_rows(ctx.cache, ctx.held, VAL_ROWS, ctx.seed)
         self.r1, self.noise, self.eta = self._gas_scale()
         self.r2 = 2 * self.r1
@@ -196,7 +208,7 @@ class _Trainer:
                 r1, noise = (r1.cpu(), noise.cpu()) if torch.is_tensor(r1) else (r1, noise)
                 parts.append(project_shell(g + noise * torch.randn_like(g), g, r1, 2 * r1))
             chunks.append(torch.cat(parts).to(self.device))
-        precise_batch_norm(self.model, chunks)
+        precise_batch_norm(self.eval_model, chunks)
 
     def _class_radii(self) -> torch.Tensor | None:
         """``[n_classes]`` r1 per class (``gas_radius = class`` with ``gas_scale = nn``), else None;
@@ -293,57 +305,85 @@ class _Trainer:
         normal, anomaly, _ = self.val
         if not len(normal) or not len(anomaly):
             return float("nan")
-        self.model.eval()
-        s = score_in_chunks(self.model.score, torch.from_numpy(np.concatenate([normal, anomaly])), self.device)
-        self.model.train()
+        self.eval_model.eval()
+        s = score_in_chunks(self.eval_model.score, torch.from_numpy(np.concatenate([normal, anomaly])),
+                            self.device)
+        self.eval_model.train()
         y = np.r_[np.zeros(len(normal)), np.ones(len(anomaly))]
         return float(roc_auc_score(y, s.numpy()))
 
     @torch.no_grad()
     def probe_scores(self, maps: torch.Tensor) -> torch.Tensor:
         """``[n, H*W, C]`` -> ``[n, H*W]`` discriminator scores (eval mode), for the probe."""
-        self.model.eval()
+        self.eval_model.eval()
         n, hw, c = maps.shape
-        s = score_in_chunks(self.model.score, maps.reshape(-1, c), self.device).reshape(n, hw)
-        self.model.train()
+        s = score_in_chunks(self.eval_model.score, maps.reshape(-1, c), self.device).reshape(n, hw)
+        self.eval_model.train()
         return s
+
+    def set_lr(self, opt: torch.optim.Optimizer, step: int, total: int) -> None:
+        """``lr_schedule = cosine``: lr x (1 + cos(pi step / total)) / 2 at step ``step`` of a
+        phase of ``total`` steps (a function of the step alone, so a resumed run gets the same)."""
+        if self.t.lr_schedule == "cosine":
+            lr = self.t.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """The weight average after optimizer step ``step`` (counted over the run): decay
+        min(ema, (1 + step) / (10 + step)), so early steps do not keep the random
+        initialisation; batch-norm buffers are copied (``refresh_batch_norm`` re-estimates them)."""
+        if self.ema_model is None:
+            return
+        decay = min(self.t.ema, (1 + step) / (10 + step))
+        avg, cur = list(self.ema_model.parameters()), list(self.model.parameters())
+        torch._foreach_lerp_(avg, cur, 1 - decay)
+        for b_avg, b in zip(self.ema_model.buffers(), self.model.buffers(), strict=True):
+            b_avg.copy_(b)
 
     # -- the loop ---------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         phases = self.phases()
         batches = {ph.name: b for ph, b in phases}
+        first_phase = phases[0][0].name
 
         def on_phase(ph: Phase, first: int) -> None:
             if ph.name not in self.streams:
                 self.streams[ph.name] = self.stream(batches[ph.name])
             st = self.streams[ph.name]
+            if self.ema_model is not None and first == 0 and ph.name != first_phase:
+                self.model.load_state_dict(self.ema_model.state_dict())  # the next phase starts from the average
             self.ctx.log(f"train: phase {ph.name}: {ph.epochs} epochs of {st.batches_per_epoch} batches "
                          f"({st.n_normal} normal + {st.n_anomaly} local + "
                          f"{st.n_normal // 2 if self.t.use_gas else 0} global synthetic rows)")
 
-        def run_epoch(_i: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        def run_epoch(i_phase: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
             if ph.name not in self.streams:
                 self.streams[ph.name] = self.stream(batches[ph.name])
             st = self.streams[ph.name]
             sums: dict[str, float] = {}
             rows, t0 = 0, time.perf_counter()
-            for b in st.epoch(epoch):
+            n_b = st.batches_per_epoch
+            run_step = (sum(p.epochs for p, _ in phases[:i_phase]) + epoch) * n_b
+            for j, b in enumerate(st.epoch(epoch)):
+                self.set_lr(opt, epoch * n_b + j, ph.epochs * n_b)
                 losses = self.step(b, ph.name == "contrastive")
                 total = sum(losses.values())
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 opt.step()
+                self.update_ema(run_step + j)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.item()
                 rows += len(b.normal) + len(b.anomaly) + (len(b.normal) // 2 if self.t.use_gas else 0)
-            n_b = st.batches_per_epoch
             rate = rows / (time.perf_counter() - t0)
             self.refresh_batch_norm(batches[ph.name])
             return {**{k: v / n_b for k, v in sums.items()}, "val_auroc": self.validate(),
                     **self.ctx.probe(self.probe_scores), "rows_per_s": rate}
 
         loop = EpochLoop(self.ctx, [ph for ph, _ in phases])
-        return loop.run(self.model, self.optimizer, run_epoch, on_phase)
+        return loop.run(self.holder, self.optimizer, run_epoch, on_phase)
 
 
 @register_head
@@ -356,7 +396,7 @@ class CladHead(Head):
     reads = ("holdout", "pseudo_k", "seed")
     uses_labels = True
     added = {"score_loss": "hinge", "mix_classes": False, "gas_bn": "train", "gas_radius": "global",
-             "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000}
+             "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000, "lr_schedule": "constant", "ema": 0.0}
     profiles = {
         "paper": {},
         # a short schedule that finishes the demo in minutes on 2 CPU cores
@@ -382,7 +422,7 @@ class CladHead(Head):
         summary = {"history": history, "n_labels": ctx.n_labels,
                    "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta,
                            "class_r1": None if tr.class_r1 is None else tr.class_r1.tolist()}}
-        return cls(tr.model, meta, ctx.device), summary
+        return cls(tr.eval_model, meta, ctx.device), summary
 
     def checkpoint(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "meta": self.meta}
