@@ -137,3 +137,39 @@ def test_precise_batch_norm_is_the_average_of_the_chunks_batch_statistics():
     assert torch.allclose(bn.running_mean, torch.stack([x.mean(0) for x in h]).mean(0), atol=1e-6)
     assert torch.allclose(bn.running_var, torch.stack([x.var(0) for x in h]).mean(0), atol=1e-5)
     assert bn.momentum == 0.1 and not model.training  # momentum and mode restored
+
+
+def test_partner_differences_point_to_a_row_of_the_same_class():
+    from stages.train.losses import partner_differences
+
+    torch.manual_seed(0)
+    pool = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0], [11.0, 10.0], [12.0, 10.0], [50.0, 50.0]])
+    pool_group = torch.tensor([0, 0, 1, 1, 1, 2])
+    x = torch.tensor([[0.5, 0.5], [10.5, 10.5], [50.0, 49.0], [7.0, 7.0]])
+    group = torch.tensor([0, 1, 2, 3])  # class 3 has no row in the pool
+    for _ in range(20):
+        d = partner_differences(x, group, pool, pool_group)
+        for i in range(3):
+            target = x[i] + d[i]
+            hits = [j for j in range(len(pool)) if torch.allclose(pool[j], target)]
+            assert hits and all(pool_group[j] == group[i] for j in hits)
+        assert torch.equal(d[3], torch.zeros(2))  # no partner: no displacement (the caller keeps noise)
+
+
+def test_global_synthesis_from_a_start_direction_keeps_its_direction_on_the_shell():
+    from stages.heads.clad import CladModel
+    from stages.train.losses import global_synthesis
+
+    torch.manual_seed(0)
+    model = CladModel(16, 2, (32, 8), 32)
+    model.train()
+    x = torch.randn(30, 16)
+    start = torch.randn(30, 16) * 10
+    start[0] = 0  # no partner: falls back to noise
+    x_g = global_synthesis(model, x, 1.0, 0.25, 0.0, steps=0, project_every=1, start=start)
+    d = x_g - x
+    n = d.norm(dim=1)
+    assert ((n >= 1 - 1e-5) & (n <= 2 + 1e-5)).all()
+    cos = torch.nn.functional.cosine_similarity(d[1:], start[1:], dim=1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)  # radial projection keeps the direction
+    assert n[0] > 0

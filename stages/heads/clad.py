@@ -33,6 +33,7 @@ from stages.train.losses import (
     classification_loss,
     contrastive_loss,
     global_synthesis,
+    partner_differences,
     project_shell,
     score_loss,
     variance_loss,
@@ -76,6 +77,8 @@ class CladSettings:
     fusion_beta: str = "fresh"  # fresh: eq. 4's beta redrawn every step from the batch's stored betas | stored
     bn_refresh: bool = True  # batch norm's statistics re-estimated on a sample of all classes after every epoch
     bn_rows: int = 20000  # normal rows of that sample (plus half as many local and global synthetic rows)
+    gas_direction: str = "noise"  # noise (GLASS) | rows: displacements along differences of same-class rows
+    gas_rows_scale: float = 2.0  # with gas_direction = rows: the shell's radii in units of the class r1
     lr_schedule: str = "constant"  # constant | cosine: lr decays to 0 over each phase's steps (stateless: resumable)
     ema: float = 0.0  # decay per step of an average of the weights that is evaluated and kept; 0 = off
 
@@ -86,6 +89,7 @@ class CladSettings:
         _choice("gas_radius", self.gas_radius, ("class", "global"))
         _choice("fusion_beta", self.fusion_beta, ("fresh", "stored"))
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("gas_direction", self.gas_direction, ("noise", "rows"))
         if not 0 <= self.ema < 1:
             raise CladError(f"train.clad.ema = {self.ema!r}: must be in [0, 1) (0 = off); fix config.toml or --set")
         _at_least("bn_rows", self.bn_rows, 2)
@@ -264,11 +268,19 @@ class _Trainer:
         scale = r1 / self.r1
         return r1, self.noise * scale, self.eta * scale
 
-    def gas(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Global anomaly synthesis of normal rows ``x`` of images ``image`` (``losses.global_synthesis``)."""
+    def gas(self, x: torch.Tensor, image: torch.Tensor, pool: torch.Tensor | None = None,
+            pool_image: torch.Tensor | None = None) -> torch.Tensor:
+        """Global anomaly synthesis of normal rows ``x`` of images ``image`` (``losses.global_synthesis``);
+        with ``gas_direction = rows`` displaced along differences to rows of ``pool`` of the same class."""
         r1, noise, eta = self.gas_radii(image)
+        start = None
+        if self.t.gas_direction == "rows":
+            cls = self.class_of_image.to(x.device)
+            pool, pool_image = (x, image) if pool is None else (pool, pool_image)
+            start = partner_differences(x, cls[image], pool, cls[pool_image])
+            r1, eta = r1 * self.t.gas_rows_scale, eta * self.t.gas_rows_scale
         return global_synthesis(self.model, x, r1, noise, eta, self.t.gas_steps, self.t.gas_project_every,
-                                self.t.gas_bn)
+                                self.t.gas_bn, start)
 
     def step(self, batch: Any, contrastive: bool) -> dict[str, torch.Tensor]:
         t, n = self.t, self.n_labels
@@ -285,7 +297,7 @@ class _Trainer:
             parts_y.append(torch.full((len(xa),), n, device=self.device))
         if t.use_gas:
             n_gas = len(xn) // 2
-            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas]))
+            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas], xn, batch.normal_image))
             parts_y.append(torch.full((n_gas,), n, device=self.device))
         x, y = torch.cat(parts_x), torch.cat(parts_y)
         z, logits, s = self.model(x)
@@ -396,7 +408,8 @@ class CladHead(Head):
     reads = ("holdout", "pseudo_k", "seed")
     uses_labels = True
     added = {"score_loss": "hinge", "mix_classes": False, "gas_bn": "train", "gas_radius": "global",
-             "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000, "lr_schedule": "constant", "ema": 0.0}
+             "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000, "lr_schedule": "constant", "ema": 0.0,
+             "gas_direction": "noise", "gas_rows_scale": 2.0}
     profiles = {
         "paper": {},
         # a short schedule that finishes the demo in minutes on 2 CPU cores

@@ -179,8 +179,33 @@ def project_shell(x_g: torch.Tensor, x: torch.Tensor, r1: float | torch.Tensor,
     return x + h * (norm.clamp(r1, r2) / norm)
 
 
+def partner_differences(x: torch.Tensor, group: torch.Tensor, pool: torch.Tensor | None = None,
+                        pool_group: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, C]``: for each row of ``x`` the difference ``p - x`` to a random row ``p``
+    of ``pool`` (default ``x``) in the same ``group`` (a class); zero where the
+    group has no other row. A direction in which the class's own features vary,
+    unlike isotropic noise, whose energy sits mostly in directions no normal
+    feature ever moves in (an easy shortcut for a discriminator).
+
+    Uses torch's global RNG (seeded per epoch by the training loop).
+    """
+    pool = x if pool is None else pool
+    pool_group = group if pool_group is None else pool_group
+    order = torch.argsort(pool_group.double() + torch.rand(len(pool), dtype=torch.float64, device=pool.device))
+    sorted_group = pool_group[order]
+    starts = torch.searchsorted(sorted_group, group)
+    ends = torch.searchsorted(sorted_group, group, right=True)
+    count = ends - starts
+    pick = starts + (torch.rand(len(x), device=x.device) * count.clamp_min(1)).long().clamp_max(
+        (count - 1).clamp_min(0))
+    partner = pool[order[pick.clamp_max(len(pool) - 1)]]
+    diff = partner - x
+    return torch.where((count > 0)[:, None], diff, torch.zeros_like(diff))
+
+
 def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.Tensor, noise: float | torch.Tensor,
-                     eta: float | torch.Tensor, steps: int, project_every: int, bn: str = "eval") -> torch.Tensor:
+                     eta: float | torch.Tensor, steps: int, project_every: int, bn: str = "eval",
+                     start: torch.Tensor | None = None) -> torch.Tensor:
     """GAS (GLASS manifold mode): ``x`` ``[B, C]`` normal rows -> ``[B, C]`` synthetic
     rows with ``r1 <= ||x_g - x|| <= 2 r1``: Gaussian noise, ``steps`` normalised
     gradient-ascent steps of size ``eta`` on ``gas_ascent_loss`` (toward "looks
@@ -191,12 +216,16 @@ def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.
     forwards use batch norm's running statistics (what evaluation uses) and
     leave them alone; ``"train"`` (GLASS) normalises with the perturbed rows'
     own batch statistics and moves the running ones toward them at every
-    step. The model is left in train mode.
+    step. The model is left in train mode. ``start`` ``[B, C]`` (optional):
+    the initial displacement instead of Gaussian noise (e.g. ``partner_differences``),
+    projected onto the shell like the noise.
     """
     r2 = 2 * r1
     if bn == "eval":
         model.eval()
     x_g = x + noise * torch.randn_like(x)
+    if start is not None:  # rows without a partner (a zero difference) keep the noise
+        x_g = torch.where(start.norm(dim=1, keepdim=True) > 0, project_shell(x + start, x, r1, r2), x_g)
     for step in range(1, steps + 1):
         x_g = x_g.detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(gas_ascent_loss(model(x_g)[2]), x_g)
