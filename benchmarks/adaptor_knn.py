@@ -24,13 +24,13 @@ from benchmarks.common import progress_row, report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from stages.evaluate import iter_classes  # noqa: E402
+from stages.evaluate.stage import iter_classes  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
-from stages.heads.knn import MemoryBank  # noqa: E402
 from stages.heads.rows import score_in_chunks  # noqa: E402
-from stages.labels import holdout_images  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
+from stages.search import MemoryBank  # noqa: E402
+from stages.train.labels import holdout_images  # noqa: E402
 
 
 class AdaptorKnn:

@@ -4,7 +4,7 @@ What tells a discriminator that generalises from one that memorises its
 training synthesis, per class:
 
 - ``probe_img`` / ``probe_pix`` / ``probe_pro``: the held-out probe (CutPaste
-  and Scar versions of held-out training images, ``stages.probe``): image
+  and Scar versions of held-out training images, ``stages.train.probe``): image
   AUROC, pixel AUROC, AUPRO.
 - ``ho_pctile``: mean percentile of the held-out normal images' image scores
   among the training images' (50 = held-out images look like training
@@ -44,12 +44,12 @@ from cache.stream import TrainCache  # noqa: E402
 from core.files import read_json, seeded  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
-from stages.heads.knn import nearest_rows  # noqa: E402
-from stages.labels import holdout_images, normal_maps  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
-from stages.losses import global_synthesis  # noqa: E402
-from stages.probe import load_or_build_probe  # noqa: E402
+from stages.search import nearest_rows  # noqa: E402
+from stages.train.labels import holdout_images, normal_maps  # noqa: E402
+from stages.train.losses import global_synthesis  # noqa: E402
+from stages.train.probe import load_or_build_probe  # noqa: E402
 
 TRAIN_IMAGES = 40  # training images per class whose image scores form the reference distribution
 PATCHES = 4000  # held-out normal patches per class for the correlations
@@ -72,7 +72,7 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
 
 def brightness(path: str, cfg: Any, hw: int) -> np.ndarray:
     """``[H*W]`` mean grey value of the image cell under each patch (the map's grid)."""
-    from stages.data import load_image
+    from stages.extract.data import load_image
 
     img = load_image(path, cfg.features).mean(2)
     side = int(round(hw ** 0.5))

@@ -24,8 +24,8 @@ from benchmarks.common import report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import BatchStream, TrainCache  # noqa: E402
 from stages.heads.clad import CladModel  # noqa: E402
-from stages.labels import holdout_images  # noqa: E402
-from stages.losses import (  # noqa: E402
+from stages.train.labels import holdout_images  # noqa: E402
+from stages.train.losses import (  # noqa: E402
     classification_loss,
     contrastive_loss,
     global_synthesis,

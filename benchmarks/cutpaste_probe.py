@@ -4,7 +4,7 @@ The accuracy study may only choose settings on held-out training data. The
 training synthesis (LAS textures, GAS) cannot judge the discriminator that
 learned it (see ``heldout_probe.py``), so this probe makes anomalies of a kind
 no run trains on: CutPaste and CutPaste-Scar (a piece of the same image moved
-onto its foreground; ``stages.synthesis.cut_paste``) on the held-out training
+onto its foreground; ``stages.extract.synthesis.cut_paste``) on the held-out training
 images of each run's workspace. The held-out images themselves are the normal
 images. Each run is scored exactly as ``clad evaluate`` scores the test set
 (maps, image score = max, image AUROC, pixel AUROC, AUPRO@0.3), per class and
@@ -29,10 +29,10 @@ from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import Config, load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
-from stages.labels import holdout_images  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
-from stages.probe import build_probe  # noqa: E402
+from stages.train.labels import holdout_images  # noqa: E402
+from stages.train.probe import build_probe  # noqa: E402
 
 VARIANTS = 4  # CutPaste and CutPaste-Scar images per held-out image, each
 KEYS = ("image_auroc", "pixel_auroc", "aupro")
@@ -40,7 +40,7 @@ KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 def probe_set(cfg: Config, cache: TrainCache) -> dict[str, dict[str, np.ndarray]]:
     """Per class: held-out normal images and their CutPaste/Scar versions, encoded
-    (``stages.probe.build_probe`` with ``VARIANTS`` versions of each kind)."""
+    (``stages.train.probe.build_probe`` with ``VARIANTS`` versions of each kind)."""
     held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
     p = build_probe(cfg, cache, held, torch.device("cpu"), VARIANTS)
     return {k: {"features": p.features[k].astype(np.float32), "masks": p.masks[k], "images": p.examples[k]}

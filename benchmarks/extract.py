@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import table, write_result  # noqa: E402
 from pipeline.config import Config, DataConfig  # noqa: E402
-from stages.backbone import create_backbone  # noqa: E402
-from stages.demo_data import write_demo_dataset  # noqa: E402
-from stages.extract import EXTRACT_THREADS, make_plan, open_stores, pending_units, run_local  # noqa: E402
+from stages.extract.backbone import create_backbone  # noqa: E402
+from stages.extract.demo_data import write_demo_dataset  # noqa: E402
+from stages.extract.shards import make_plan  # noqa: E402
+from stages.extract.shards import EXTRACT_THREADS, open_stores, pending_units, run_local
 
 
 def bare_forward(cfg: Config, n_images: int, threads: int) -> float:

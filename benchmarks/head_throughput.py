@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
-from stages.evaluate import iter_classes  # noqa: E402
+from stages.evaluate.stage import iter_classes  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
-from stages.labels import holdout_images  # noqa: E402
+from stages.train.labels import holdout_images  # noqa: E402
 
 
 def held_out_sets(cache: TrainCache, held: np.ndarray) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -25,10 +25,9 @@ from pipeline.config import (
     load_config,
     save_config,
     with_profile,
-    write_atomic,
 )
 from pipeline.locks import cache_read_lock, cache_rebuild_lock, extract_lock, run_lock
-from pipeline.progress import progress, say
+from pipeline.progress import say
 from pipeline.workspace import Workspace
 from stages.heads import head_class, head_names
 
@@ -67,7 +66,7 @@ def main() -> None:
 @click.option("--classes", default="", help="Comma-separated subset of classes (default: all 5).")
 def demo_data(out: Path, seed: int, n_train: int, test_good: int, test_defect: int, classes: str) -> None:
     """Write the built-in multi-class data set (MVTec layout) to OUT."""
-    from stages.demo_data import CLASSES, write_demo_dataset
+    from stages.extract.demo_data import CLASSES, write_demo_dataset
 
     chosen = tuple(c for c in classes.split(",") if c) or CLASSES
     t0 = time.perf_counter()
@@ -118,51 +117,10 @@ def init(work: Path, data_root: Path, textures: str, backbone: str, weights: str
 @click.option("--rebuild", is_flag=True, help="Discard a cache made with other settings and start over.")
 def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
     """Stage 1: extract patch features of all images into WORK/cache (resumable)."""
+    from pipeline.extract_run import extract_run
+
     with extract_lock(work, say), (cache_rebuild_lock(work, say) if rebuild else nullcontext()):
-        extract_locked(work, scheduler, device, rebuild)
-
-
-def extract_locked(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
-    """``clad extract`` while holding the workspace's extraction lock."""
-    from stages.extract import make_plan, open_stores, pending_units, resolve_device, run_dask, run_local
-
-    ws = Workspace(work)
-    cfg = ws.config()
-    dev = resolve_device(device)
-    plan = make_plan(cfg)
-    st = open_stores(cfg, ws.cache_dir, plan, rebuild)
-    units = pending_units(plan, st)
-    n_units = len(plan.units())
-    for sp, store in st.items():
-        for i, why in store.incomplete().items():
-            say(f"extract: {sp}.zarr shard {i:05d} is incomplete ({why}); re-extracting it")
-    if not units:
-        say(f"extract: already done ({n_units} shards, {sum(len(v) for v in plan.samples.values())} images); "
-            "nothing to do")
-        return
-    n_images = sum(len(plan.shards[sp][i]) for sp, i in units)
-    say(f"extract: {len(units)}/{n_units} shards to do ({n_images} images) on {dev.type}"
-        + (f", Dask scheduler {scheduler}" if scheduler else ""))
-    bar = progress(n_images, "extract", unit="img")
-
-    def done(res) -> None:  # noqa: ANN001 - a Prepared or a Dask result dict
-        bar.update(len(res.samples) if hasattr(res, "samples") else len(plan.shards[res["split"]][res["shard"]]))
-
-    t0 = time.perf_counter()
-    with bar:
-        if scheduler:
-            timings = run_dask(cfg, plan, ws.cache_dir, units, device, scheduler, done)
-        else:
-            timings = run_local(cfg, plan, st, units, dev, done)
-    dt = time.perf_counter() - t0
-    size = sum(s.nbytes_stored() for s in st.values())
-    write_atomic(ws.cache_dir / "extract.json", json.dumps(
-        {"seconds": dt, "images": n_images, "img_per_s": n_images / dt, "rows": timings.rows,
-         "bytes": size, "device": dev.type, "scheduler": scheduler or "in-process",
-         "breakdown_s": {k: getattr(timings, k) for k in ("decode", "synthesis", "forward", "aggregate", "write")}},
-        indent=2))
-    say(f"extract: done in {dt:.1f} s ({n_images / dt:.1f} img/s, {timings.rows} rows); "
-        f"cache {size / 2**20:.1f} MiB in {ws.cache_dir}")
+        extract_run(Workspace(work), scheduler, device, rebuild)
 
 
 @main.command()

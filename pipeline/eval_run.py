@@ -39,10 +39,10 @@ def calibrate_cli(ws: Workspace, name: str, device: str, force: bool = True) -> 
     """(Re)calibrate a trained run's verdict thresholds from training data only."""
     from cache.store import FeatureStore
     from cache.stream import TrainCache
-    from stages.calibrate import calibrate_run, calibration_key, read_calibration
-    from stages.extract import resolve_device
+    from stages.extract.shards import resolve_device
     from stages.heads import load_trained_head
-    from stages.train import train_context
+    from stages.train.calibrate import calibrate_run, calibration_key, read_calibration
+    from stages.train.stage import train_context
 
     cfg, key = trained_config(ws, name)
     files = RunFiles(ws.run_dir(name))
@@ -60,9 +60,10 @@ def calibrate_cli(ws: Workspace, name: str, device: str, force: bool = True) -> 
 
 
 def evaluate_run_cli(ws: Workspace, name: str, device: str) -> None:
-    from stages.calibrate import verdict_key
-    from stages.evaluate import evaluate_run, metrics_table, verdict_table
-    from stages.extract import resolve_device
+    from stages.evaluate.report import metrics_table, verdict_table
+    from stages.evaluate.stage import evaluate_run
+    from stages.extract.shards import resolve_device
+    from stages.train.calibrate import verdict_key
 
     files = RunFiles(ws.run_dir(name))
     for gone in remove_stale_temps(files.root, recursive=False, of="eval"):
@@ -88,9 +89,9 @@ def evaluate_run_cli(ws: Workspace, name: str, device: str) -> None:
 
 def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, device: str,
               class_name: str) -> None:
-    from stages.calibrate import ensure_calibrated
-    from stages.extract import resolve_device
-    from stages.score import check_out_dir, expand_inputs, score_images
+    from stages.evaluate.score import check_out_dir, expand_inputs, score_images
+    from stages.extract.shards import resolve_device
+    from stages.train.calibrate import ensure_calibrated
 
     cfg, key = trained_config(ws, name)
     files = RunFiles(ws.run_dir(name))

@@ -1,4 +1,4 @@
-"""``clad export``: checks and summary around ``stages.export``."""
+"""``clad export``: checks and summary around ``stages.evaluate.export``."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pipeline.workspace import Workspace
 def export_cli(ws: Workspace, name: str, out: Path) -> None:
     from cache.store import FeatureStore
     from cache.stream import TrainCache
-    from stages.calibrate import ensure_calibrated
-    from stages.export import check_out, export_run
-    from stages.labels import holdout_images
+    from stages.evaluate.export import check_out, export_run
+    from stages.train.calibrate import ensure_calibrated
+    from stages.train.labels import holdout_images
 
     check_out(out)
     cfg, key = trained_config(ws, name)

@@ -52,8 +52,8 @@ def unreadable(path: Path) -> str:
 
 def run_states(ws: Workspace, cfg: Config, name: str, extract: StageState) -> list[StageState]:
     """Train, calibrate and evaluate state of one run, against the current config.toml."""
-    from stages.calibrate import calibration_key, verdict_key
     from stages.heads import accepted_run_keys, head_class, run_changes
+    from stages.train.calibrate import calibration_key, verdict_key
 
     files = RunFiles(ws.run_dir(name))
     expected = run_config(cfg, saved_overrides(ws, name))

@@ -74,10 +74,10 @@ def resolve_overrides(ws: Workspace, name: str, cli: dict[str, Any], restart: bo
 
 def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restart: bool) -> None:
     from cache.stream import TrainCache
-    from stages.calibrate import calibrate_run
-    from stages.extract import resolve_device
+    from stages.extract.shards import resolve_device
     from stages.heads import accepted_run_keys, head_class, run_changes, run_key
-    from stages.train import train_context, train_head, write_summary
+    from stages.train.calibrate import calibrate_run
+    from stages.train.stage import train_context, train_head, write_summary
 
     base = ws.config()
     files = RunFiles(ws.run_dir(name))

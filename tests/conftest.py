@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config, save_config, train_from_dict
-from stages.demo_data import write_demo_dataset
+from stages.extract.demo_data import write_demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

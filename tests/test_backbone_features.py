@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from core.errors import CladError
-from stages.backbone import _load_weights, create_backbone, map_efficientnet_pytorch_keys
-from stages.features import PatchProjector, aggregate_local, max_embed_dim, patch_features, pool_channels
+from stages.extract.backbone import _load_weights, create_backbone, map_efficientnet_pytorch_keys
+from stages.extract.features import PatchProjector, aggregate_local, max_embed_dim, patch_features, pool_channels
 
 
 def _top5(net, name):

@@ -10,7 +10,7 @@ import zarr
 from cache.store import FeatureStore
 from cache.stream import TrainCache
 from core.errors import CladError
-from stages.evaluate import iter_classes
+from stages.evaluate.stage import iter_classes
 from tests.conftest import clad
 
 
@@ -102,7 +102,8 @@ def test_same_size_replacement_makes_the_cache_stale(tiny_data, tmp_path):
 
     from core.errors import StaleError
     from pipeline.config import Config, DataConfig
-    from stages.extract import make_plan, open_stores
+    from stages.extract.shards import make_plan
+    from stages.extract.shards import open_stores
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -127,7 +128,8 @@ def test_cache_keyed_by_sizes_only_stays_valid(tiny_data, tmp_path):
     from dataclasses import replace
 
     from pipeline.config import Config, DataConfig
-    from stages.extract import make_plan, open_stores
+    from stages.extract.shards import make_plan
+    from stages.extract.shards import open_stores
 
     cfg = Config(data=DataConfig(root=str(tiny_data)))
     plan = make_plan(cfg)

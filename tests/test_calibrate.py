@@ -11,9 +11,9 @@ from PIL import Image
 from core.errors import CladError
 from core.layout import RunFiles
 from core.settings import CalibrateConfig
-from stages.calibrate import class_threshold, normalized_score, verdicts_in_force
 from stages.metrics import verdict_metrics
-from stages.routing import Router
+from stages.train.calibrate import class_threshold, normalized_score, verdicts_in_force
+from stages.train.routing import Router
 from tests.conftest import clad
 
 

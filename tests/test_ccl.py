@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stages.ccl import ccl_loss, feature_view, global_ccl_loss, local_ccl_loss, window_neighbors
+from stages.heads.ccl import ccl_loss, feature_view, global_ccl_loss, local_ccl_loss, window_neighbors
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from core.errors import CladError
 from pipeline.config import DataConfig, FeatureConfig
-from stages.data import index_dataset, load_image, load_mask
+from stages.extract.data import index_dataset, load_image, load_mask
 from tests.conftest import clad
 
 
@@ -120,7 +120,7 @@ def test_real_mvtec_bottle_when_present():
 
 
 def test_class_folders_without_training_images_are_refused_not_dropped(tmp_path):
-    from stages.demo_data import write_demo_dataset
+    from stages.extract.demo_data import write_demo_dataset
 
     data = write_demo_dataset(tmp_path / "d", seed=0, n_train=2, n_test_good=1, n_test_defect=1,
                               classes=("weave", "washer"))

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from core.errors import CladError
-from stages.demo_data import write_demo_dataset
+from stages.extract.demo_data import write_demo_dataset
 
 
 def _digest(root):

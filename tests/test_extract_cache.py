@@ -121,7 +121,8 @@ def test_dask_task_uses_the_current_plan_not_a_workers_stale_one(tiny_data, tmp_
     import torch
 
     from pipeline.config import Config, DataConfig, FeatureConfig, SynthesisConfig
-    from stages import extract
+    from stages.extract import shards as extract
+    from stages.extract.shards import make_plan
 
     threads = torch.get_num_threads()
     try:
@@ -133,7 +134,7 @@ def test_dask_task_uses_the_current_plan_not_a_workers_stale_one(tiny_data, tmp_
                 shutil.rmtree(data / drop)
             cfg = Config(data=DataConfig(root=str(data)), features=FeatureConfig(shard_images=2),
                          synthesis=SynthesisConfig(variants=1))
-            plan = plans[name] = extract.make_plan(cfg)
+            plan = plans[name] = make_plan(cfg)
             extract.open_stores(cfg, tmp_path / f"cache-{name}", plan)
             task = plan.task("train", 1)
             res = extract.extract_unit(cfg, task, plan.fingerprint, str(tmp_path / f"cache-{name}"), "cpu")

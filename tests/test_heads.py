@@ -14,7 +14,7 @@ from cache.stream import TrainCache
 from core.layout import RunFiles
 from pipeline.config import config_from_dict, load_config, save_config
 from stages.heads import head_class, head_names, run_key
-from stages.train import train_context, train_head
+from stages.train.stage import train_context, train_head
 from tests.conftest import clad, set_config
 
 # Settings that make each head train in seconds on the tiny data (others: the fast profile).
@@ -54,7 +54,7 @@ def test_every_head_trains_saves_loads_and_scores(name, extracted, tmp_path):
 
 
 def _two_maps(cache):
-    from stages.labels import normal_maps
+    from stages.train.labels import normal_maps
 
     sel = np.zeros(len(cache.image_ids), bool)
     sel[[0, len(sel) - 1]] = True
@@ -169,7 +169,7 @@ def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(se
     ctx = train_context(cfg, cache, RunFiles(tmp_path / "r"), torch.device("cpu"), store.info().key,
                         lambda m: None, lambda *a: _NullBar())
     head, _ = train_head(cfg, ctx)
-    from stages.labels import normal_maps
+    from stages.train.labels import normal_maps
 
     held = normal_maps(cache, ctx.held)  # held-out images: never in the bank
     train = normal_maps(cache, ~ctx.held)
@@ -209,7 +209,7 @@ def test_routed_knn_is_exact_search_among_the_nearest_images_of_the_own_class(se
 def test_cell_descriptors_and_position_free_cell_distance_on_hand_built_maps():
     """Cells are block means (2 x 2 blocks of a 4 x 4 grid here); the distance
     matches each query cell to the candidate's most similar cell anywhere."""
-    from stages.heads.routed_knn import cell_descriptors, cell_distance
+    from stages.search import cell_descriptors, cell_distance
 
     x = np.arange(16, dtype=np.float32).reshape(16, 1)  # value = y * 4 + x on a 4 x 4 grid, one channel
     assert cell_descriptors(x, (4, 4), cells=2)[:, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
@@ -224,8 +224,8 @@ def test_principal_axes_and_projected_candidates_on_hand_built_rows():
     exceed true ones; the routed search returns true distances to the best
     candidates of each image, so a query whose projected-nearest row is not
     its true nearest gets the true nearest once enough candidates are re-ranked."""
-    from stages.heads.knn import exact_distances
-    from stages.heads.routed_knn import nearest_per_image, principal_axes
+    from stages.search import exact_distances
+    from stages.search import nearest_per_image, principal_axes
 
     pts = np.array([[-3.0, 0.1, 0.0], [-1.0, -0.1, 0.0], [1.0, -0.1, 0.0], [3.0, 0.1, 0.0]])  # x, y uncorrelated
     mean, basis = principal_axes(pts, 1)
@@ -251,7 +251,7 @@ def test_exact_search_kernel_equals_brute_force_across_blocks_and_query_chunks(k
     (blocks of 7) and the queries (chunks of 5) are split, and reports
     directly computed distances, ascending (far from the origin, where the
     |x|^2 - 2x.r + |r|^2 expansion alone loses digits)."""
-    from stages.heads.knn import MemoryBank, nearest_rows
+    from stages.search import MemoryBank, nearest_rows
 
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(40, 6, generator=g) + 100.0

@@ -12,7 +12,7 @@ from PIL import Image
 
 from core.errors import CladError
 from core.settings import FeatureConfig
-from stages.data import load_image, load_rgb
+from stages.extract.data import load_image, load_rgb
 from tests.conftest import ROOT, clad
 
 CFG = FeatureConfig(resize=64, crop=0)
@@ -78,7 +78,7 @@ def test_score_skips_a_bomb_and_exits_2_when_nothing_was_readable(trained, tmp_p
 
 def test_hub_stays_offline_even_after_timm_is_imported():
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    code = ("import pipeline.cli, stages.backbone, timm, huggingface_hub.constants as c; "
+    code = ("import pipeline.cli, stages.extract.backbone, timm, huggingface_hub.constants as c; "
             "assert c.HF_HUB_OFFLINE, 'online'; print('offline')")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "offline" in res.stdout, res.stderr

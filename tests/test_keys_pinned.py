@@ -47,7 +47,7 @@ def compute_keys() -> dict[str, Any]:
 
     from pipeline.config import apply_sets, config_from_dict, config_to_dict, dump_toml, with_run_choices
     from stages.heads import accepted_run_keys, head_names, run_key
-    from stages.calibrate import calibration_key
+    from stages.train.calibrate import calibration_key
 
     out: dict[str, Any] = {}
     for base_name, raw in (("init", {"data": {"root": ROOT}, "train": {"profile": "fast"}}), ("bare", {})):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stages.losses import (
+from stages.train.losses import (
     bce_score_loss,
     contrastive_loss,
     contrastive_reference,
@@ -100,7 +100,7 @@ def test_project_shell_takes_a_radius_per_row():
 
 def test_global_synthesis_keeps_the_shell_and_leaves_batch_norm_alone_in_eval_mode():
     from stages.heads.clad import CladModel
-    from stages.losses import global_synthesis
+    from stages.train.losses import global_synthesis
 
     torch.manual_seed(0)
     model = CladModel(16, 2, (32, 8), 32)

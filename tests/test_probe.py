@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from core.layout import RunFiles
-from stages.epochs import EpochLoop, Phase
-from stages.probe import ProbeSet, probe_metrics
+from stages.train.epochs import EpochLoop, Phase
+from stages.train.probe import ProbeSet, probe_metrics
 
 
 class _Bar:
@@ -71,7 +71,7 @@ def test_missing_held_out_images_leave_training_unvalidated_not_failed(tmp_path)
     """Images moved after extraction: the probe cannot be built; training
     goes on with NaN probe metrics and one line saying so."""
     from pipeline.config import config_from_dict
-    from stages.probe import load_or_build_probe
+    from stages.train.probe import load_or_build_probe
 
     shard = types.SimpleNamespace(attrs={"paths": [str(tmp_path / "gone.png")]})
     store = types.SimpleNamespace(path=tmp_path / "cache" / "train.zarr", open_shard=lambda s: shard)

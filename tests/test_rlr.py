@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.rlr import (
+from stages.heads.rlr_model import (
     LocalCrossAttention,
     MaskedLearnableKeyAttention,
     RLRModel,

@@ -9,7 +9,7 @@ import torch
 from cache.store import FeatureStore
 from cache.stream import TrainCache
 from stages.heads.rlr import RlrSettings, rlr_step
-from stages.rlr import RLRModel
+from stages.heads.rlr_model import RLRModel
 from tests.conftest import clad, kill_and_resume
 
 SMALL = ["--head", "rlr", "--set", "dim=32", "--set", "layers=1", "--set", "attn_heads=2",

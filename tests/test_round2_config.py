@@ -49,7 +49,7 @@ def test_status_on_a_config_with_sigma_true_is_one_line(tmp_path):
 
 def test_messages_name_commands_that_exist(tmp_path):
     from pipeline.config import load_config
-    from stages.data import load_image
+    from stages.extract.data import load_image
 
     (tmp_path / "config.toml").write_text("[data\nroot = 1\n")
     with pytest.raises(CladError, match=rf"write a new one with 'clad init {tmp_path} --data PATH --force'"):

@@ -9,7 +9,7 @@ from PIL import Image
 
 from core.errors import CladError
 from core.settings import FeatureConfig
-from stages.data import load_image
+from stages.extract.data import load_image
 from tests.conftest import clad
 
 CFG = FeatureConfig(resize=64, crop=0)
@@ -54,7 +54,7 @@ def test_exif_orientation_is_applied_when_scoring(trained, tiny_data, tmp_path):
 def _verdicts(tmp_path, text, lowest=0.2):
     from core.layout import RunFiles
     from core.settings import CalibrateConfig
-    from stages.calibrate import verdicts_in_force
+    from stages.train.calibrate import verdicts_in_force
 
     files = RunFiles(tmp_path / "run")
     files.root.mkdir(exist_ok=True)
@@ -116,8 +116,8 @@ def test_a_broken_image_link_in_a_training_folder_is_refused(tiny_data, tmp_path
     import os
 
     from core.settings import DataConfig
-    from stages.data import index_dataset
-    from stages.score import expand_inputs
+    from stages.evaluate.score import expand_inputs
+    from stages.extract.data import index_dataset
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -154,7 +154,7 @@ def test_a_weights_file_that_is_not_a_state_dict_is_one_line(tmp_path, kind):
 
     import torch
 
-    from stages.backbone import _load_weights
+    from stages.extract.backbone import _load_weights
 
     path = tmp_path / f"weights-{kind}.pt"
     if kind == "pickle_with_code":

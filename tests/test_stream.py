@@ -5,7 +5,7 @@ import torch
 
 from cache.store import FeatureStore
 from cache.stream import BatchStream, TrainCache
-from stages.labels import holdout_images
+from stages.train.labels import holdout_images
 
 
 def _stream(work, n_normal=500, n_anomaly=200, window=2, seed=0):
@@ -65,7 +65,7 @@ def test_scaled_share_keeps_the_ratio_and_at_least_one_row():
 
 
 def test_greedy_k_center_equals_the_textbook_loop():
-    from stages.heads.knn import greedy_k_center
+    from stages.search import greedy_k_center
 
     z = torch.from_numpy(np.random.default_rng(1).normal(size=(300, 5)).astype(np.float32))
     expected, mind = [7], ((z - z[7]) ** 2).sum(1)
@@ -118,7 +118,7 @@ def test_mixed_stream_batches_hold_several_classes(extracted):
 
 def test_class_nn_distances_equal_brute_force_per_class(extracted):
     from stages.heads.clad import class_nn_distances
-    from stages.labels import normal_maps
+    from stages.train.labels import normal_maps
 
     cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
     held = holdout_images(cache, 0.2, 0)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import SynthesisConfig
-from stages.synthesis import (
+from stages.extract.synthesis import (
     TextureSource,
     augment_texture,
     blend,
@@ -106,7 +106,7 @@ def test_perlin_mask_binary(size):
 
 @pytest.mark.parametrize("scar", [False, True])
 def test_cut_paste_moves_a_piece_of_the_image_onto_the_foreground(scar):
-    from stages.synthesis import cut_paste
+    from stages.extract.synthesis import cut_paste
 
     rng = np.random.default_rng(3)
     image = rng.random((64, 64, 3)).astype(np.float32)
@@ -142,7 +142,8 @@ def test_synthetic_rows_sit_where_the_mask_is_at_a_size_stride_does_not_divide(t
     import torch
 
     from pipeline.config import Config, DataConfig, FeatureConfig
-    from stages.extract import ShardExtractor, make_plan
+    from stages.extract.shards import make_plan
+    from stages.extract.shards import ShardExtractor
 
     cfg = Config(data=DataConfig(root=str(tiny_data)), features=FeatureConfig(resize=300, crop=0),
                  synthesis=SynthesisConfig(variants=1))

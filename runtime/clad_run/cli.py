@@ -82,7 +82,7 @@ def folder_class(path: Path, classes: list[str]) -> str:
 
 def judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any, class_name: str,
           classes: list[str], v: Any, out: Path, index: int, confident: float) -> dict[str, Any]:
-    """Class, normalised score, verdict and heat map of one image (``stages.score._judge``'s rules)."""
+    """Class, normalised score, verdict and heat map of one image (``stages.evaluate.score._judge``'s rules)."""
     predicted = route.class_name if route is not None else classes[0]
     confidence = route.confidence if route is not None else float("nan")
     fits = route is None or not route.ood

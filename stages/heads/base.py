@@ -20,7 +20,7 @@ import torch
 
 from core.errors import CladError
 from core.layout import RunFiles
-from stages.train_context import TrainContext
+from stages.train.context import TrainContext
 
 
 @dataclass
@@ -44,7 +44,7 @@ class ExportContext:
     def onnx(self, module: torch.nn.Module, example: torch.Tensor, name: str, dynamic: dict[int, str],
              input_name: str = "features", output_name: str = "scores") -> tuple[str, dict[str, Any]]:
         """``module`` as the graph ``folder/name.onnx``; returns its path and description."""
-        from stages.onnx_graph import write_onnx
+        from stages.heads.onnx_graph import write_onnx
 
         rel = f"{self.folder}/{name}.onnx"
         info = write_onnx(module, example, self.root / rel, input_name, output_name, dynamic)
@@ -74,7 +74,7 @@ class Head(ABC):
     def progress(cls, files: RunFiles) -> tuple[int, int] | None:
         """(units done, units in all) of an unfinished training, for ``clad status``.
 
-        Default: the ``progress`` pair that ``stages.epochs`` stores in every
+        Default: the ``progress`` pair that ``stages.train.epochs`` stores in every
         ``latest.pt``; None where there is none or it cannot be read.
         """
         if not files.latest.is_file():
@@ -118,11 +118,11 @@ class Head(ABC):
         verdict calibration, and which of them the scoring model never saw.
 
         Default: every training image, scored by the trained model; only the
-        held-out ones are unseen (``stages.calibrate`` reports the gap between
+        held-out ones are unseen (``stages.train.calibrate`` reports the gap between
         the two groups as evidence). A head that can refit cheaply overrides
         this with cross-fitting, so that every image is unseen.
         """
-        from stages.labels import normal_maps
+        from stages.train.labels import normal_maps
 
         maps = normal_maps(ctx.cache, np.ones(len(ctx.held), bool))
         scores = {i: self.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()

@@ -22,13 +22,13 @@ from torch import nn
 from cache.stream import BatchStream, TrainCache
 from core.errors import CladError
 from core.files import seed_from, seeded
-from stages.clad_model import Adaptor, CladModel, Discriminator, precise_batch_norm  # noqa: F401 - re-exported
-from stages.epochs import EpochLoop, Phase
 from stages.heads.base import ExportContext, Head, TrainContext
+from stages.heads.clad_model import Adaptor, CladModel, Discriminator, precise_batch_norm  # noqa: F401 - re-exported
 from stages.heads.registry import register_head
 from stages.heads.rows import score_in_chunks
-from stages.labels import held_out_rows
-from stages.losses import (
+from stages.train.epochs import EpochLoop, Phase
+from stages.train.labels import held_out_rows
+from stages.train.losses import (
     classification_loss,
     contrastive_loss,
     global_synthesis,
@@ -112,7 +112,7 @@ def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, s
                        n_probe: int = 2000, n_bank: int = 50000, shards: np.ndarray | None = None) -> float:
     """Median distance of held-out normal rows ``probe`` to their nearest
     training normal row (of ``shards`` only, default all, in a seeded order)."""
-    from stages.heads.knn import nearest_rows
+    from stages.search import nearest_rows
 
     bank, rows = [], 0
     order = seeded(seed, "nn-bank").permutation(cache.n_shards) if shards is None else shards
@@ -135,7 +135,7 @@ def class_nn_distances(cache: TrainCache, held: np.ndarray, seed: int) -> np.nda
     synthetic shell inside the normal spread of a coarse class and far
     outside a fine one. Only the class's own shards are read.
     """
-    from stages.labels import normal_maps
+    from stages.train.labels import normal_maps
 
     first = cache.image_class[cache.image_offsets[:-1]]
     out = np.full(len(cache.class_names), np.nan)

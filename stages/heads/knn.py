@@ -1,6 +1,6 @@
 """The knn head: a PatchCore-style memory bank of normal training rows.
 
-Exact L2 search (``nearest_rows``; optionally on a greedy coreset). Because refitting
+Exact L2 search (``stages.search.MemoryBank``; optionally on a greedy coreset). Because refitting
 is only dropping rows, verdict calibration cross-fits: each training image is
 scored against a bank without the rows of its own fold of images.
 """
@@ -18,7 +18,8 @@ from core.errors import CladError
 from core.files import seeded
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
-from stages.labels import normal_maps
+from stages.search import MemoryBank, greedy_k_center
+from stages.train.labels import normal_maps
 
 
 @dataclass(frozen=True)
@@ -32,73 +33,6 @@ class KnnSettings:
         if not 0 < self.knn_coreset <= 1 or self.knn_k < 1:
             raise CladError(f"train.knn_coreset={self.knn_coreset}, knn_k={self.knn_k}: need 0 < knn_coreset <= 1 "
                             "and knn_k >= 1; fix config.toml or --set")
-
-
-def exact_distances(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``[q, C]`` queries, ``[M, C]`` rows, ``[q, r]`` row indices -> ``[q, r]``
-    Euclidean distances computed directly (no expansion, so no cancellation)."""
-    diff = rows[idx] - x[:, None, :]
-    return torch.einsum("qrc,qrc->qr", diff, diff).sqrt_()
-
-
-def nearest_rows(x: torch.Tensor, rows: torch.Tensor, sq: torch.Tensor, k: int = 1,
-                 block: int = 8192, queries: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k-nearest rows: ``[q, C]`` queries, ``[M, C]`` rows and their
-    ``[M]`` squared norms -> (``[q, k]`` distances ascending, ``[q, k]`` row
-    indices). Candidates come from the expansion |x|^2 - 2 x.r + |r|^2 in
-    blocks of rows (one matrix product each: 3x faster than faiss' flat
-    index on 2 CPU cores, 467 vs 1,600 ms per 784-patch image against 156k
-    rows), the reported distances from ``exact_distances``. Queries go in
-    chunks of ``queries`` (a ``[queries, block]`` float32 temporary: 32 MiB)."""
-    if len(x) > queries:
-        parts = [nearest_rows(x[s:s + queries], rows, sq, k, block, queries) for s in range(0, len(x), queries)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    k = min(k, len(rows))
-    best_d = torch.full((len(x), 0), float("inf"))
-    best_i = torch.zeros((len(x), 0), dtype=torch.long)
-    for s in range(0, len(rows), block):
-        d2 = torch.addmm(sq[s:s + block][None], x, rows[s:s + block].T, alpha=-2)  # [q, b], |x|^2 left out
-        v, i = d2.topk(min(k, d2.shape[1]), 1, largest=False) if k > 1 else d2.min(1, keepdim=True)
-        best_d, best_i = torch.cat([best_d, v], 1), torch.cat([best_i, i + s], 1)
-        if best_d.shape[1] > k:
-            best_d, keep = best_d.topk(k, 1, largest=False)
-            best_i = best_i.gather(1, keep)
-    d = exact_distances(x, rows, best_i)
-    d, order = d.sort(1)
-    return d, best_i.gather(1, order)
-
-
-class MemoryBank:
-    """Exact L2 nearest-neighbour search over ``[M, C]`` float32 rows (``nearest_rows``)."""
-
-    def __init__(self, rows: np.ndarray, k: int = 1):
-        self.rows, self.k = np.ascontiguousarray(rows, dtype=np.float32), k
-        self._rows = torch.from_numpy(self.rows)
-        self._sq = (self._rows * self._rows).sum(1)
-
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        """``[n, C]`` -> ``[n]`` mean distance to the k nearest bank rows."""
-        d, _ = nearest_rows(x.float().cpu().contiguous(), self._rows, self._sq, self.k)
-        return d.mean(1)
-
-
-def greedy_k_center(z: torch.Tensor, n: int, first: int,
-                    progress: Callable[[int, int], None] | None = None) -> list[int]:
-    """Greedy k-centre: start at ``first``, then repeatedly take the row
-    farthest from everything taken so far. Distances come from the expansion
-    |a - b|^2 = |a|^2 - 2 a.b + |b|^2: one matrix-vector product per pick and
-    no [N, d] temporaries (a 10 % coreset of 156k rows: 241 s on 2 CPU cores)."""
-    sq = (z * z).sum(1)
-    chosen = [first]
-    mind = (sq - 2 * (z @ z[first]) + sq[first]).clamp_min_(0)
-    every = max(1, n // 10)
-    for k in range(1, n):
-        i = int(torch.argmax(mind))
-        chosen.append(i)
-        torch.minimum(mind, (sq - 2 * (z @ z[i]) + sq[i]).clamp_min_(0), out=mind)
-        if progress is not None and ((k + 1) % every == 0 or k + 1 == n):
-            progress(k + 1, n)
-    return chosen
 
 
 def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,

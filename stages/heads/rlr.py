@@ -3,20 +3,20 @@ optionally with class-aware contrastive learning (CCL, seed 002).
 
 Training streams whole normal maps ``[B, H, W, C]`` from the cache
 (``cache.image_stream.ImageStream``), never rows: the model
-(``stages.rlr.RLRModel``) decodes a learnable reference that attends to the
+(``stages.heads.rlr_model.RLRModel``) decodes a learnable reference that attends to the
 input only through learnable keys (MLKA) and a local window (LCA), so it
 cannot copy its input through. The anomaly map is the per-patch
-reconstruction error (``stages.rlr.reconstruction_error``).
+reconstruction error (``stages.heads.rlr_model.reconstruction_error``).
 
 With ``ccl = classes`` or ``pseudo``, each batch of ``B`` maps is joined by
-``B`` feature-level views (``stages.ccl.feature_view``: a shift of at most
+``B`` feature-level views (``stages.heads.ccl.feature_view``: a shift of at most
 one cell and norm-proportional jitter; the paper's augmented images, which a
 feature cache does not have), batches are class-balanced, and the loss adds
 seed 002's eq. 6 terms (local CCL on the projected maps with a k x k window,
 global CCL on the pooled decoded reference; tau 0.1, lambda1 : lambda2 = 1 : 1)
 under the labels named: the class folders or the k-means pseudo-classes.
 
-Every epoch checkpoints through ``stages.epochs.EpochLoop`` (resumable,
+Every epoch checkpoints through ``stages.train.epochs.EpochLoop`` (resumable,
 bit-identical on the CPU). The validation curve is the mean reconstruction
 error of the held-out normal images (lower is better; recorded, not used
 to select: the final model is the run's model).
@@ -36,12 +36,12 @@ import torch
 from cache.image_stream import ImageStream, image_maps
 from core.errors import CladError
 from core.files import seed_from
-from stages.ccl import ccl_loss, feature_view
-from stages.epochs import EpochLoop, Phase
 from stages.heads.base import ExportContext, Head, TrainContext
+from stages.heads.ccl import ccl_loss, feature_view
 from stages.heads.registry import register_head
-from stages.labels import image_labels
-from stages.rlr import RLRModel, reconstruction_error
+from stages.heads.rlr_model import RLRModel, reconstruction_error
+from stages.train.epochs import EpochLoop, Phase
+from stages.train.labels import image_labels
 
 
 @dataclass(frozen=True)

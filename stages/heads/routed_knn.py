@@ -2,36 +2,33 @@
 
 The knn head searches every normal training patch for every test patch; its
 cost grows with every image and class added to the bank. This head searches
-far fewer rows, in two steps that both follow the data:
+far fewer rows, in steps that all follow the data (the kernels are in
+``stages.search``; why each setting has its value, measured on training
+data, is in docs/RESULTS.md, "The recommended head reaches the knn head"):
 
 * **Routing.** The image's descriptor (mean patch feature, as in
-  ``stages.routing``) picks its class: the class of the nearest training
-  image. Patches are then never matched against another product, so a
-  defect cannot find a "normal" match in a different class.
+  ``stages.train.routing``) picks its class: the class of the nearest
+  training image of this head's bank. Patches are then never
+  matched against another product, so a defect cannot find a "normal" match
+  in a different class.
 * **Neighbour images** (SPADE's idea, Cohen and Hoshen 2020). Within that
   class, only the ``images`` training images nearest to the scored image form
-  its bank, searched exactly. ``images = 0`` searches the whole
-  class bank (routing alone). "Nearest" is ``select``: ``cells`` (default)
-  compares local appearance, each of the image's 4 x 4 cells (mean features of
-  a 1/16 of the grid) matched to the most similar cell of the candidate, in
-  any position, so a rotated or shifted part still finds the images holding
-  its patches; ``mean`` compares whole-image mean features (the rule before
-  2026-12-01). On bottle's training images (leave-one-out) ``cells`` leaves
-  5.5 % mean patch-score excess over exact search at 16 images where ``mean``
-  leaves 8.1 % (docs/RESULTS.md).
-
+  its bank. ``images = 0`` searches the whole class bank (routing alone).
+  "Nearest" is ``select``: ``cells`` (default) compares local appearance,
+  each of the image's 4 x 4 cells (mean features of a 1/16 of the grid)
+  matched to the most similar cell of the candidate, in any position, so a
+  rotated or shifted part still finds the images holding its patches;
+  ``mean`` compares whole-image mean features (the older rule).
 * **Projected candidates, exact distances.** With ``project`` = d > 0 each
   patch's nearest row in each chosen image is found in the rows' top-d
   principal axes (fitted on a seeded sample of the bank at training), which
   costs about d / C of a full search; the ``rerank`` best of these candidates
   are then measured exactly in all C channels and the nearest true distance
-  is the patch's score. A score is
-  always the true distance to a real training patch (never below the exact
-  nearest-neighbour distance); the cost saved buys more neighbour images,
-  which lowers the error far more than the projection adds (training-side
-  table in docs/RESULTS.md). ``project = 0`` searches exactly in all channels.
-
-* **Refinement.** The ``refine`` share (5 %) of each image's highest-scoring
+  is the patch's score. A score is always the true distance to a real
+  training patch (never below the exact nearest-neighbour distance); the
+  cost saved buys more neighbour images, which lowers the error far more
+  than the projection adds. ``project = 0`` searches exactly in all channels.
+* **Refinement.** The ``refine`` share of each image's highest-scoring
   patches, where false alarms and missed defects are decided, are searched
   again over every training image of the class (same candidate search), so
   the image score and the top of the map are (nearly) the class-exact ones.
@@ -53,62 +50,20 @@ from cache.image_stream import cache_grid
 from core.errors import CladError
 from core.files import seeded
 from stages.heads.base import ExportContext, Head, TrainContext
-from stages.heads.knn import MemoryBank, exact_distances
 from stages.heads.registry import register_head
-from stages.labels import normal_maps
-from stages.routing import pairwise
+from stages.search import (
+    CELLS,
+    MemoryBank,
+    cell_descriptors,
+    cell_distance,
+    exact_distances,
+    nearest_per_image,
+    pairwise,
+    principal_axes,
+)
+from stages.train.labels import normal_maps
 
 AXES_SAMPLE = 65536  # bank rows sampled (seeded) to fit the principal axes
-CELLS = 4  # cells per side of the local-appearance descriptor (4 x 4 = 16 cells per image)
-
-
-def cell_descriptors(x: np.ndarray, grid: tuple[int, int], cells: int = CELLS) -> np.ndarray:
-    """``[H*W, C]`` map in y * W + x order -> ``[cells * cells, C]`` float32:
-    the mean feature of each cell of a ``cells`` x ``cells`` partition of the
-    grid (adaptive average pooling: cells differ by at most one patch in size)."""
-    h, w = grid
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).T.reshape(1, -1, h, w)
-    return torch.nn.functional.adaptive_avg_pool2d(t, cells)[0].flatten(1).T.contiguous().numpy()
-
-
-def principal_axes(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[n, C]`` rows -> (mean ``[C]``, orthonormal basis ``[C, dims]``) of
-    their top ``dims`` principal axes (float32; sign fixed so the largest
-    entry of each axis is positive, for reproducible files). Projecting onto
-    an orthonormal basis never lengthens a difference, so projected distances
-    are lower bounds of true ones."""
-    x = sample.astype(np.float64)
-    mean = x.mean(0)
-    _, vectors = np.linalg.eigh(np.cov((x - mean).T))
-    basis = vectors[:, ::-1][:, :dims]
-    basis = basis * np.sign(basis[np.abs(basis).argmax(0), np.arange(basis.shape[1])])
-    return mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32)
-
-
-def nearest_per_image(q: torch.Tensor, space: torch.Tensor, sq: torch.Tensor, offsets: np.ndarray,
-                      images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[q, d]`` queries against each of ``images`` (row ranges
-    ``offsets[j]:offsets[j+1]`` of ``[M, d]`` ``space``, ``[M]`` squared norms
-    ``sq``) -> (``[q, n]`` squared distances minus |q|^2, ``[q, n]`` row
-    indices): each query's nearest row in each image. One small matrix
-    product per image, no gathered copy of the bank."""
-    d2 = torch.empty((len(q), len(images)))
-    idx = torch.empty((len(q), len(images)), dtype=torch.long)
-    for t, j in enumerate(images):
-        a, b = int(offsets[j]), int(offsets[j + 1])
-        v, i = torch.addmm(sq[a:b][None], q, space[a:b].T, alpha=-2).min(1)
-        d2[:, t], idx[:, t] = v, i + a
-    return d2, idx
-
-
-def cell_distance(query: np.ndarray, bank: np.ndarray) -> np.ndarray:
-    """``[k, C]`` query cells, ``[n, k', C]`` cells of n images -> ``[n]``: the
-    mean over query cells of the distance to the image's most similar cell
-    (position-free: a cell may match any cell of the other image)."""
-    n, kb, c = bank.shape
-    d = torch.cdist(torch.from_numpy(np.ascontiguousarray(query, dtype=np.float32)),
-                    torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)).reshape(n * kb, c))
-    return d.reshape(len(query), n, kb).amin(2).mean(0).double().numpy()
 
 
 @dataclass(frozen=True)

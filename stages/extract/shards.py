@@ -24,9 +24,9 @@ import torch
 from cache.store import FeatureStore, compressors
 from core.errors import CladError
 from core.settings import Config
-from stages.data import IMAGE_SUFFIXES, Sample, index_dataset, load_image, load_mask
-from stages.features import FeatureEncoder
-from stages.synthesis import TextureSource, foreground_mask, rng_for, synthesize
+from stages.extract.data import IMAGE_SUFFIXES, Sample, index_dataset, load_image, load_mask
+from stages.extract.features import FeatureEncoder
+from stages.extract.synthesis import TextureSource, foreground_mask, rng_for, synthesize
 
 EXTRACT_THREADS = 1  # intra-op threads of the backbone in every process (see run_local)
 

@@ -18,9 +18,9 @@ from core.files import save_torch_atomic, write_atomic
 from core.layout import RunFiles
 from core.settings import Config
 from stages.heads import Head, TrainContext, accepted_run_keys, head_class, run_key
-from stages.labels import holdout_images, image_labels
-from stages.probe import ProbeSet, ScoreMaps, load_or_build_probe, probe_metrics
-from stages.train_context import Log, MakeBar
+from stages.train.context import Log, MakeBar
+from stages.train.labels import holdout_images, image_labels
+from stages.train.probe import ProbeSet, ScoreMaps, load_or_build_probe, probe_metrics
 
 
 def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch.device, cache_key: str,

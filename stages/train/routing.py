@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from stages.search import pairwise
+
 OOD = "out-of-distribution"
 
 
@@ -37,13 +39,6 @@ class Route:
     confidence: float  # 1 - d_best / d_other_class in [0, 1]; 1 with a single class
     distance: float  # to the nearest training image descriptor
     ood_limit: float  # the nearest class's out-of-distribution distance
-
-
-def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``[n, m]`` Euclidean distances (float64 for stable small values)."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
-    return np.sqrt(np.maximum(d2, 0))
 
 
 def class_spreads(desc: np.ndarray, cls: np.ndarray, n_classes: int, quantile: float) -> np.ndarray:

@@ -1,6 +1,6 @@
 """What a head's training reads: the cache, labels, held-out images, settings,
-the run's files and how to report progress. Built once by ``stages.train``;
-used by the heads and by the epoch loop they share (``stages.epochs``).
+the run's files and how to report progress. Built once by ``stages.train.stage``;
+used by the heads and by the epoch loop they share (``stages.train.epochs``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ MakeBar = Callable[[str, int, int], Any]  # (phase, done, total) -> bar with upd
 
 @dataclass
 class TrainContext:
-    """Everything a head's training reads, built once by ``stages.train``."""
+    """Everything a head's training reads, built once by ``stages.train.stage``."""
 
     cache: TrainCache
     held: np.ndarray  # [n_images] bool: held out of training
@@ -37,7 +37,7 @@ class TrainContext:
     accepted_keys: tuple[str, ...]  # run keys a resumable checkpoint may carry (this one, older spellings)
     log: Log
     make_bar: MakeBar
-    # the held-out probe (stages.probe): score_maps -> probe metrics; NaN metrics where there is none
+    # the held-out probe (stages.train.probe): score_maps -> probe metrics; NaN metrics where there is none
     probe: Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, float]] = lambda _score: {}
 
     @property

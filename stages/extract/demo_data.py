@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from core.errors import CladError
-from stages.synthesis import perlin_2d, rng_for
+from stages.extract.synthesis import perlin_2d, rng_for
 
 SIZE = 256
 TEXTURES = ("weave", "grain", "speckle")

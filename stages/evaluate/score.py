@@ -1,6 +1,6 @@
 """Scoring new images with a trained run (the deploy path; no cache needed).
 
-Each image gets a class (``--class``; else predicted by ``stages.routing``,
+Each image gets a class (``--class``; else predicted by ``stages.train.routing``,
 with the nearest enclosing folder named like a trained class as a hint that
 decides when the prediction is unsure or out of distribution), a raw score, a
 normalised score (its class threshold at ``calibrate.normalized_at``) and a
@@ -31,13 +31,13 @@ from core.errors import CladError
 from core.files import remove_stale_temps, swap_into_place, temp_dir, write_atomic
 from core.layout import RunFiles
 from core.settings import Config
-from stages.calibrate import load_router, read_calibration, verdicts_in_force
-from stages.data import IMAGE_SUFFIXES, load_image
-from stages.features import FeatureEncoder
-from stages.figures import overlay
+from stages.evaluate.figures import overlay
+from stages.extract.data import IMAGE_SUFFIXES, load_image
+from stages.extract.features import FeatureEncoder
 from stages.heads import load_trained_head
 from stages.maps import anomaly_maps, image_scores
-from stages.routing import OOD, descriptors
+from stages.train.calibrate import load_router, read_calibration, verdicts_in_force
+from stages.train.routing import OOD, descriptors
 
 FIELDS = ["path", "class", "class_from", "confidence", "predicted_class", "in_distribution", "folder_class", "score",
           "normalized", "threshold", "threshold_from", "verdict", "heatmap"]

@@ -17,7 +17,7 @@ import torch
 
 from core.errors import CladError, StaleError
 from core.files import save_torch_atomic, seed_from
-from stages.train_context import TrainContext
+from stages.train.context import TrainContext
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,10 +26,13 @@ from core.errors import CladError
 from core.files import read_json, save_torch_atomic, write_atomic
 from core.layout import RunFiles
 from core.settings import CalibrateConfig, Config, settings_hash
-from stages.heads.base import Head, TrainContext
-from stages.labels import image_means
 from stages.maps import anomaly_maps, image_scores
-from stages.routing import Router
+from stages.train.context import TrainContext
+from stages.train.labels import image_means
+from stages.train.routing import Router
+
+if TYPE_CHECKING:  # the heads are trained above this module; it only calls Head.calibration_scores
+    from stages.heads.base import Head
 
 CALIBRATE_CODE_VERSION = 1
 

@@ -1,7 +1,7 @@
 """``clad export``: a trained run as a self-contained deploy bundle for ``clad-run``.
 
 The bundle holds the feature extractor (backbone + local aggregation +
-projection, ``stages.features``) as one ONNX graph on preprocessed images,
+projection, ``stages.extract.features``) as one ONNX graph on preprocessed images,
 the head's own part (``Head.export``: an ONNX graph or per-class arrays),
 the routing descriptors, and ``manifest.json``: classes, preprocessing,
 thresholds in force and their normalisation, map settings, the head's
@@ -27,13 +27,13 @@ from core.errors import CladError
 from core.files import swap_into_place, temp_dir, write_atomic
 from core.layout import RunFiles
 from core.settings import Config
-from stages.calibrate import load_router, read_calibration, verdicts_in_force
-from stages.data import index_dataset, load_image
-from stages.features import FeatureEncoder
+from stages.extract.data import index_dataset, load_image
+from stages.extract.features import FeatureEncoder
 from stages.heads import load_trained_head
 from stages.heads.base import ExportContext
+from stages.heads.onnx_graph import write_onnx
 from stages.maps import anomaly_maps, image_scores
-from stages.onnx_graph import write_onnx
+from stages.train.calibrate import load_router, read_calibration, verdicts_in_force
 
 GOLDEN_PER_KIND = 2  # golden images per class and kind (normal, defective)
 

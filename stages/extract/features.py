@@ -96,7 +96,7 @@ class FeatureEncoder:
     """
 
     def __init__(self, cfg: FeatureConfig, device: torch.device, pretrained: bool = True):
-        from stages.backbone import create_backbone
+        from stages.extract.backbone import create_backbone
 
         self.cfg, self.device = cfg, device
         self.backbone = create_backbone(cfg.backbone, cfg.layers, cfg.weights, pretrained).to(device)

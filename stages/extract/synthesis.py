@@ -22,7 +22,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from scipy import ndimage
 
 from core.settings import SynthesisConfig
-from stages.data import IMAGE_SUFFIXES, load_rgb
+from stages.extract.data import IMAGE_SUFFIXES, load_rgb
 
 
 def rng_for(seed: int, *parts: object) -> np.random.Generator:

@@ -4,7 +4,7 @@ The training synthesis (LAS textures, GAS perturbations) cannot judge a head
 that learned it: held-out LAS rows ranked CLAD runs backwards (docs/RESULTS.md).
 The probe makes anomalies of a kind no head trains on: CutPaste and
 CutPaste-Scar (a piece of the same image moved onto its foreground;
-``stages.synthesis.cut_paste``) on the run's held-out training images, which
+``stages.extract.synthesis.cut_paste``) on the run's held-out training images, which
 are themselves the probe's normal images. Its features are computed once per
 held-out split with the extraction backbone and kept beside the cache
 (``WORK/cache/probe/<key>.pt``), so a second run or head with the same split
@@ -57,9 +57,9 @@ def probe_key(cache_key: str, held_ids: list[str], seed: int) -> str:
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
                 variants: int = VARIANTS) -> ProbeSet:
     """Encode the held-out images and ``2 x variants`` CutPaste/Scar versions of each."""
-    from stages.data import load_image
-    from stages.features import FeatureEncoder
-    from stages.synthesis import cut_paste, foreground_mask, rng_for
+    from stages.extract.data import load_image
+    from stages.extract.features import FeatureEncoder
+    from stages.extract.synthesis import cut_paste, foreground_mask, rng_for
 
     paths = [p for s in range(cache.n_shards) for p in cache.store.open_shard(s).attrs["paths"]]
     encoder = FeatureEncoder(cfg.features, device)
