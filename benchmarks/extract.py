@@ -21,8 +21,8 @@ from benchmarks.common import table, write_result  # noqa: E402
 from pipeline.config import Config, DataConfig  # noqa: E402
 from stages.extract.backbone import create_backbone  # noqa: E402
 from stages.extract.demo_data import write_demo_dataset  # noqa: E402
-from stages.extract.shards import make_plan  # noqa: E402
-from stages.extract.shards import EXTRACT_THREADS, open_stores, pending_units, run_local
+from stages.extract.plan import make_plan  # noqa: E402
+from stages.extract.stage import EXTRACT_THREADS, open_stores, pending_units, run_local
 
 
 def bare_forward(cfg: Config, n_images: int, threads: int) -> float:

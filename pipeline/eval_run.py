@@ -39,7 +39,7 @@ def calibrate_cli(ws: Workspace, name: str, device: str, force: bool = True) -> 
     """(Re)calibrate a trained run's verdict thresholds from training data only."""
     from cache.store import FeatureStore
     from cache.stream import TrainCache
-    from stages.extract.shards import resolve_device
+    from core.devices import resolve_device
     from stages.heads import load_trained_head
     from stages.train.calibrate import calibrate_run, calibration_key, read_calibration
     from stages.train.stage import train_context
@@ -60,9 +60,9 @@ def calibrate_cli(ws: Workspace, name: str, device: str, force: bool = True) -> 
 
 
 def evaluate_run_cli(ws: Workspace, name: str, device: str) -> None:
+    from core.devices import resolve_device
     from stages.evaluate.report import metrics_table, verdict_table
     from stages.evaluate.stage import evaluate_run
-    from stages.extract.shards import resolve_device
     from stages.train.calibrate import verdict_key
 
     files = RunFiles(ws.run_dir(name))
@@ -89,8 +89,8 @@ def evaluate_run_cli(ws: Workspace, name: str, device: str) -> None:
 
 def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, device: str,
               class_name: str) -> None:
+    from core.devices import resolve_device
     from stages.evaluate.score import check_out_dir, expand_inputs, score_images
-    from stages.extract.shards import resolve_device
     from stages.train.calibrate import ensure_calibrated
 
     cfg, key = trained_config(ws, name)

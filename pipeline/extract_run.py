@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 import time
 
+from core.devices import resolve_device
 from core.files import write_atomic
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace
-from stages.extract.shards import resolve_device
 
 
 def extract_run(ws: Workspace, scheduler: str, device: str, rebuild: bool) -> None:
     """``clad extract`` while holding the workspace's extraction lock: the pending
     shards, then ``cache/extract.json`` (seconds, rows, bytes and where time went)."""
-    from stages.extract.shards import make_plan
-    from stages.extract.shards import open_stores, pending_units, run_dask, run_local
+    from stages.extract.plan import make_plan
+    from stages.extract.stage import open_stores, pending_units, run_dask, run_local
 
     cfg = ws.config()
     dev = resolve_device(device)

@@ -74,7 +74,7 @@ def resolve_overrides(ws: Workspace, name: str, cli: dict[str, Any], restart: bo
 
 def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restart: bool) -> None:
     from cache.stream import TrainCache
-    from stages.extract.shards import resolve_device
+    from core.devices import resolve_device
     from stages.heads import accepted_run_keys, head_class, run_changes, run_key
     from stages.train.calibrate import calibrate_run
     from stages.train.stage import train_context, train_head, write_summary

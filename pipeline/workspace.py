@@ -104,7 +104,7 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
 def _data_changes(cfg: Config, infos: list[Any]) -> str:
     """Why the cache no longer matches the data set on disk ("" when it does):
     images added or removed since extraction, or files modified."""
-    from stages.extract.shards import dataset_changes
+    from stages.extract.plan import dataset_changes
 
     recorded = infos[0].settings.get("dataset", "")
     cached = {i for info in infos for shard in info.plan for i in shard}

@@ -102,8 +102,8 @@ def test_same_size_replacement_makes_the_cache_stale(tiny_data, tmp_path):
 
     from core.errors import StaleError
     from pipeline.config import Config, DataConfig
-    from stages.extract.shards import make_plan
-    from stages.extract.shards import open_stores
+    from stages.extract.plan import make_plan
+    from stages.extract.stage import open_stores
 
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
@@ -128,8 +128,8 @@ def test_cache_keyed_by_sizes_only_stays_valid(tiny_data, tmp_path):
     from dataclasses import replace
 
     from pipeline.config import Config, DataConfig
-    from stages.extract.shards import make_plan
-    from stages.extract.shards import open_stores
+    from stages.extract.plan import make_plan
+    from stages.extract.stage import open_stores
 
     cfg = Config(data=DataConfig(root=str(tiny_data)))
     plan = make_plan(cfg)

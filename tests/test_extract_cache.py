@@ -121,8 +121,8 @@ def test_dask_task_uses_the_current_plan_not_a_workers_stale_one(tiny_data, tmp_
     import torch
 
     from pipeline.config import Config, DataConfig, FeatureConfig, SynthesisConfig
-    from stages.extract import shards as extract
-    from stages.extract.shards import make_plan
+    from stages.extract import stage as extract
+    from stages.extract.plan import make_plan
 
     threads = torch.get_num_threads()
     try:

@@ -142,7 +142,7 @@ def test_synthetic_rows_sit_where_the_mask_is_at_a_size_stride_does_not_divide(t
     import torch
 
     from pipeline.config import Config, DataConfig, FeatureConfig
-    from stages.extract.shards import make_plan
+    from stages.extract.plan import make_plan
     from stages.extract.shards import ShardExtractor
 
     cfg = Config(data=DataConfig(root=str(tiny_data)), features=FeatureConfig(resize=300, crop=0),

@@ -2,6 +2,6 @@
 
 ``data`` (layouts, the image index, loading), ``demo_data`` (the built-in
 set), ``synthesis`` (local anomalies), ``backbone`` and ``features`` (patch
-rows) and ``shards`` (the plan, one shard's computation, and running the
-pending shards, here or on Dask).
+rows), ``plan`` (shards and the data set's fingerprint), ``shards`` (one
+shard's computation) and ``stage`` (running the pending shards, here or on Dask).
 """
