@@ -31,7 +31,6 @@ from stages.train.calibrate import load_router, read_calibration, verdicts_in_fo
 from stages.train.routing import descriptors
 
 
-
 def iter_classes(store: FeatureStore) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """Yield (class, images) with each image's features, label, mask and path."""
     info = store.info()

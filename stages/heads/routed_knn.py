@@ -6,9 +6,9 @@ far fewer rows, in steps that all follow the data (the kernels are in
 ``stages.search``; why each setting has its value, measured on training
 data, is in docs/RESULTS.md, "The recommended head reaches the knn head"):
 
-* **Routing.** The image's descriptor (mean patch feature, as in
-  ``stages.train.routing``) picks its class: the class of the nearest
-  training image of this head's bank. Patches are then never
+* **Routing.** The image's descriptor (mean patch feature) picks its class by
+  the one routing rule (``stages.train.routing.class_distances``): the class
+  of the nearest training image of this head's bank. Patches are then never
   matched against another product, so a defect cannot find a "normal" match
   in a different class.
 * **Neighbour images** (SPADE's idea, Cohen and Hoshen 2020). Within that
@@ -62,6 +62,7 @@ from stages.search import (
     principal_axes,
 )
 from stages.train.labels import normal_maps
+from stages.train.routing import class_distances
 
 AXES_SAMPLE = 65536  # bank rows sampled (seeded) to fit the principal axes
 
@@ -201,8 +202,8 @@ class RoutedKnnHead(Head):
         (by ``select``; by mean feature where every one is searched anyway)."""
         d = pairwise(x.mean(0)[None], self.desc)[0]
         d[~allowed] = np.inf
-        if self.settings.route:
-            own = self.desc_class[int(np.argmin(d))]
+        if self.settings.route:  # the one routing rule (stages.train.routing), over this bank's images
+            own = int(np.argmin(class_distances(d, self.desc_class, len(self.meta["class_names"]))))
             d[self.desc_class != own] = np.inf
         if self.settings.select == "cells" and self.settings.images and np.isfinite(d).sum() > self.settings.images:
             cand = np.nonzero(np.isfinite(d))[0]
