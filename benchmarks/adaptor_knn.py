@@ -57,7 +57,7 @@ def main(work: Path, run: str) -> None:
     bank = cache.normal_rows(holdout_images(cache, cfg.train.holdout, cfg.train.seed))
     scorers = {"discriminator s": head, "knn in adaptor space z": AdaptorKnn(head, bank),
                "knn in feature space": MemoryBank(bank)}
-    size = cfg.features.crop or cfg.features.resize
+    size = cfg.features.output_size
     rows = []
     for name, items in iter_classes(FeatureStore(work / "cache" / "test.zarr")):
         x = torch.from_numpy(np.stack([it["features"] for it in items]).astype(np.float32))

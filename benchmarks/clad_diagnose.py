@@ -108,7 +108,7 @@ def diagnose(work: Path, run: str) -> list[dict[str, Any]]:
     held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
     probe = load_or_build_probe(cfg, cache, held, store.info().key, device, lambda m: print(m, file=sys.stderr))
     paths = [p for s in range(cache.n_shards) for p in cache.store.open_shard(s).attrs["paths"]]
-    size = cfg.features.crop or cfg.features.resize
+    size = cfg.features.output_size
     model = getattr(head, "model", None)
     has_gas = model is not None and "gas" in summary and hasattr(model, "adaptor")
     hs = cfg.train.head_settings()

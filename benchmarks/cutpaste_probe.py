@@ -73,7 +73,7 @@ def main(work: Path, runs: list[str]) -> None:
     print(f"{work.name}: {n_img} probe images ({len(sets)} classes) encoded in {time.perf_counter() - t0:.1f} s")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     draw(sets, OUT_DIR / f"cutpaste_probe_{work.name}.png")
-    size = cfg.features.crop or cfg.features.resize
+    size = cfg.features.output_size
     device = torch.device("cpu")
     rows, classes = [], {}
     for run in runs:

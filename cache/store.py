@@ -38,6 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 
 from core.errors import CladError, StaleError
+from core.files import swap_into_place, temp_dir
 from core.settings import diff_settings
 
 ROW_CHUNK = 2048  # rows per chunk: ~1.5 MB at C_d = 360 float16
@@ -133,13 +134,11 @@ class FeatureStore:
                 raise StaleError(f"{self.path}: the data set's images changed since extraction; "
                                  "re-run 'clad extract WORK --rebuild'")
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = temp_dir(self.path)
         root = zarr.open_group(str(tmp), mode="w-")
         root.attrs.update({"key": key, "settings": settings, "plan": plan, "class_names": class_names})
         (tmp / "shards").mkdir()
-        os.replace(tmp, self.path)
+        swap_into_place(tmp, self.path)
 
     def is_empty(self) -> bool:
         """No shard was ever committed or started: the store holds its attributes only

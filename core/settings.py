@@ -72,6 +72,12 @@ class FeatureConfig:
     compressor: str = "lz4"  # lz4 | zstd | none
     clevel: int = 5
 
+    @property
+    def output_size(self) -> int:
+        """Side of the network input and of every anomaly map: the crop, or the resize
+        where there is no crop (the deploy runtime's ``clad_run.preprocess.output_size``)."""
+        return self.crop if self.crop else self.resize
+
     def __post_init__(self) -> None:
         check_range("features", [
             ("layers", list(self.layers), len(self.layers) > 0 and min(self.layers) >= 0, "non-empty, >= 0"),

@@ -224,8 +224,7 @@ def test_principal_axes_and_projected_candidates_on_hand_built_rows():
     exceed true ones; the routed search returns true distances to the best
     candidates of each image, so a query whose projected-nearest row is not
     its true nearest gets the true nearest once enough candidates are re-ranked."""
-    from stages.search import exact_distances
-    from stages.search import nearest_per_image, principal_axes
+    from stages.search import exact_distances, nearest_per_image, principal_axes
 
     pts = np.array([[-3.0, 0.1, 0.0], [-1.0, -0.1, 0.0], [1.0, -0.1, 0.0], [3.0, 0.1, 0.0]])  # x, y uncorrelated
     mean, basis = principal_axes(pts, 1)
@@ -262,3 +261,30 @@ def test_exact_search_kernel_equals_brute_force_across_blocks_and_query_chunks(k
     assert torch.equal(idx, expected_idx[:, :k])
     assert torch.allclose(d.double(), expected[:, :k], rtol=0, atol=1e-5)
     assert torch.allclose(MemoryBank(rows.numpy(), k).score(x).double(), expected[:, :k].mean(1), atol=1e-5)
+
+
+def test_routed_knn_routes_by_the_one_routing_rule():
+    """routed_knn picks the class of the nearest allowed bank image (the rule of
+    ``stages.train.routing.class_distances``, which ``Router`` uses too), and
+    searches only that class's images; checked against brute force on random banks."""
+    from stages.heads.routed_knn import RoutedKnnHead, RoutedKnnSettings
+    from stages.train.routing import class_distances
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n_cls, n = int(rng.integers(1, 5)), int(rng.integers(6, 30))
+        cls = np.sort(np.r_[np.arange(n_cls), rng.integers(0, n_cls, n - n_cls)])
+        desc = (rng.normal(size=(n, 8)) + cls[:, None]).astype(np.float32)
+        rows = np.repeat(desc, 4, axis=0)  # 4 rows per bank image
+        head = RoutedKnnHead(rows, np.arange(0, 4 * n + 1, 4), desc, cls, RoutedKnnSettings(select="mean", project=0),
+                             {"class_names": [f"c{k}" for k in range(n_cls)], "grid": [2, 2]})
+        for _ in range(10):
+            x = (rng.normal(size=(4, 8)) + rng.integers(0, n_cls)).astype(np.float32)
+            allowed = rng.random(n) < 0.8
+            allowed[rng.integers(n)] = True
+            d = np.linalg.norm(desc.astype(np.float64) - x.mean(0).astype(np.float64), axis=1)
+            d[~allowed] = np.inf
+            nearest = cls[int(np.argmin(d))]
+            assert int(np.argmin(class_distances(d, cls, n_cls))) == nearest
+            chosen = head.class_images(x, allowed)
+            assert set(cls[chosen]) == {nearest} and set(chosen) == set(np.nonzero(allowed & (cls == nearest))[0])

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from core.files import seeded
 from pipeline.config import SynthesisConfig
 from stages.extract.synthesis import (
     TextureSource,
@@ -12,14 +13,13 @@ from stages.extract.synthesis import (
     otsu_threshold,
     perlin_2d,
     perlin_mask,
-    rng_for,
     synthesize,
 )
 
 
 def test_perlin_shape_range_and_determinism():
-    a = perlin_2d((224, 224), (4, 8), rng_for(0, "x"))
-    b = perlin_2d((224, 224), (4, 8), rng_for(0, "x"))
+    a = perlin_2d((224, 224), (4, 8), seeded(0, "x"))
+    b = perlin_2d((224, 224), (4, 8), seeded(0, "x"))
     assert a.shape == (224, 224) and np.array_equal(a, b)
     assert -1.5 < a.min() < 0 < a.max() < 1.5
     # zero at lattice points (a property of gradient noise)
@@ -66,9 +66,9 @@ def test_synthesize_deterministic_inside_foreground_and_beta_clipped():
     fg = np.zeros((64, 64), np.float32)
     fg[16:48, 16:48] = 1
     tex = TextureSource("")
-    a = synthesize(img, fg, tex, cfg, 8, rng_for(3, "img", 0))
-    b = synthesize(img, fg, tex, cfg, 8, rng_for(3, "img", 0))
-    c = synthesize(img, fg, tex, cfg, 8, rng_for(3, "img", 1))
+    a = synthesize(img, fg, tex, cfg, 8, seeded(3, "img", 0))
+    b = synthesize(img, fg, tex, cfg, 8, seeded(3, "img", 0))
+    c = synthesize(img, fg, tex, cfg, 8, seeded(3, "img", 1))
     assert np.array_equal(a.image, b.image) and a.beta == b.beta
     assert not np.array_equal(a.image, c.image)
     assert a.patch_mask.any() and a.used_foreground
@@ -81,7 +81,7 @@ def test_synthesize_deterministic_inside_foreground_and_beta_clipped():
 def test_empty_foreground_falls_back_to_whole_image():
     cfg = SynthesisConfig(max_tries=2)
     img = np.zeros((32, 32, 3), np.float32)
-    out = synthesize(img, np.zeros((32, 32), np.float32), TextureSource(""), cfg, 8, rng_for(0, "e"))
+    out = synthesize(img, np.zeros((32, 32), np.float32), TextureSource(""), cfg, 8, seeded(0, "e"))
     assert not out.used_foreground and out.patch_mask.any()
 
 
@@ -90,15 +90,15 @@ def test_texture_folder_and_augmentations(tmp_path):
 
     Image.fromarray(np.full((20, 30, 3), 128, np.uint8)).save(tmp_path / "t.jpg")
     src = TextureSource(str(tmp_path))
-    im = src.draw(32, rng_for(0, "t"))
+    im = src.draw(32, seeded(0, "t"))
     assert im.size == (32, 32)
-    out = augment_texture(im, rng_for(0, "aug"))
+    out = augment_texture(im, seeded(0, "aug"))
     assert out.size == (32, 32) and out.mode == "RGB"
 
 
 @pytest.mark.parametrize("size", [224, 256])
 def test_perlin_mask_binary(size):
-    masks = np.stack([perlin_mask(size, SynthesisConfig(), rng_for(i, size)) for i in range(20)])
+    masks = np.stack([perlin_mask(size, SynthesisConfig(), seeded(i, size)) for i in range(20)])
     assert set(np.unique(masks)) == {0.0, 1.0}  # binary (one mask may be empty: GLASS draws again)
     cover = masks.mean((1, 2))
     assert (cover > 0).sum() >= 10 and (cover < 0.9).all() and 0.01 < cover.mean() < 0.5
@@ -157,7 +157,7 @@ def test_synthetic_rows_sit_where_the_mask_is_at_a_size_stride_does_not_divide(t
     assert normal.sum() == 38 * 38
     img = prep.images[0]
     syn = synthesize(img, ex._foreground(sample, img), ex.textures, cfg.synthesis, 8,
-                     rng_for(cfg.synthesis.seed, sample.image_id, 0))
+                     seeded(cfg.synthesis.seed, sample.image_id, 0))
     cells = {(y, x) for y in range(38) for x in range(38) if syn.mask[8 * y:8 * y + 8, 8 * x:8 * x + 8].any()}
     got = {tuple(int(v) for v in yx) for yx in arrays["yx"][~normal]}
     assert got == cells

@@ -115,7 +115,7 @@ def _write_bundle(cfg: Config, files: RunFiles, root: Path, train_image_class: n
     classes = list(meta["class_names"])
     verdicts = verdicts_in_force(read_calibration(files), files, cfg.calibrate)
     f = cfg.features
-    size = f.crop or f.resize
+    size = f.output_size
     encoder = FeatureEncoder(f, cpu)
     log(f"export: feature extractor {f.backbone} (layers {list(f.layers)}) as ONNX at {size}x{size}")
     rel = "feature_extractor.onnx"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -11,15 +10,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from core.files import write_with  # noqa: E402
 from stages.metrics import pro_curve, roc_points  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    """``fig`` as ``path`` (the format from its suffix), written atomically; the figure is closed."""
+    try:
+        write_with(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip("."), dpi=90, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, path: Path, title: str, mask: np.ndarray | None = None,

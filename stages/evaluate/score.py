@@ -125,7 +125,7 @@ def _score_into(cfg: Config, paths: list[Path], dirs: tuple[Path, Path], head: A
                 verdicts: Any, classes: list[str], class_name: str, log: Callable[[str], None], progress: Any,
                 batch: int) -> list[dict[str, Any]]:
     """Score batch by batch, writing heat maps and the tables into ``dirs[0]``."""
-    size = cfg.features.crop or cfg.features.resize
+    size = cfg.features.output_size
     results: list[dict[str, Any]] = []
     for s in range(0, len(paths), batch):
         ok, images = [], []

@@ -18,7 +18,7 @@ import torch
 
 from cache.store import FeatureStore
 from core.errors import CladError, StaleError
-from core.files import remove_stale_temps, swap_into_place, temp_dir
+from core.files import remove_stale_temps, swap_into_place, temp_dir, write_atomic
 from core.layout import RunFiles
 from core.settings import Config
 from stages.evaluate.figures import curves, overlay, score_histogram, score_strips
@@ -29,7 +29,6 @@ from stages.maps import anomaly_maps, image_scores
 from stages.metrics import class_metrics, verdict_metrics
 from stages.train.calibrate import load_router, read_calibration, verdicts_in_force
 from stages.train.routing import descriptors
-
 
 
 def iter_classes(store: FeatureStore) -> Iterator[tuple[str, list[dict[str, Any]]]]:
@@ -66,7 +65,7 @@ def evaluate_run(cfg: Config, cache_dir: Path, files: RunFiles, train_key: str, 
     if meta["cache_key"] != store.info().key:
         raise StaleError(f"{run_dir}: trained on another feature cache; re-train it "
                          f"('clad train WORK --run {run_dir.name} --restart')")
-    size = cfg.features.crop or cfg.features.resize
+    size = cfg.features.output_size
     verdicts = verdicts_in_force(read_calibration(files), files, cfg.calibrate)
     router = load_router(files)
     final = run_dir / "eval"
@@ -111,9 +110,9 @@ def evaluate_run(cfg: Config, cache_dir: Path, files: RunFiles, train_key: str, 
     result = {"run": run_dir.name, "protocol": "final model (no test-set selection)",
               "evaluate_key": eval_key, "train_key": train_key, "mean": mean, "per_class": per_class,
               "seconds": time.perf_counter() - t0, "figures": figures, "image_scores": all_scores}
-    (tmp / "metrics.json").write_text(json.dumps(result, indent=2, default=_nan))
-    (tmp / "metrics.csv").write_text(csv_table(per_class, mean))
-    (tmp / "report.md").write_text(report_markdown(result))
+    write_atomic(tmp / "metrics.json", json.dumps(result, indent=2, default=_nan))
+    write_atomic(tmp / "metrics.csv", csv_table(per_class, mean))
+    write_atomic(tmp / "report.md", report_markdown(result))
     swap_into_place(tmp, final)
     return result
 

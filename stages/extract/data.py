@@ -192,14 +192,6 @@ def _check_masks(samples: list[Sample]) -> None:
 # training, evaluation, ``clad score`` and ``clad-run`` cannot read an image differently.
 
 
-def _to_rgb8(im: Image.Image, path: str, src: Image.Image | None = None) -> Image.Image:
-    """``clad_run.preprocess.to_rgb8`` with its errors as CladError."""
-    try:
-        return _pp.to_rgb8(im, path, src)
-    except _pp.ImageError as exc:
-        raise CladError(str(exc)) from None
-
-
 def load_rgb(path: str) -> Image.Image:
     """Decode an image fully as 8-bit RGB; a truncated, corrupt or unscalable file is a CladError."""
     try:
@@ -209,11 +201,6 @@ def load_rgb(path: str) -> Image.Image:
             raise CladError(f"{path}: image file not found (moved or deleted since it was listed); restore the "
                             "file, or run 'clad extract WORK --rebuild' if the data set changed on purpose") from None
         raise CladError(str(exc)) from None
-
-
-def output_size(cfg: FeatureConfig) -> int:
-    """Side length of the network input (and of evaluation maps)."""
-    return cfg.crop if cfg.crop else cfg.resize
 
 
 def _resize_crop(im: Image.Image, cfg: FeatureConfig, interpolation: str) -> Image.Image:
@@ -230,7 +217,7 @@ def load_image(path: str, cfg: FeatureConfig) -> np.ndarray:
 def load_mask(path: str, cfg: FeatureConfig) -> np.ndarray:
     """Ground-truth mask as ``[S, S] uint8`` in {0, 1} (nearest resize)."""
     if not path:
-        s = output_size(cfg)
+        s = cfg.output_size
         return np.zeros((s, s), np.uint8)
     try:
         with Image.open(path) as mk:

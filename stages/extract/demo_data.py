@@ -9,8 +9,6 @@ that only looks for extreme pixels does not reach 1.0 everywhere.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from core.errors import CladError
-from stages.extract.synthesis import perlin_2d, rng_for
+from core.files import seeded, swap_into_place, temp_dir
+from stages.extract.synthesis import perlin_2d
 
 SIZE = 256
 TEXTURES = ("weave", "grain", "speckle")
@@ -158,28 +157,25 @@ def write_demo_dataset(out: Path, seed: int = 0, n_train: int = 30, n_test_good:
         raise CladError(f"demo-data: unknown class(es) {unknown}; choose from {', '.join(CLASSES)}")
     if out.exists() and any(out.iterdir()):
         raise CladError(f"{out}: folder exists and is not empty; choose a new folder or remove it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_dir(out)
     for cls in classes:
         base = tmp / cls
         (base / "train" / "good").mkdir(parents=True)
         (base / "test" / "good").mkdir(parents=True)
         for i in range(n_train):
-            img, _ = _normal(cls, rng_for(seed, cls, "train", i))
+            img, _ = _normal(cls, seeded(seed, cls, "train", i))
             _save(img, base / "train" / "good" / f"{i:03d}.png")
         for i in range(n_test_good):
-            img, _ = _normal(cls, rng_for(seed, cls, "test", i))
+            img, _ = _normal(cls, seeded(seed, cls, "test", i))
             _save(img, base / "test" / "good" / f"{i:03d}.png")
         for kind in DEFECTS[cls]:
             (base / "test" / kind).mkdir(parents=True)
             (base / "ground_truth" / kind).mkdir(parents=True)
             for i in range(n_test_defect):
-                rng = rng_for(seed, cls, kind, i)
+                rng = seeded(seed, cls, kind, i)
                 img, fg = _normal(cls, rng)
                 bad, mask = _defect(cls, kind, img, fg, rng)
                 _save(bad, base / "test" / kind / f"{i:03d}.png")
                 _save(mask, base / "ground_truth" / kind / f"{i:03d}_mask.png", "L")
-    if out.exists():
-        out.rmdir()
-    os.replace(tmp, out)
+    swap_into_place(tmp, out)
     return out

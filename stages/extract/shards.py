@@ -18,11 +18,12 @@ import torch
 
 from cache.store import FeatureStore, compressors
 from core.errors import CladError
+from core.files import seeded
 from core.settings import Config
 from stages.extract.data import Sample, load_image, load_mask
 from stages.extract.features import FeatureEncoder
 from stages.extract.plan import ShardTask
-from stages.extract.synthesis import TextureSource, foreground_mask, rng_for, synthesize
+from stages.extract.synthesis import TextureSource, foreground_mask, synthesize
 
 
 @dataclass
@@ -104,7 +105,7 @@ class ShardExtractor:
                 fg = self._foreground(s, img)
                 for v in range(self.cfg.synthesis.variants):
                     syn = synthesize(img, fg, self.textures, self.cfg.synthesis, self.stride,
-                                     rng_for(self.cfg.synthesis.seed, s.image_id, v))
+                                     seeded(self.cfg.synthesis.seed, s.image_id, v))
                     images.append(syn.image)
                     pmasks.append(syn.patch_mask)
                     betas.append(syn.beta)

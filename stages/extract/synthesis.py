@@ -7,13 +7,12 @@ augmented texture blended with transparency beta (eq. 3 of the paper):
 
     x+ = x (1 - m) + (1 - beta) tex m + beta x m
 
-Every random draw comes from a generator seeded by (seed, image id, variant),
-so a re-run or resumed extraction produces identical images.
+Every random draw comes from a generator seeded by (seed, image id, variant)
+(``core.files.seeded``), so a re-run or resumed extraction produces identical images.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +22,6 @@ from scipy import ndimage
 
 from core.settings import SynthesisConfig
 from stages.extract.data import IMAGE_SUFFIXES, load_rgb
-
-
-def rng_for(seed: int, *parts: object) -> np.random.Generator:
-    """A generator that depends only on the seed and the given identifiers."""
-    digest = hashlib.sha256(repr((seed,) + parts).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 # -- Perlin noise -----------------------------------------------------------

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 
 from core.errors import CladError
-from core.files import seeded
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
 from stages.search import MemoryBank, greedy_k_center
-from stages.train.labels import normal_maps
+from stages.train.labels import calibration_folds, normal_maps
 
 
 @dataclass(frozen=True)
@@ -138,10 +137,7 @@ def cross_fitted_scores(ctx: TrainContext, rows: np.ndarray, row_images: np.ndar
     """
     out = {i: held_score(torch.from_numpy(m.astype(np.float32))).numpy()
            for i, m in normal_maps(ctx.cache, ctx.held).items()}
-    fold = np.full(len(ctx.held), -1)
-    for c in np.unique(ctx.cache.image_class):
-        idx = np.nonzero((ctx.cache.image_class == c) & ~ctx.held)[0]
-        fold[seeded(ctx.seed, "calibration-folds", int(c)).permutation(idx)] = np.arange(len(idx)) % folds
+    fold = calibration_folds(ctx.cache, ctx.held, ctx.seed, folds)
     for f in range(folds):
         members = fold == f
         if not members.any():

@@ -6,9 +6,9 @@ far fewer rows, in steps that all follow the data (the kernels are in
 ``stages.search``; why each setting has its value, measured on training
 data, is in docs/RESULTS.md, "The recommended head reaches the knn head"):
 
-* **Routing.** The image's descriptor (mean patch feature, as in
-  ``stages.train.routing``) picks its class: the class of the nearest
-  training image of this head's bank. Patches are then never
+* **Routing.** The image's descriptor (mean patch feature) picks its class by
+  the one routing rule (``stages.train.routing.class_distances``): the class
+  of the nearest training image of this head's bank. Patches are then never
   matched against another product, so a defect cannot find a "normal" match
   in a different class.
 * **Neighbour images** (SPADE's idea, Cohen and Hoshen 2020). Within that
@@ -61,7 +61,8 @@ from stages.search import (
     pairwise,
     principal_axes,
 )
-from stages.train.labels import normal_maps
+from stages.train.labels import calibration_folds, normal_maps
+from stages.train.routing import class_distances
 
 AXES_SAMPLE = 65536  # bank rows sampled (seeded) to fit the principal axes
 
@@ -250,10 +251,7 @@ class RoutedKnnHead(Head):
         training image. Every image counts as unseen."""
         if self.image_ids is None or folds < 2:
             return super().calibration_scores(ctx, folds)
-        fold = np.full(len(ctx.held), -1)
-        for c in np.unique(ctx.cache.image_class):
-            idx = np.nonzero((ctx.cache.image_class == c) & ~ctx.held)[0]
-            fold[seeded(ctx.seed, "calibration-folds", int(c)).permutation(idx)] = np.arange(len(idx)) % folds
+        fold = calibration_folds(ctx.cache, ctx.held, ctx.seed, folds)
         bank_fold = fold[self.image_ids]
         out: dict[int, np.ndarray] = {}
         maps = normal_maps(ctx.cache, np.ones(len(ctx.held), bool))

@@ -141,7 +141,7 @@ def calibration_key(cfg: Config, train_key: str) -> str:
     """What a calibration depends on: the trained run, map settings, calibration settings."""
     cal = dataclasses.asdict(cfg.calibrate)
     cal.pop("overrides")  # read when verdicts are made, never baked in
-    size = cfg.features.crop or cfg.features.resize
+    size = cfg.features.output_size
     return settings_hash({"code": CALIBRATE_CODE_VERSION, "train": train_key, "calibrate": cal,
                           "maps": {"sigma": cfg.evaluate.sigma, "size": size}})
 
@@ -162,7 +162,7 @@ def calibrate_run(cfg: Config, head: Head, ctx: TrainContext, train_key: str) ->
     """Per-class thresholds and the router of a trained run; writes
     ``calibration.json`` and ``routing.pt`` and returns the calibration."""
     c = cfg.calibrate
-    size = cfg.features.crop or cfg.features.resize
+    size = cfg.features.output_size
     patch, unseen = head.calibration_scores(ctx, c.folds)
     scores = image_scores_of(patch, size, cfg.evaluate.sigma)
     names = ctx.cache.class_names

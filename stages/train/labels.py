@@ -68,6 +68,16 @@ def image_labels(labels: str, cache: TrainCache, pseudo_k: int, seed: int) -> tu
     return cache.image_class.astype(np.int64), len(cache.class_names)
 
 
+def calibration_folds(cache: TrainCache, held: np.ndarray, seed: int, folds: int) -> np.ndarray:
+    """``[n_images]`` fold of each training image for cross-fitted calibration: each
+    class's not-held-out images dealt into ``folds`` seeded folds; -1 for held-out ones."""
+    fold = np.full(len(held), -1)
+    for c in np.unique(cache.image_class):
+        idx = np.nonzero((cache.image_class == c) & ~held)[0]
+        fold[seeded(seed, "calibration-folds", int(c)).permutation(idx)] = np.arange(len(idx)) % folds
+    return fold
+
+
 def held_out_rows(cache: TrainCache, held: np.ndarray, limit: int, seed: int
                   ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
     """Held-out normal rows, their synthetic rows (each capped), and per-image normal maps."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stages.search import squared_distances
+
 PAIR_BLOCK = 1024  # rows of the B x B distance matrix computed at a time
 WEIGHT_FLOOR = 1e-6
 
@@ -25,7 +27,7 @@ def contrastive_reference(z: torch.Tensor, labels: torch.Tensor, margin: float =
                           pair_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Eqs. 8-17 written out on the full B x B matrices (small B; the tests' reference)."""
     b = z.shape[0]
-    d2 = (z * z).sum(1, keepdim=True) + (z * z).sum(1)[None] - 2 * z @ z.T
+    d2 = squared_distances(z, z)
     dist = torch.sqrt(torch.clamp(d2, min=1e-12))  # eq. 8
     eq = labels[:, None] == labels[None]  # eq. 9
     not_self = ~torch.eye(b, dtype=torch.bool, device=z.device)
@@ -46,7 +48,7 @@ def _block_value_and_grad(zb: torch.Tensor, z: torch.Tensor, lb: torch.Tensor, l
     Positive and negative terms never overlap (a pair is one or the other),
     so one loss matrix L and one focal weight serve both: f(L) = w(L) L.
     """
-    d2 = (zb * zb).sum(1, keepdim=True) + (z * z).sum(1)[None] - 2 * zb @ z.T
+    d2 = squared_distances(zb, z)
     live = d2 > 1e-12
     dist = torch.sqrt(torch.clamp(d2, min=1e-12))
     eq = lb[:, None] == labels[None]

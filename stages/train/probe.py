@@ -57,9 +57,10 @@ def probe_key(cache_key: str, held_ids: list[str], seed: int) -> str:
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
                 variants: int = VARIANTS) -> ProbeSet:
     """Encode the held-out images and ``2 x variants`` CutPaste/Scar versions of each."""
+    from core.files import seeded
     from stages.extract.data import load_image
     from stages.extract.features import FeatureEncoder
-    from stages.extract.synthesis import cut_paste, foreground_mask, rng_for
+    from stages.extract.synthesis import cut_paste, foreground_mask
 
     paths = [p for s in range(cache.n_shards) for p in cache.store.open_shard(s).attrs["paths"]]
     encoder = FeatureEncoder(cfg.features, device)
@@ -72,7 +73,7 @@ def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.
         fg = foreground_mask(image, name in cfg.data.texture_classes)
         images, ms = [image], [np.zeros(image.shape[:2], np.uint8)]
         for v in range(2 * variants):
-            x, m = cut_paste(image, fg, rng_for(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
+            x, m = cut_paste(image, fg, seeded(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
             images.append(x)
             ms.append(m.astype(np.uint8))
         feats.setdefault(name, []).append(encoder(np.stack(images)).astype(np.float16))

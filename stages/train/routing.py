@@ -41,6 +41,14 @@ class Route:
     ood_limit: float  # the nearest class's out-of-distribution distance
 
 
+def class_distances(d: np.ndarray, image_class: np.ndarray, n_classes: int) -> np.ndarray:
+    """The rule: ``[m]`` distances of one image's descriptor to ``m`` training image
+    descriptors of classes ``image_class`` ``[m]`` -> ``[n_classes]`` distance to
+    each class's nearest one (inf for a class with none). The image goes to the
+    argmin; every head routes by it (``Router`` here, routed_knn's own bank)."""
+    return np.array([d[image_class == c].min() if (image_class == c).any() else np.inf for c in range(n_classes)])
+
+
 def class_spreads(desc: np.ndarray, cls: np.ndarray, n_classes: int, quantile: float) -> np.ndarray:
     """Per class: the ``quantile`` of leave-one-out nearest-neighbour distances
     among its training descriptors (NaN for a class of one image)."""
@@ -73,8 +81,7 @@ class Router:
         d = pairwise(descriptors, self.desc)
         out = []
         for row in d:
-            per_class = np.array([row[self.cls == c].min() if (self.cls == c).any() else np.inf
-                                  for c in range(len(self.names))])
+            per_class = class_distances(row, self.cls, len(self.names))
             best = int(np.argmin(per_class))
             others = np.delete(per_class, best)
             conf = 1.0 if not len(others) or not np.isfinite(others.min()) else \

@@ -37,7 +37,7 @@ def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch
         return load_or_build_probe(cfg, cache, held, cache_key, device, log)
 
     def probe(score_maps: ScoreMaps) -> dict[str, float]:
-        size = cfg.features.crop or cfg.features.resize
+        size = cfg.features.output_size
         return probe_metrics(probe_set(), score_maps, size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
 
     return TrainContext(cache, held, labels, n_labels, t, cfg.features, device, files, cache_key, run_key(cfg),
