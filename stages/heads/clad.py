@@ -10,9 +10,7 @@ synthetic rows = 2 : 1 : 1.
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +25,7 @@ from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.clad_model import Adaptor, CladModel, Discriminator, precise_batch_norm  # noqa: F401 - re-exported
 from stages.heads.registry import register_head
 from stages.heads.rows import score_in_chunks
-from stages.train.epochs import EpochLoop, Phase
+from stages.train.epochs import EpochLoop, Phase, Schedule
 from stages.train.labels import held_out_rows
 from stages.train.losses import (
     classification_loss,
@@ -169,12 +167,7 @@ class _Trainer:
         self.labels_t = torch.from_numpy(ctx.labels)
         torch.manual_seed(seed_from(ctx.seed, "init"))  # same initial weights every time
         self.model = CladModel(ctx.cache.embed_dim, self.n_labels, t.adaptor_dims, t.disc_hidden).to(self.device)
-        # with ema > 0 an average of the weights is what is probed, selected and kept; the loop
-        # checkpoints both (``holder``), so a killed run resumes with its average
-        self.ema_model = copy.deepcopy(self.model) if t.ema > 0 else None
-        self.eval_model = self.ema_model if self.ema_model is not None else self.model
-        self.holder = self.model if self.ema_model is None else nn.ModuleDict(
-            {"net": self.model, "ema": self.ema_model})
+        self.schedule = Schedule(t.lr, t.lr_schedule, t.ema)
         self.val = held_out_rows(ctx.cache, ctx.held, VAL_ROWS, ctx.seed)
         self.r1, self.noise, self.eta = self._gas_scale()
         self.r2 = 2 * self.r1
@@ -184,7 +177,7 @@ class _Trainer:
         self.bn_sample = (ctx.cache.row_sample(ctx.held, t.bn_rows, t.bn_rows // 2 if t.use_las else 0, ctx.seed)
                           if t.bn_refresh else None)
 
-    def refresh_batch_norm(self, batch: int) -> None:
+    def refresh_batch_norm(self, batch: int, model: CladModel) -> None:
         """``precise_batch_norm`` on the fixed row sample, cut into training-sized
         batches: normal : local (fused as in training) : global (the noise shell
         of normal rows, without ascent) = 2 : 1 : 1."""
@@ -212,7 +205,7 @@ class _Trainer:
                 r1, noise = (r1.cpu(), noise.cpu()) if torch.is_tensor(r1) else (r1, noise)
                 parts.append(project_shell(g + noise * torch.randn_like(g), g, r1, 2 * r1))
             chunks.append(torch.cat(parts).to(self.device))
-        precise_batch_norm(self.eval_model, chunks)
+        precise_batch_norm(model, chunks)
 
     def _class_radii(self) -> torch.Tensor | None:
         """``[n_classes]`` r1 per class (``gas_radius = class`` with ``gas_scale = nn``), else None;
@@ -241,7 +234,8 @@ class _Trainer:
         r1 = t.gas_nn_factor * d
         return r1, r1 / math.sqrt(c), t.gas_eta * r1 / 0.5
 
-    def phases(self) -> list[tuple[Phase, int]]:
+    def phase_batches(self) -> list[tuple[Phase, int]]:
+        """The phases with their batch sizes (rows per batch)."""
         out = []
         if self.t.use_contrastive and self.t.epochs_contrastive > 0:
             out.append((Phase("contrastive", self.t.epochs_contrastive, select_best=True, select_by="probe_pixel"),
@@ -282,8 +276,10 @@ class _Trainer:
         return global_synthesis(self.model, x, r1, noise, eta, self.t.gas_steps, self.t.gas_project_every,
                                 self.t.gas_bn, start)
 
-    def step(self, batch: Any, contrastive: bool) -> dict[str, torch.Tensor]:
+    def step(self, batch: Any, phase: Phase, _epoch: int, _index: int) -> dict[str, torch.Tensor]:
+        """The losses of one batch: L_c + L_d, and in the contrastive phase L_contrast + L_var."""
         t, n = self.t, self.n_labels
+        contrastive = phase.name == "contrastive"
         xn = batch.normal
         yn = self.labels_t[batch.normal_image.cpu()].to(self.device)
         parts_x, parts_y = [xn], [yn]
@@ -310,92 +306,58 @@ class _Trainer:
         return losses
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self, model: CladModel) -> float:
         """AUROC of s on held-out normal rows vs their synthetic rows (NaN if none)."""
         from sklearn.metrics import roc_auc_score  # here: importing scikit-learn costs every clad command ~1.5 s
 
         normal, anomaly, _ = self.val
         if not len(normal) or not len(anomaly):
             return float("nan")
-        self.eval_model.eval()
-        s = score_in_chunks(self.eval_model.score, torch.from_numpy(np.concatenate([normal, anomaly])),
-                            self.device)
-        self.eval_model.train()
+        model.eval()
+        s = score_in_chunks(model.score, torch.from_numpy(np.concatenate([normal, anomaly])), self.device)
+        model.train()
         y = np.r_[np.zeros(len(normal)), np.ones(len(anomaly))]
         return float(roc_auc_score(y, s.numpy()))
 
-    @torch.no_grad()
-    def probe_scores(self, maps: torch.Tensor) -> torch.Tensor:
-        """``[n, H*W, C]`` -> ``[n, H*W]`` discriminator scores (eval mode), for the probe."""
-        self.eval_model.eval()
-        n, hw, c = maps.shape
-        s = score_in_chunks(self.eval_model.score, maps.reshape(-1, c), self.device).reshape(n, hw)
-        self.eval_model.train()
-        return s
+    # -- what the loop asks (stages.train.epochs.Trainable) ----------------------
+    rate_name = "rows_per_s"
 
-    def set_lr(self, opt: torch.optim.Optimizer, step: int, total: int) -> None:
-        """``lr_schedule = cosine``: lr x (1 + cos(pi step / total)) / 2 at step ``step`` of a
-        phase of ``total`` steps (a function of the step alone, so a resumed run gets the same)."""
-        if self.t.lr_schedule == "cosine":
-            lr = self.t.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
-            for g in opt.param_groups:
-                g["lr"] = lr
+    def phases(self) -> list[Phase]:
+        return [ph for ph, _ in self.phase_batches()]
 
-    @torch.no_grad()
-    def update_ema(self, step: int) -> None:
-        """The weight average after optimizer step ``step`` (counted over the run): decay
-        min(ema, (1 + step) / (10 + step)), so early steps do not keep the random
-        initialisation; batch-norm buffers are copied (``refresh_batch_norm`` re-estimates them)."""
-        if self.ema_model is None:
-            return
-        decay = min(self.t.ema, (1 + step) / (10 + step))
-        avg, cur = list(self.ema_model.parameters()), list(self.model.parameters())
-        torch._foreach_lerp_(avg, cur, 1 - decay)
-        for b_avg, b in zip(self.ema_model.buffers(), self.model.buffers(), strict=True):
-            b_avg.copy_(b)
+    def _stream(self, phase: Phase) -> BatchStream:
+        if phase.name not in self.streams:
+            self.streams[phase.name] = self.stream(dict((p.name, b) for p, b in self.phase_batches())[phase.name])
+        return self.streams[phase.name]
 
-    # -- the loop ---------------------------------------------------------------
-    def run(self) -> list[dict[str, Any]]:
-        phases = self.phases()
-        batches = {ph.name: b for ph, b in phases}
-        first_phase = phases[0][0].name
+    def start_phase(self, phase: Phase, _first_epoch: int) -> None:
+        st = self._stream(phase)
+        self.ctx.log(f"train: phase {phase.name}: {phase.epochs} epochs of {st.batches_per_epoch} batches "
+                     f"({st.n_normal} normal + {st.n_anomaly} local + "
+                     f"{st.n_normal // 2 if self.t.use_gas else 0} global synthetic rows)")
 
-        def on_phase(ph: Phase, first: int) -> None:
-            if ph.name not in self.streams:
-                self.streams[ph.name] = self.stream(batches[ph.name])
-            st = self.streams[ph.name]
-            if self.ema_model is not None and first == 0 and ph.name != first_phase:
-                self.model.load_state_dict(self.ema_model.state_dict())  # the next phase starts from the average
-            self.ctx.log(f"train: phase {ph.name}: {ph.epochs} epochs of {st.batches_per_epoch} batches "
-                         f"({st.n_normal} normal + {st.n_anomaly} local + "
-                         f"{st.n_normal // 2 if self.t.use_gas else 0} global synthetic rows)")
+    def batches_per_epoch(self, phase: Phase) -> int:
+        return self._stream(phase).batches_per_epoch
 
-        def run_epoch(i_phase: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
-            if ph.name not in self.streams:
-                self.streams[ph.name] = self.stream(batches[ph.name])
-            st = self.streams[ph.name]
-            sums: dict[str, float] = {}
-            rows, t0 = 0, time.perf_counter()
-            n_b = st.batches_per_epoch
-            run_step = (sum(p.epochs for p, _ in phases[:i_phase]) + epoch) * n_b
-            for j, b in enumerate(st.epoch(epoch)):
-                self.set_lr(opt, epoch * n_b + j, ph.epochs * n_b)
-                losses = self.step(b, ph.name == "contrastive")
-                total = sum(losses.values())
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                opt.step()
-                self.update_ema(run_step + j)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                rows += len(b.normal) + len(b.anomaly) + (len(b.normal) // 2 if self.t.use_gas else 0)
-            rate = rows / (time.perf_counter() - t0)
-            self.refresh_batch_norm(batches[ph.name])
-            return {**{k: v / n_b for k, v in sums.items()}, "val_auroc": self.validate(),
-                    **self.ctx.probe(self.probe_scores), "rows_per_s": rate}
+    def batches(self, phase: Phase, epoch: int) -> Any:
+        return self._stream(phase).epoch(epoch)
 
-        loop = EpochLoop(self.ctx, [ph for ph, _ in phases])
-        return loop.run(self.holder, self.optimizer, run_epoch, on_phase)
+    def size(self, batch: Any) -> int:
+        return len(batch.normal) + len(batch.anomaly) + (len(batch.normal) // 2 if self.t.use_gas else 0)
+
+    def end_epoch(self, phase: Phase, scored: nn.Module) -> dict[str, Any]:
+        """Batch norm re-estimated, then the held-out synthetic rows and the probe on the scored model."""
+        self.refresh_batch_norm(dict((p.name, b) for p, b in self.phase_batches())[phase.name], scored)
+
+        @torch.no_grad()
+        def probe_scores(maps: torch.Tensor) -> torch.Tensor:  # [n, H*W, C] -> [n, H*W], eval mode
+            scored.eval()
+            n, hw, c = maps.shape
+            out = score_in_chunks(scored.score, maps.reshape(-1, c), self.device).reshape(n, hw)
+            scored.train()
+            return out
+
+        return {"val_auroc": self.validate(scored), **self.ctx.probe(probe_scores)}
 
 
 @register_head
@@ -428,14 +390,14 @@ class CladHead(Head):
     @classmethod
     def fit(cls, settings: CladSettings, ctx: TrainContext) -> tuple[CladHead, dict[str, Any]]:
         tr = _Trainer(settings, ctx)
-        history = tr.run()
+        model, history = EpochLoop(ctx, tr.phases()).fit(tr)
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "n_labels": ctx.n_labels,
                 "adaptor_dims": list(settings.adaptor_dims), "disc_hidden": settings.disc_hidden,
                 "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         summary = {"history": history, "n_labels": ctx.n_labels,
                    "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta,
                            "class_r1": None if tr.class_r1 is None else tr.class_r1.tolist()}}
-        return cls(tr.eval_model, meta, ctx.device), summary
+        return cls(model, meta, ctx.device), summary
 
     def checkpoint(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "meta": self.meta}

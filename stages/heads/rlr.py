@@ -40,7 +40,7 @@ from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.ccl import ccl_loss, feature_view
 from stages.heads.registry import register_head
 from stages.heads.rlr_model import RLRModel, reconstruction_error
-from stages.train.epochs import EpochLoop, Phase
+from stages.train.epochs import EpochLoop, Phase, Schedule
 from stages.train.labels import image_labels
 
 
@@ -65,6 +65,8 @@ class RlrSettings:
     ccl_negatives: str = "window"  # window (cheap) | all (the paper's wording; slow on CPU)
     window_shards: int = 4  # shards read at once by the image stream (bounds memory)
     mix_classes: bool = True  # every window of shards spread over the classes (cache.stream.interleaved_order)
+    lr_schedule: str = "constant"  # constant | cosine over the run's steps (stages.train.epochs.Schedule)
+    ema: float = 0.0  # decay per step of the weight average that is probed, selected and kept; 0 = off
 
     def __post_init__(self) -> None:
         for name, low in (("epochs", 0), ("batch_images", 1), ("dim", 1), ("layers", 1), ("attn_heads", 1),
@@ -75,11 +77,14 @@ class RlrSettings:
             raise CladError(f"train.rlr.dim={self.dim} must be a multiple of attn_heads={self.attn_heads}")
         if self.window % 2 == 0 or self.ccl_k % 2 == 0:
             raise CladError(f"train.rlr: window ({self.window}) and ccl_k ({self.ccl_k}) must be odd")
+        if not 0 <= self.ema < 1:
+            raise CladError(f"train.rlr.ema = {self.ema!r}: must be in [0, 1) (0 = off); fix config.toml or --set")
         if not 0 <= self.mask_prob < 1 or self.lr <= 0:
             raise CladError(f"train.rlr: mask_prob must be in [0, 1) and lr > 0; got {self.mask_prob}, {self.lr}")
         for name, value, choices in (("error", self.error, ("l2", "cos", "l2+cos")),
                                      ("ccl", self.ccl, ("none", "classes", "pseudo")),
-                                     ("ccl_negatives", self.ccl_negatives, ("window", "all"))):
+                                     ("ccl_negatives", self.ccl_negatives, ("window", "all")),
+                                     ("lr_schedule", self.lr_schedule, ("constant", "cosine"))):
             if value not in choices:
                 raise CladError(f"train.rlr.{name}={value!r}: choose one of {', '.join(choices)}")
 
@@ -125,6 +130,69 @@ def rlr_step(model: RLRModel, maps: torch.Tensor, labels: torch.Tensor, t: RlrSe
     return out
 
 
+class _RlrTrainer:
+    """RLR's one phase for the shared loop (``stages.train.epochs.Trainable``)."""
+
+    rate_name = "images_per_s"
+
+    def __init__(self, t: RlrSettings, ctx: TrainContext, model: RLRModel, stream: ImageStream):
+        self.t, self.ctx, self.model, self.stream = t, ctx, model, stream
+        self.schedule = Schedule(t.lr, t.lr_schedule, t.ema)
+        held = np.nonzero(ctx.held)[0]
+        self.held_maps = torch.from_numpy(image_maps(ctx.cache, held).astype(np.float32)) if len(held) else None
+
+    def phases(self) -> list[Phase]:
+        return [Phase("reconstruct", self.t.epochs, select_best=True, select_by="probe_pixel")]
+
+    def optimizer(self, _phase: Phase) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
+
+    def start_phase(self, phase: Phase, _first_epoch: int) -> None:
+        t, g = self.t, self.stream.grid
+        self.ctx.log(f"train: rlr{' + CCL (' + t.ccl + ')' if t.ccl != 'none' else ''}: {phase.epochs} epochs of "
+                     f"{self.stream.batches_per_epoch} batches of {t.batch_images} maps {g[0]}x{g[1]}")
+
+    def batches_per_epoch(self, _phase: Phase) -> int:
+        return self.stream.batches_per_epoch
+
+    def batches(self, _phase: Phase, epoch: int) -> Any:
+        return self.stream.epoch(epoch)
+
+    def step(self, batch: Any, _phase: Phase, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        return rlr_step(self.model, batch.maps, batch.label, self.t, seed_from(self.ctx.seed, "rlr-view", epoch, index))
+
+    def size(self, batch: Any) -> int:
+        return len(batch.maps)
+
+    def end_epoch(self, _phase: Phase, scored: torch.nn.Module) -> dict[str, Any]:
+        """The probe, and the mean reconstruction error of the held-out normal maps (recorded, not selected on)."""
+        def score_maps(maps: torch.Tensor) -> torch.Tensor:
+            return reconstruction_maps(scored, maps, self.stream.grid, self.t.error, self.ctx.device)
+
+        scored.eval()
+        probe = self.ctx.probe(score_maps)
+        val = float("nan")
+        if self.held_maps is not None:
+            val = float(score_maps(self.held_maps.reshape(len(self.held_maps), -1, self.held_maps.shape[-1])).mean())
+        scored.train()
+        return {"val_error": val, **probe}
+
+
+@torch.no_grad()
+def reconstruction_maps(model: RLRModel, maps: torch.Tensor, grid: tuple[int, int] | list[int], error: str,
+                        device: torch.device, chunk: int = 16) -> torch.Tensor:
+    """``[n, H*W, C]`` maps -> ``[n, H*W]`` per-patch reconstruction errors (the model in eval mode)."""
+    n, hw, _ = maps.shape
+    if hw != grid[0] * grid[1]:
+        raise CladError(f"rlr head trained on {grid[0]}x{grid[1]} maps, got {hw} positions; "
+                        "evaluate with the cache the run was trained on")
+    out = []
+    for s in range(0, n, chunk):
+        x = maps[s:s + chunk].to(device).float()
+        out.append(reconstruction_error(x, model(x), error).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, hw)
+
+
 @register_head
 class RlrHead(Head):
     """Learnable-reference reconstruction (RLR, seed 003), CCL (seed 002) optional; scores whole maps."""
@@ -133,7 +201,7 @@ class RlrHead(Head):
     settings_class = RlrSettings
     summary = "reconstruction from a learnable reference (RLR, seed 003); ccl=classes|pseudo adds CCL (seed 002)"
     reads = ("holdout", "pseudo_k", "seed")
-    added = {"mix_classes": False}
+    added = {"mix_classes": False, "lr_schedule": "constant", "ema": 0.0}
     profiles = {
         "paper": {},
         # about 3 minutes on the built-in set on 2 CPU cores (measured: docs/RESULTS.md)
@@ -159,48 +227,12 @@ class RlrHead(Head):
                 "class_names": cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         torch.manual_seed(seed_from(ctx.seed, "rlr-init"))
         model = _build(meta).to(ctx.device)
-        held = np.nonzero(ctx.held)[0]
-        held_maps = torch.from_numpy(image_maps(cache, held).astype(np.float32)) if len(held) else None
-        head = cls(model, meta, ctx.device)
-
-        def validate() -> float:
-            if held_maps is None:
-                return float("nan")
-            model.eval()
-            val = float(head.score_maps(held_maps.reshape(len(held), -1, held_maps.shape[-1])).mean())
-            model.train()
-            return val
-
-        def make_optimizer(_phase: Phase) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-        def on_phase(ph: Phase, first: int) -> None:
-            ctx.log(f"train: rlr{' + CCL (' + t.ccl + ')' if t.ccl != 'none' else ''}: {ph.epochs} epochs of "
-                    f"{stream.batches_per_epoch} batches of {t.batch_images} maps {stream.grid[0]}x{stream.grid[1]}")
-
-        def run_epoch(_i: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
-            sums: dict[str, float] = {}
-            n_img, t0 = 0, time.perf_counter()
-            for k, b in enumerate(stream.epoch(epoch)):
-                losses = rlr_step(model, b.maps, b.label, t, seed_from(ctx.seed, "rlr-view", epoch, k))
-                opt.zero_grad(set_to_none=True)
-                sum(losses.values()).backward()
-                opt.step()
-                for name, v in losses.items():
-                    sums[name] = sums.get(name, 0.0) + v.item()
-                n_img += len(b.maps)
-            rate = n_img / (time.perf_counter() - t0)
-            model.eval()
-            probe = ctx.probe(head.score_maps)
-            model.train()
-            return {**{k: v / stream.batches_per_epoch for k, v in sums.items()}, "val_error": validate(),
-                    **probe, "images_per_s": rate}
-
-        loop = EpochLoop(ctx, [Phase("reconstruct", t.epochs, select_best=True, select_by="probe_pixel")])
+        tr = _RlrTrainer(t, ctx, model, stream)
+        loop = EpochLoop(ctx, tr.phases())
         with deterministic_kernels():
-            history = loop.run(model, make_optimizer, run_epoch, on_phase)
-        model.eval()
-        return head, {"history": history, "grid": list(stream.grid), "ccl": t.ccl}
+            trained, history = loop.fit(tr)
+        trained.eval()
+        return cls(trained, meta, ctx.device), {"history": history, "grid": list(stream.grid), "ccl": t.ccl}
 
     def checkpoint(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "meta": self.meta}
@@ -211,18 +243,8 @@ class RlrHead(Head):
         model.load_state_dict(ckpt["model"])
         return cls(model, ckpt["meta"], device)
 
-    @torch.no_grad()
     def score_maps(self, maps: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        n, hw, _ = maps.shape
-        grid = self.meta["grid"]
-        if hw != grid[0] * grid[1]:
-            raise CladError(f"rlr head trained on {grid[0]}x{grid[1]} maps, got {hw} positions; "
-                            "evaluate with the cache the run was trained on")
-        out = []
-        for s in range(0, n, chunk):
-            x = maps[s:s + chunk].to(self.device).float()
-            out.append(reconstruction_error(x, self.model(x), self.meta["error"]).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, hw)
+        return reconstruction_maps(self.model, maps, self.meta["grid"], self.meta["error"], self.device, chunk)
 
     def export(self, ctx: ExportContext) -> dict[str, Any]:
         """The model and its reconstruction error as one ONNX graph on whole maps ``[n, H*W, C_d] -> [n, H*W]``."""

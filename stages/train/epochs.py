@@ -1,4 +1,10 @@
-"""Resumable, phased epoch training shared by the trainable heads.
+"""Resumable, phased epoch training shared by the trainable heads: the one training loop.
+
+A head supplies a ``Trainable`` (its phases, optimizer, batches, the losses
+of one batch, and what to record after an epoch); ``EpochLoop.fit`` owns the
+epoch body: the learning-rate schedule, backward and optimizer step, the
+weight average (``Schedule.ema``), loss averages and the rate, then the
+epoch's record, the selection of the best epoch and the checkpoint.
 
 Every epoch ends with an atomic checkpoint (model, optimizer, phase, epoch,
 best validation value, history, RNG state, cache and run keys, progress).
@@ -9,11 +15,15 @@ resumed ends with bit-identical weights on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from core.errors import CladError, StaleError
 from core.files import save_torch_atomic, seed_from
@@ -36,6 +46,54 @@ class Phase:
 RunEpoch = Callable[[int, Phase, int, torch.optim.Optimizer], dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """What the loop does around every optimizer step.
+
+    ``lr_schedule = cosine``: lr x (1 + cos(pi s / S)) / 2 at step s of a phase
+    of S steps (a function of the step alone: a resumed run gets the same).
+    ``ema > 0``: an exponential average of the weights (decay per step, warmed
+    up as min(ema, (1 + t) / (10 + t)) so early steps do not keep the random
+    initialisation) is what is probed, selected and kept; it is checkpointed
+    beside the trained weights, and each later phase starts from it.
+    """
+
+    lr: float
+    lr_schedule: str = "constant"  # constant | cosine
+    ema: float = 0.0
+
+    def lr_at(self, step: int, total: int) -> float:
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+        return self.lr
+
+
+class Trainable(Protocol):
+    """What a head gives the loop (``stages.heads.clad``, ``stages.heads.rlr``)."""
+
+    model: nn.Module  # the trained network
+    schedule: Schedule
+    rate_name: str  # key of the epoch's throughput in its record, e.g. "rows_per_s"
+
+    def phases(self) -> list[Phase]: ...
+    def optimizer(self, phase: Phase) -> torch.optim.Optimizer: ...
+    def start_phase(self, phase: Phase, first_epoch: int) -> None: ...
+    def batches_per_epoch(self, phase: Phase) -> int: ...
+    def batches(self, phase: Phase, epoch: int) -> Iterable[Any]: ...
+    def step(self, batch: Any, phase: Phase, epoch: int, index: int) -> dict[str, torch.Tensor]: ...
+    def size(self, batch: Any) -> int: ...  # rows (or images) the batch trained on
+    def end_epoch(self, phase: Phase, scored: nn.Module) -> dict[str, Any]: ...
+
+
+@torch.no_grad()
+def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
+    """``average <- decay * average + (1 - decay) * model`` on the parameters; buffers
+    (batch-norm statistics) copied."""
+    torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1 - decay)
+    for b_avg, b in zip(average.buffers(), model.buffers(), strict=True):
+        b_avg.copy_(b)
+
+
 class EpochLoop:
     """Runs ``phases`` for one model, resuming from ``ctx.files.latest``."""
 
@@ -50,13 +108,57 @@ class EpochLoop:
                 "best": best, "history": history, "rng": torch.get_rng_state(),
                 "cache_key": self.ctx.cache_key, "train_key": self.ctx.run_key, "progress": [done, self.total]}
 
+    def fit(self, tr: Trainable) -> tuple[nn.Module, list[dict[str, Any]]]:
+        """Train ``tr`` to the end: (the trained model, the history). The model is
+        the weight average where ``tr.schedule.ema`` > 0, else ``tr.model``."""
+        sched = tr.schedule
+        average = copy.deepcopy(tr.model) if sched.ema > 0 else None
+        scored = average if average is not None else tr.model
+        # checkpointed: the bare model (the format of runs without an average), or both
+        holder = tr.model if average is None else nn.ModuleDict({"net": tr.model, "ema": average})
+        before = [sum(p.epochs for p in self.phases[:i]) for i in range(len(self.phases))]
+
+        def run_epoch(i_phase: int, ph: Phase, epoch: int, opt: torch.optim.Optimizer) -> dict[str, Any]:
+            sums: dict[str, float] = {}
+            size, t0 = 0, time.perf_counter()
+            n_b = tr.batches_per_epoch(ph)
+            first_step = (before[i_phase] + epoch) * n_b
+            for k, b in enumerate(tr.batches(ph, epoch)):
+                if sched.lr_schedule != "constant":
+                    for g in opt.param_groups:
+                        g["lr"] = sched.lr_at(epoch * n_b + k, ph.epochs * n_b)
+                losses = tr.step(b, ph, epoch, k)
+                opt.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                opt.step()
+                if average is not None:
+                    t = first_step + k
+                    update_average(average, tr.model, min(sched.ema, (1 + t) / (10 + t)))
+                for name, v in losses.items():
+                    sums[name] = sums.get(name, 0.0) + v.item()
+                size += tr.size(b)
+            rate = size / (time.perf_counter() - t0)
+            return {**{k: v / n_b for k, v in sums.items()}, **tr.end_epoch(ph, scored), tr.rate_name: rate}
+
+        def on_phase(ph: Phase, first: int) -> None:
+            tr.start_phase(ph, first)
+
+        def next_phase() -> None:
+            if average is not None:  # a later phase starts from the average
+                tr.model.load_state_dict(average.state_dict())
+
+        history = self.run(holder, tr.optimizer, run_epoch, on_phase, next_phase)
+        return scored, history
+
     def run(self, model: torch.nn.Module, make_optimizer: Callable[[Phase], torch.optim.Optimizer],
-            run_epoch: RunEpoch, on_phase: Callable[[Phase, int], None] | None = None) -> list[dict[str, Any]]:
+            run_epoch: RunEpoch, on_phase: Callable[[Phase, int], None] | None = None,
+            next_phase: Callable[[], None] | None = None) -> list[dict[str, Any]]:
         """Train to the end; returns the history (one record per epoch).
 
         ``run_epoch(phase_index, phase, epoch, optimizer)`` trains one epoch and
         returns its record (with ``phase.select_by`` where the phase selects);
-        ``on_phase(phase, first_epoch)`` is called when a phase (re)starts.
+        ``on_phase(phase, first_epoch)`` is called when a phase (re)starts;
+        ``next_phase()`` after a phase's selected model is loaded, before the next one starts.
         """
         ctx, files = self.ctx, self.ctx.files
         phase, epoch, best, history = 0, 0, -1.0, []
@@ -97,6 +199,8 @@ class EpochLoop:
             phase, epoch = phase + 1, 0
             if ph.select_best and files.best(ph.name).is_file():  # the phase's selected model goes on
                 model.load_state_dict(torch.load(files.best(ph.name), map_location="cpu", weights_only=True)["model"])
+            if next_phase is not None and phase < len(self.phases):
+                next_phase()
             if ph.select_best and phase < len(self.phases):
                 best = -1.0  # each phase selects among its own epochs
                 opt = make_optimizer(self.phases[phase])
