@@ -168,3 +168,37 @@ def test_export_refuses_bad_input_in_one_line(extracted, tmp_path):
     res = clad("export", str(extracted), "--run", "never_trained", "--out", str(busy), check=False)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "no manifest.json" in res.stderr
     assert (busy / "notes.txt").read_text() == "mine"
+
+
+def test_clad_run_out_is_one_whole_scoring_even_after_kill_9(bundles, tiny_data, tmp_path):
+    """clad-run builds --out in a hidden sibling and swaps it in: killed mid-way,
+    the folder still holds the previous scoring whole; the next run finishes."""
+    import signal
+    import time
+
+    images = sorted(p for p in Path(tiny_data).rglob("test/*/*.png"))
+    few, many = tmp_path / "few", tmp_path / "many"
+    for folder, n in ((few, 3), (many, 60)):
+        folder.mkdir()
+        for i in range(n):
+            shutil.copy(images[i % len(images)], folder / f"{i:03d}.png")
+    out = tmp_path / "res" / "out"
+    clad_run(str(bundles["knn"]), str(few), "--out", str(out))
+    assert len(rows(out / "results.csv")) == 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "runtime"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "clad_run", str(bundles["knn"]), str(many), "--out", str(out),
+                             "--batch", "2"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list((tmp_path / "res").rglob(".out.tmp-*/00006_*")):
+        time.sleep(0.02)
+    assert proc.poll() is None, "scoring finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    table = rows(out / "results.csv")
+    assert len(table) == 3
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(Path(r["heatmap"]).name for r in table)
+    clad_run(str(bundles["knn"]), str(many), "--out", str(out))
+    table = rows(out / "results.csv")
+    assert len(table) == 60 and all(Path(r["heatmap"]).is_file() for r in table)
+    assert not [p for p in (tmp_path / "res").iterdir() if p.name.startswith(".")]  # the dead temporary removed

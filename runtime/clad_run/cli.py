@@ -21,6 +21,7 @@ import numpy as np
 
 from clad_run.bundle import Bundle, BundleError
 from clad_run.heatmap import save_overlay
+from clad_run.outdir import swap_into_place, temp_dir
 from clad_run.preprocess import IMAGE_SUFFIXES, ImageError, load_image
 from clad_run.scoring import OOD, Scorer, verdicts
 
@@ -81,8 +82,10 @@ def folder_class(path: Path, classes: list[str]) -> str:
 
 
 def judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any, class_name: str,
-          classes: list[str], v: Any, out: Path, index: int, confident: float) -> dict[str, Any]:
-    """Class, normalised score, verdict and heat map of one image (``stages.evaluate.score._judge``'s rules)."""
+          classes: list[str], v: Any, out: Path, index: int, confident: float, work: Path | None = None
+          ) -> dict[str, Any]:
+    """Class, normalised score, verdict and heat map of one image (``stages.evaluate.score._judge``'s
+    rules); the heat map is written into ``work`` (default ``out``) and named by its place in ``out``."""
     predicted = route.class_name if route is not None else classes[0]
     confidence = route.confidence if route is not None else float("nan")
     fits = route is None or not route.ood
@@ -102,11 +105,12 @@ def judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any, 
         verdict = OOD
     thr = v.thresholds.get(cls, float("nan"))
     png = out / f"{index:05d}_{p.stem}.png"
+    png_written = (work or out) / png.name
     title = (f"{p.name} [{cls}]: score {score:.3f} (threshold {thr:.3f}, normalised {norm:.2f}) -> {verdict}"
              if verdict != OOD else f"{p.name}: score {score:.3f}; fits no trained class (nearest {cls}) -> {OOD}")
     lo, hi = float(amap.min()), float(amap.max())
     finite = math.isfinite(thr)
-    save_overlay(img, amap, png, title, min(lo, thr) if finite else lo, max(hi, thr) if finite else hi)
+    save_overlay(img, amap, png_written, title, min(lo, thr) if finite else lo, max(hi, thr) if finite else hi)
     return {"path": str(p), "class": cls, "class_from": how, "confidence": round(confidence, 4),
             "predicted_class": predicted, "in_distribution": "yes" if fits else "no", "folder_class": folder,
             "score": score, "normalized": round(norm, 4), "threshold": thr,
@@ -115,6 +119,9 @@ def judge(p: Path, img: np.ndarray, amap: np.ndarray, score: float, route: Any, 
 
 def score(bundle: Bundle, scorer: Scorer, paths: list[Path], out: Path, class_name: str,
           overrides: dict[str, float], batch: int) -> list[dict[str, Any]]:
+    """Score ``paths`` into ``out``: everything is written into a hidden sibling
+    folder and swapped in at the end (``clad_run.outdir``), so ``out`` holds one
+    whole scoring, the old one or the new one, whatever happens in between."""
     m = bundle.manifest
     classes = list(m["classes"])
     if class_name and class_name not in classes:
@@ -122,9 +129,7 @@ def score(bundle: Bundle, scorer: Scorer, paths: list[Path], out: Path, class_na
     v = verdicts(bundle, overrides)
     pre = m["preprocessing"]
     confident = float((m.get("routing") or {}).get("confident", 0.5))
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    work = temp_dir(out)
     results: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for s in range(0, len(paths), batch):
@@ -141,17 +146,18 @@ def score(bundle: Bundle, scorer: Scorer, paths: list[Path], out: Path, class_na
             maps, scores, routes = scorer(arr)
             for p, img, amap, sc, rt in zip(ok, arr, maps, scores, routes, strict=True):
                 results.append(judge(p, img, amap, float(sc), rt, class_name, classes, v, out, len(results),
-                                     confident))
+                                     confident, work))
         done = min(s + batch, len(paths))
         print(f"\rclad-run: {done}/{len(paths)} images ({done / (time.perf_counter() - t0):.1f} img/s)",
               end="" if done < len(paths) else "\n", file=sys.stderr, flush=True)
-    with open(out / "results.csv", "w", newline="") as fh:
+    with open(work / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=FIELDS, restval="")
         w.writeheader()
         w.writerows(results)
-    (out / "results.json").write_text(json.dumps(
+    (work / "results.json").write_text(json.dumps(
         {"thresholds": v.thresholds, "threshold_from": v.sources, "normalized_at": v.normalized_at,
          "images": results}, indent=2, default=str))
+    swap_into_place(work, out)
     return results
 
 
