@@ -79,6 +79,9 @@ class CladSettings:
     gas_rows_scale: float = 2.0  # with gas_direction = rows: the shell's radii in units of the class r1
     lr_schedule: str = "constant"  # constant | cosine: lr decays to 0 over each phase's steps (stateless: resumable)
     ema: float = 0.0  # decay per step of an average of the weights that is evaluated and kept; 0 = off
+    # which epoch each phase keeps: probe = its best probe_pixel; paper = the contrastive phase's best (the
+    # paper fine-tunes "the best" phase-1 model) and the fine-tuning's last epoch; last = every phase's last
+    keep_epoch: str = "probe"
 
     def __post_init__(self) -> None:
         _choice("score_loss", self.score_loss, ("hinge", "bce"))
@@ -88,6 +91,7 @@ class CladSettings:
         _choice("fusion_beta", self.fusion_beta, ("fresh", "stored"))
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("gas_direction", self.gas_direction, ("noise", "rows"))
+        _choice("keep_epoch", self.keep_epoch, ("probe", "paper", "last"))
         if not 0 <= self.ema < 1:
             raise CladError(f"train.clad.ema = {self.ema!r}: must be in [0, 1) (0 = off); fix config.toml or --set")
         _at_least("bn_rows", self.bn_rows, 2)
@@ -154,6 +158,17 @@ def class_nn_distances(cache: TrainCache, held: np.ndarray, seed: int) -> np.nda
         probe = np.concatenate(list(normal_maps(cache, sel).values()))
         shards = seeded(seed, "nn-bank", c).permutation(np.nonzero(first == c)[0])
         out[c] = median_nn_distance(cache, held, probe, seed, shards=shards)
+    return out
+
+
+def phase_batches(t: CladSettings) -> list[tuple[Phase, int]]:
+    """The phases with their batch sizes (rows per batch) and what each keeps (``t.keep_epoch``)."""
+    out = []
+    if t.use_contrastive and t.epochs_contrastive > 0:
+        out.append((Phase("contrastive", t.epochs_contrastive, select_best=t.keep_epoch in ("probe", "paper"),
+                          select_by="probe_pixel"), t.batch_contrastive))
+    out.append((Phase("finetune", t.epochs_finetune, select_best=t.keep_epoch == "probe", select_by="probe_pixel"),
+                t.batch_finetune))
     return out
 
 
@@ -235,14 +250,7 @@ class _Trainer:
         return r1, r1 / math.sqrt(c), t.gas_eta * r1 / 0.5
 
     def phase_batches(self) -> list[tuple[Phase, int]]:
-        """The phases with their batch sizes (rows per batch)."""
-        out = []
-        if self.t.use_contrastive and self.t.epochs_contrastive > 0:
-            out.append((Phase("contrastive", self.t.epochs_contrastive, select_best=True, select_by="probe_pixel"),
-                        self.t.batch_contrastive))
-        out.append((Phase("finetune", self.t.epochs_finetune, select_best=True, select_by="probe_pixel"),
-                    self.t.batch_finetune))
-        return out
+        return phase_batches(self.t)
 
     def optimizer(self, _phase: Phase) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.t.lr, weight_decay=self.t.weight_decay)
@@ -371,7 +379,7 @@ class CladHead(Head):
     uses_labels = True
     added = {"score_loss": "hinge", "mix_classes": False, "gas_bn": "train", "gas_radius": "global",
              "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000, "lr_schedule": "constant", "ema": 0.0,
-             "gas_direction": "noise", "gas_rows_scale": 2.0}
+             "gas_direction": "noise", "gas_rows_scale": 2.0, "keep_epoch": "probe"}
     profiles = {
         "paper": {},
         # a short schedule that finishes the demo in minutes on 2 CPU cores
