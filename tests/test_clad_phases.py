@@ -1,5 +1,6 @@
-"""CLAD's phases: their batches and which epoch each keeps (``keep_epoch``)."""
+"""CLAD's training settings in isolation: its phases (batches, which epoch each keeps) and the GAS radius statistic."""
 
+import numpy as np
 import pytest
 
 from core.errors import CladError
@@ -32,3 +33,12 @@ def test_phases_carry_their_own_batch_sizes_and_the_contrastive_phase_can_be_lef
 def test_an_unknown_keep_epoch_word_is_refused_in_one_line():
     with pytest.raises(CladError, match="keep_epoch='best'.*probe, paper, last"):
         CladSettings(keep_epoch="best")
+
+
+def test_image_max_statistic_is_the_median_of_each_images_largest_distance():
+    from stages.heads.clad import image_max_statistic
+
+    per_image = [np.array([1.0, 5.0, 2.0]), np.array([3.0]), np.array([0.5, 9.0]), np.array([4.0, 4.0])]
+    assert image_max_statistic(per_image) == 4.5  # maxima 5, 3, 9, 4 -> median 4.5
+    with pytest.raises(CladError, match="gas_nn_stat='mean'.*median, image_max"):
+        CladSettings(gas_nn_stat="mean")

@@ -133,6 +133,26 @@ def test_class_nn_distances_equal_brute_force_per_class(extracted):
     assert abs(got[0] - got[1]) > 0.05 * got.max()  # the two classes (a texture, an object) differ
 
 
+def test_class_image_max_distances_equal_brute_force_per_class(extracted):
+    """gas_nn_stat = image_max: the median over held-out images of each one's largest patch NN distance."""
+    from stages.heads.clad import class_nn_distances
+    from stages.train.labels import normal_maps
+
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    held = holdout_images(cache, 0.2, 0)
+    got = class_nn_distances(cache, held, seed=0, stat="image_max")
+    median = class_nn_distances(cache, held, seed=0)
+    for c in range(2):
+        bank = np.concatenate(list(normal_maps(cache, ~held & (cache.image_class == c)).values())).astype(np.float64)
+        worst = []
+        for q in normal_maps(cache, held & (cache.image_class == c)).values():
+            q = q.astype(np.float64)
+            d2 = (q * q).sum(1)[:, None] + (bank * bank).sum(1)[None] - 2 * q @ bank.T
+            worst.append(np.sqrt(np.maximum(d2.min(1), 0)).max())
+        assert abs(got[c] - np.median(worst)) < 1e-3 * got[c]
+        assert got[c] > median[c]  # an image's worst patch lies beyond the median patch
+
+
 def test_row_sample_is_uniform_over_training_rows_and_keeps_pairs(extracted):
     cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
     held = holdout_images(cache, 0.2, 0)

@@ -65,6 +65,9 @@ class CladSettings:
     gas_noise: float = 0.015
     gas_scale: str = "nn"  # nn: radii in units of the normal NN distance | absolute: docs/METHOD.md's constants
     gas_nn_factor: float = 1.0  # with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1
+    # with gas_radius = class: the per-class r1 is factor x this statistic of held-out normal NN distances:
+    # median (over patches) | image_max (median over held-out images of each image's largest patch distance)
+    gas_nn_stat: str = "median"
     use_contrastive: bool = True
     use_gas: bool = True
     use_las: bool = True
@@ -92,6 +95,7 @@ class CladSettings:
         _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("gas_direction", self.gas_direction, ("noise", "rows"))
         _choice("keep_epoch", self.keep_epoch, ("probe", "paper", "last"))
+        _choice("gas_nn_stat", self.gas_nn_stat, ("median", "image_max"))
         if not 0 <= self.ema < 1:
             raise CladError(f"train.clad.ema = {self.ema!r}: must be in [0, 1) (0 = off); fix config.toml or --set")
         _at_least("bn_rows", self.bn_rows, 2)
@@ -120,28 +124,53 @@ def fuse_las(xa: torch.Tensor, pair: torch.Tensor, beta: torch.Tensor, fuse: tor
     return torch.where(fuse[:, None], (1 - beta) * xa + beta * pair, xa)
 
 
+def _bank(cache: TrainCache, held: np.ndarray, order: Any, n_bank: int) -> torch.Tensor:
+    """Up to ``n_bank`` training normal rows ``[n, C]`` (float32), read from shards in ``order``."""
+    bank, rows = [], 0
+    for part in cache.normal_parts(held, order):
+        bank.append(part)
+        rows += len(part)
+        if rows >= n_bank:
+            break
+    return torch.from_numpy(np.concatenate(bank, dtype=np.float32)[:n_bank])
+
+
 def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
                        n_probe: int = 2000, n_bank: int = 50000, shards: np.ndarray | None = None) -> float:
     """Median distance of held-out normal rows ``probe`` to their nearest
     training normal row (of ``shards`` only, default all, in a seeded order)."""
     from stages.search import nearest_rows
 
-    bank, rows = [], 0
     order = seeded(seed, "nn-bank").permutation(cache.n_shards) if shards is None else shards
-    for part in cache.normal_parts(held, order):
-        bank.append(part)
-        rows += len(part)
-        if rows >= n_bank:
-            break
-    x = torch.from_numpy(np.concatenate(bank, dtype=np.float32)[:n_bank])
+    x = _bank(cache, held, order, n_bank)
     q = torch.from_numpy(probe[seeded(seed, "nn-probe").permutation(len(probe))[:n_probe]].astype(np.float32))
     dist, _ = nearest_rows(q, x, (x * x).sum(1))
     return float(dist[:, 0].median())
 
 
-def class_nn_distances(cache: TrainCache, held: np.ndarray, seed: int) -> np.ndarray:
-    """``[n_classes]`` median NN distance of each class's held-out normal rows
-    to that class's training rows (NaN for a class without held-out images).
+def image_max_statistic(per_image: list[np.ndarray]) -> float:
+    """Median over images of each image's largest patch distance (``per_image``: one
+    ``[rows]`` array of NN distances per held-out image): where a typical normal
+    image's worst patch lies, i.e. what its max image score sees."""
+    return float(np.median([float(np.max(d)) for d in per_image]))
+
+
+def image_max_nn_distance(cache: TrainCache, held: np.ndarray, maps: dict[int, np.ndarray], seed: int,
+                          shards: np.ndarray, n_bank: int = 50000) -> float:
+    """``image_max_statistic`` of held-out images ``maps`` (image -> ``[rows, C]``)
+    against up to ``n_bank`` training rows of ``shards`` (the bank ``median_nn_distance`` reads)."""
+    from stages.search import nearest_rows
+
+    x = _bank(cache, held, shards, n_bank)
+    xx = (x * x).sum(1)
+    return image_max_statistic([nearest_rows(torch.from_numpy(m.astype(np.float32)), x, xx)[0][:, 0].numpy()
+                                for m in maps.values()])
+
+
+def class_nn_distances(cache: TrainCache, held: np.ndarray, seed: int, stat: str = "median") -> np.ndarray:
+    """``[n_classes]`` per class, a statistic of its held-out normal rows' distances
+    to that class's training rows (NaN for a class without held-out images):
+    ``median`` over rows, or ``image_max`` (``image_max_statistic``).
 
     GLASS sets its GAS radius per class; one radius for all classes puts the
     synthetic shell inside the normal spread of a coarse class and far
@@ -155,9 +184,12 @@ def class_nn_distances(cache: TrainCache, held: np.ndarray, seed: int) -> np.nda
         sel = held & (cache.image_class == c)
         if not sel.any():
             continue
-        probe = np.concatenate(list(normal_maps(cache, sel).values()))
+        maps = normal_maps(cache, sel)
         shards = seeded(seed, "nn-bank", c).permutation(np.nonzero(first == c)[0])
-        out[c] = median_nn_distance(cache, held, probe, seed, shards=shards)
+        if stat == "image_max":
+            out[c] = image_max_nn_distance(cache, held, maps, seed, shards)
+        else:
+            out[c] = median_nn_distance(cache, held, np.concatenate(list(maps.values())), seed, shards=shards)
     return out
 
 
@@ -227,7 +259,7 @@ class _Trainer:
         a class without held-out images takes the global r1."""
         if self.t.gas_radius != "class" or self.t.gas_scale != "nn" or not len(self.val[0]):
             return None
-        d = class_nn_distances(self.ctx.cache, self.ctx.held, self.ctx.seed)
+        d = class_nn_distances(self.ctx.cache, self.ctx.held, self.ctx.seed, self.t.gas_nn_stat)
         r1 = np.where(np.isfinite(d), self.t.gas_nn_factor * d, self.r1)
         self.ctx.log("train: GAS radius r1 per class: " + ", ".join(
             f"{n} {v:.3g}" for n, v in zip(self.ctx.cache.class_names, r1, strict=True)))
@@ -379,7 +411,7 @@ class CladHead(Head):
     uses_labels = True
     added = {"score_loss": "hinge", "mix_classes": False, "gas_bn": "train", "gas_radius": "global",
              "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000, "lr_schedule": "constant", "ema": 0.0,
-             "gas_direction": "noise", "gas_rows_scale": 2.0, "keep_epoch": "probe"}
+             "gas_direction": "noise", "gas_rows_scale": 2.0, "keep_epoch": "probe", "gas_nn_stat": "median"}
     profiles = {
         "paper": {},
         # a short schedule that finishes the demo in minutes on 2 CPU cores
