@@ -15,11 +15,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-import stages.heads  # noqa: F401 - registers every head and its settings
 from core.errors import CladError
 from core.files import write_atomic
 from core.settings import (
-    HEADS,
     PROFILE_NAMES,
     CalibrateConfig,
     Config,
@@ -32,36 +30,20 @@ from core.settings import (
     norm_value,
     settings_hash,
 )
+from stages.heads.registry import HEADS  # the head table (importing it registers every head)
 
 __all__ = ["CalibrateConfig", "Config", "DataConfig", "EvaluateConfig", "FeatureConfig", "SynthesisConfig",
            "TrainConfig", "diff_settings", "settings_hash", "write_atomic"]
 
-_SECTION_TYPES: dict[str, type] = {
-    "data": DataConfig, "features": FeatureConfig, "synthesis": SynthesisConfig,
-    "train": TrainConfig, "evaluate": EvaluateConfig, "calibrate": CalibrateConfig,
-}
+_SECTION_TYPES: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # [data], [features], ...
 _COMMON_TRAIN = tuple(f.name for f in fields(TrainConfig) if f.name != "heads")
 # [train] keys of configurations written before the head registry that now live elsewhere
 _MOVED = {"threshold_quantile": ("calibrate", "quantile")}
 
 
-# Settings that take one of a few words: checked when the configuration is read,
-# so a typo fails at once with the choices, not deep inside a stage. (Head
-# settings check their own words in their dataclasses.)
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("DataConfig", "layout"): ("auto", "mvtec", "visa", "folder"),
-    ("DataConfig", "labels"): ("classes", "pseudo"),
-    ("FeatureConfig", "compressor"): ("lz4", "zstd", "none"),
-    ("TrainConfig", "profile"): PROFILE_NAMES,
-}
-
-
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
-    if (cls, name) == (TrainConfig, "head") and value not in HEADS:
-        raise CladError(f"{where}: unknown head {value!r}; registered heads: {', '.join(HEADS)}")
-    choices = CHOICES.get((cls.__name__, name))
-    if choices is not None and value not in choices:
-        raise CladError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {value!r}")
+    """``value`` as the type ``cls.name`` declares (allowed values and words are
+    checked by the dataclass itself, from each field's declaration: core.schema)."""
     kind = _kind(next(f for f in fields(cls) if f.name == name))
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
@@ -115,14 +97,19 @@ def _scalar(kind: str, name: str, value: Any, where: str, what: str) -> Any:
 
 
 def section_from_dict(cls: type, raw: dict[str, Any], where: str, base: Any = None) -> Any:
-    """Build a section dataclass, refusing unknown keys (typos are errors)."""
+    """Build a section dataclass, refusing unknown keys (typos are errors) and,
+    through its declarations, values it does not allow (the message names the file)."""
     known = {f.name for f in fields(cls)} - {"heads"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise CladError(
             f"{where}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     base = base if base is not None else cls()
-    return replace(base, **{k: _coerce(cls, k, v, where) for k, v in raw.items()})
+    values = {k: _coerce(cls, k, v, where) for k, v in raw.items()}
+    try:
+        return replace(base, **values)
+    except CladError as exc:  # core.schema.check_settings: "<table>.<name> = <value>: must be ..."
+        raise CladError(f"{where}: {exc}") from None
 
 
 def _owners(name: str) -> list[str]:

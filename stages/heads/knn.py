@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import CladError
+from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
 from stages.search import MemoryBank, greedy_k_center
@@ -22,16 +22,12 @@ from stages.train.labels import calibration_folds, normal_maps
 
 
 @dataclass(frozen=True)
-class KnnSettings:
+class KnnSettings(Settings):
     """knn's own settings (the same in every profile)."""
 
-    knn_coreset: float = 1.0  # fraction of normal rows kept by the greedy coreset; 1.0 = all
-    knn_k: int = 1  # neighbours averaged per row
-
-    def __post_init__(self) -> None:
-        if not 0 < self.knn_coreset <= 1 or self.knn_k < 1:
-            raise CladError(f"train.knn_coreset={self.knn_coreset}, knn_k={self.knn_k}: need 0 < knn_coreset <= 1 "
-                            "and knn_k >= 1; fix config.toml or --set")
+    knn_coreset: float = setting(1.0, above=0, high=1,
+                                 help="fraction of normal rows kept by the greedy coreset; 1.0 = all")
+    knn_k: int = setting(1, low=1, help="neighbours averaged per row")
 
 
 def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,
