@@ -364,31 +364,30 @@ class CladHead(Head):
                  "gas_steps": 5, "gas_project_every": 5},
     }
 
-    def __init__(self, model: CladModel, meta: dict[str, Any], device: torch.device):
-        self.model, self.meta, self.device = model.to(device).eval(), meta, device
+    def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device):
+        self.model, self.settings, self.meta, self.device = model.to(device).eval(), settings, meta, device
 
     @classmethod
     def fit(cls, settings: CladSettings, ctx: TrainContext) -> tuple[CladHead, dict[str, Any]]:
         tr = _Trainer(settings, ctx)
         model, history = EpochLoop(ctx, tr.phases()).fit(tr)
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "n_labels": ctx.n_labels,
-                "adaptor_dims": list(settings.adaptor_dims), "disc_hidden": settings.disc_hidden,
                 "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         summary = {"history": history, "n_labels": ctx.n_labels,
                    "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta,
                            "class_r1": None if tr.class_r1 is None else tr.class_r1.tolist()}}
-        return cls(model, meta, ctx.device), summary
+        return cls(model, settings, meta, ctx.device), summary
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "meta": self.meta}
+        return {"model": self.model.state_dict(), "meta": self.checkpoint_meta()}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> CladHead:
         meta = ckpt["meta"]
-        model = CladModel(int(meta["embed_dim"]), int(meta["n_labels"]), tuple(meta["adaptor_dims"]),
-                          int(meta["disc_hidden"]))
+        t = cls.settings_from_meta(meta)
+        model = CladModel(int(meta["embed_dim"]), int(meta["n_labels"]), t.adaptor_dims, t.disc_hidden)
         model.load_state_dict(ckpt["model"])
-        return cls(model, meta, device)
+        return cls(model, t, meta, device)
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
         n, hw, c = maps.shape

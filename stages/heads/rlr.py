@@ -94,10 +94,9 @@ def deterministic_kernels() -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
-def _build(meta: dict[str, Any]) -> RLRModel:
-    return RLRModel(int(meta["embed_dim"]), int(meta["dim"]), tuple(meta["grid"]), int(meta["layers"]),
-                    int(meta["heads"]), int(meta["window"]), float(meta["mask_prob"]), int(meta["proj_blocks"]),
-                    int(meta["ffn_mult"]))
+def _build(embed_dim: int, grid: tuple[int, int] | list[int], t: RlrSettings) -> RLRModel:
+    return RLRModel(int(embed_dim), t.dim, tuple(grid), t.layers, t.attn_heads, t.window, t.mask_prob, t.proj_blocks,
+                    t.ffn_mult)
 
 
 def rlr_step(model: RLRModel, maps: torch.Tensor, labels: torch.Tensor, t: RlrSettings,
@@ -188,6 +187,7 @@ class RlrHead(Head):
     settings_class = RlrSettings
     summary = "reconstruction from a learnable reference (RLR, seed 003); ccl=classes|pseudo adds CCL (seed 002)"
     reads = ("holdout", "pseudo_k", "seed")
+    older_meta = {"heads": "attn_heads"}  # checkpoints before meta["settings"]
     profiles = {
         "paper": {},
         # about 3 minutes on the built-in set on 2 CPU cores (measured: docs/RESULTS.md)
@@ -195,8 +195,8 @@ class RlrHead(Head):
         "long": {"epochs": 30, "dim": 128, "layers": 2},
     }
 
-    def __init__(self, model: RLRModel, meta: dict[str, Any], device: torch.device):
-        self.model, self.meta, self.device = model.to(device).eval(), meta, device
+    def __init__(self, model: RLRModel, settings: RlrSettings, meta: dict[str, Any], device: torch.device):
+        self.model, self.settings, self.meta, self.device = model.to(device).eval(), settings, meta, device
 
     @classmethod
     def fit(cls, settings: RlrSettings, ctx: TrainContext) -> tuple[RlrHead, dict[str, Any]]:
@@ -207,35 +207,35 @@ class RlrHead(Head):
         stream = ImageStream(cache, t.batch_images, ctx.seed, ctx.held, image_labels=labels,
                              balanced=t.ccl != "none", device=ctx.device, window=t.window_shards,
                              mix_classes=t.mix_classes)
-        meta = {"head": cls.name, "embed_dim": cache.embed_dim, "grid": list(stream.grid), "dim": t.dim,
-                "layers": t.layers, "heads": t.attn_heads, "window": t.window, "mask_prob": t.mask_prob,
-                "proj_blocks": t.proj_blocks, "ffn_mult": t.ffn_mult, "error": t.error,
+        meta = {"head": cls.name, "embed_dim": cache.embed_dim, "grid": list(stream.grid),
                 "class_names": cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         torch.manual_seed(seed_from(ctx.seed, "rlr-init"))
-        model = _build(meta).to(ctx.device)
+        model = _build(cache.embed_dim, stream.grid, t).to(ctx.device)
         tr = _RlrTrainer(t, ctx, model, stream)
         loop = EpochLoop(ctx, tr.phases())
         with deterministic_kernels():
             trained, history = loop.fit(tr)
         trained.eval()
-        return cls(trained, meta, ctx.device), {"history": history, "grid": list(stream.grid), "ccl": t.ccl}
+        return cls(trained, t, meta, ctx.device), {"history": history, "grid": list(stream.grid), "ccl": t.ccl}
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "meta": self.meta}
+        return {"model": self.model.state_dict(), "meta": self.checkpoint_meta()}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> RlrHead:
-        model = _build(ckpt["meta"])
+        meta = ckpt["meta"]
+        t = cls.settings_from_meta(meta)
+        model = _build(meta["embed_dim"], meta["grid"], t)
         model.load_state_dict(ckpt["model"])
-        return cls(model, ckpt["meta"], device)
+        return cls(model, t, meta, device)
 
     def score_maps(self, maps: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        return reconstruction_maps(self.model, maps, self.meta["grid"], self.meta["error"], self.device, chunk)
+        return reconstruction_maps(self.model, maps, self.meta["grid"], self.settings.error, self.device, chunk)
 
     def export(self, ctx: ExportContext) -> dict[str, Any]:
         """The model and its reconstruction error as one ONNX graph on whole maps ``[n, H*W, C_d] -> [n, H*W]``."""
         grid = self.meta["grid"]
-        graph = RlrScoreGraph(self.model, self.meta["error"]).cpu().eval()
+        graph = RlrScoreGraph(self.model, self.settings.error).cpu().eval()
         example = torch.zeros(2, grid[0] * grid[1], int(self.meta["embed_dim"]))
         rel, info = ctx.onnx(graph, example, "rlr_score", {0: "images"})
         return {"rule": "onnx_maps", "settings": {**info, "grid": list(grid)}, "files": {"graph": rel}}

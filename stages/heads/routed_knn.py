@@ -134,17 +134,14 @@ class RoutedKnnHead(Head):
             sample = seeded(ctx.seed, "routed-axes").choice(len(rows), min(len(rows), AXES_SAMPLE), replace=False)
             axes = principal_axes(rows[np.sort(sample)], min(settings.project, rows.shape[1]))
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "class_names": ctx.cache.class_names,
-                "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(rows), "grid": list(grid),
-                "settings": {"images": settings.images, "route": settings.route, "knn_k": settings.knn_k,
-                             "select": settings.select, "project": settings.project, "rerank": settings.rerank,
-                             "refine": settings.refine}}
+                "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(rows), "grid": list(grid)}
         head = cls(rows, offsets, desc, ctx.cache.image_class[ids], settings, meta, ids, cells, axes)
         return head, {"history": [], "bank_rows": len(rows), "bank_images": len(ids)}
 
     def checkpoint(self) -> dict[str, Any]:
         out = {"rows": torch.from_numpy(self.rows), "offsets": torch.from_numpy(self.offsets),
                "descriptors": torch.from_numpy(self.desc), "descriptor_class": torch.from_numpy(self.desc_class),
-               "meta": self.meta}
+               "meta": self.checkpoint_meta()}
         if self.image_ids is not None:
             out["image_ids"] = torch.from_numpy(self.image_ids)
         if self.cells is not None:
@@ -158,7 +155,7 @@ class RoutedKnnHead(Head):
         meta = ckpt["meta"]
         ids, cells = ckpt.get("image_ids"), ckpt.get("cells")
         axes = (ckpt["axes_mean"].numpy(), ckpt["axes_basis"].numpy()) if "axes_basis" in ckpt else None
-        settings = RoutedKnnSettings(**{**cls.added, **meta["settings"]})
+        settings = cls.settings_from_meta(meta)
         return cls(ckpt["rows"].numpy(), ckpt["offsets"].numpy(), ckpt["descriptors"].numpy(),
                    ckpt["descriptor_class"].numpy(), settings, meta,
                    ids.numpy() if ids is not None else None, cells.numpy() if cells is not None else None, axes)
