@@ -18,7 +18,6 @@ from typing import Any
 from core.errors import CladError
 from core.files import write_atomic
 from core.settings import (
-    PROFILE_NAMES,
     CalibrateConfig,
     Config,
     DataConfig,
@@ -179,7 +178,8 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
                         f"valid: {', '.join(_SECTION_TYPES)}")
     train_raw = dict(raw.get("train", {}))
     profile = str(train_raw.get("profile", TrainConfig.profile))
-    train, moved = train_from_dict(train_raw, f"{where} [train]", with_profile(TrainConfig(), profile, where))
+    train, moved = train_from_dict(train_raw, f"{where} [train]",
+                                   with_profile(TrainConfig(), profile, f"{where} [train]"))
     calibrate = {_MOVED[k][1]: v for k, v in moved.items()} | dict(raw.get("calibrate", {}))
     parts: dict[str, Any] = {"train": train}
     for name, cls in _SECTION_TYPES.items():
@@ -205,9 +205,8 @@ def with_run_choices(base: Config, profile: str = "", head: str = "") -> Config:
 
 def with_profile(train: TrainConfig, profile: str, where: str = "--profile") -> TrainConfig:
     """Every head's settings as the profile sets them (run-level settings kept)."""
-    if profile not in PROFILE_NAMES:
-        raise CladError(f"{where}: unknown profile {profile!r}; choose one of {', '.join(PROFILE_NAMES)}")
-    return replace(train, profile=profile, heads={n: HEADS[n].defaults(profile) for n in HEADS})
+    train = section_from_dict(TrainConfig, {"profile": profile}, where, train)  # an unknown word is refused
+    return replace(train, heads={n: HEADS[n].defaults(profile) for n in HEADS})
 
 
 def load_config(path: Path) -> Config:

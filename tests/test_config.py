@@ -63,7 +63,8 @@ def test_profile_then_explicit_values_then_set():
     assert clad.margin == 2.0 and cfg.evaluate.sigma == 2.5 and clad.use_gas is False
     with pytest.raises(CladError, match="must be int"):
         apply_sets(cfg, ["epochs_finetune=abc"])
-    with pytest.raises(CladError, match="unknown profile"):
+    with pytest.raises(CladError, match=re.escape("config [train]: train.profile = 'fastest': "
+                                                  "must be one of fast, long, paper; fix config.toml or --set")):
         config_from_dict({"train": {"profile": "fastest"}})
 
 
