@@ -17,6 +17,7 @@ from typing import Any
 
 from core.errors import CladError
 from core.files import write_atomic
+from core.schema import added_values
 from core.settings import (
     CalibrateConfig,
     Config,
@@ -116,19 +117,18 @@ def _owners(name: str) -> list[str]:
     return [head for head in HEADS if name in {f.name for f in fields(HEADS[head].settings)}]
 
 
-def _fill_added(head: str, table: dict[str, Any]) -> None:
-    """A head table holding every setting the head had before its ``added``
-    ones is a complete record written before those existed (a run's
-    config.toml): the missing added settings take the value that reproduces
-    that run, not today's default. Partial tables (a user's overrides) keep
-    the defaults."""
-    spec = HEADS.get(head)
-    if spec is None or not spec.added:
-        return
-    older = {f.name for f in fields(spec.settings)} - set(spec.added)
-    if older <= set(table):
-        for k, v in spec.added.items():
+def _fill_added(cls: type, table: dict[str, Any]) -> dict[str, Any]:
+    """A table (a section's or a head's) holding every setting ``cls`` had
+    before its ``added`` ones is a complete record written before those
+    existed (a run's config.toml): the missing added settings take the value
+    that reproduces that run, not today's default. Partial tables (a user's
+    overrides) keep the defaults. Returns ``table``, filled in place."""
+    added = added_values(cls)
+    older = {f.name for f in fields(cls)} - set(added) - {"heads"}
+    if added and older <= set(table):
+        for k, v in added.items():
             table.setdefault(k, v)
+    return table
 
 
 def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = None
@@ -161,7 +161,7 @@ def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = 
         for owner in owners:
             heads.setdefault(owner, {}).setdefault(k, v)  # a head's own table wins over the flat spelling
     for n, table in heads.items():
-        _fill_added(n, table)
+        _fill_added(HEADS[n].settings, table)
     if common.profile != base.profile:
         base_heads = {n: HEADS[n].defaults(common.profile) for n in HEADS}
     else:
@@ -184,8 +184,8 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     parts: dict[str, Any] = {"train": train}
     for name, cls in _SECTION_TYPES.items():
         if name != "train":
-            section = calibrate if name == "calibrate" else raw.get(name, {})
-            parts[name] = section_from_dict(cls, section, f"{where} [{name}]")
+            section = calibrate if name == "calibrate" else dict(raw.get(name, {}))
+            parts[name] = section_from_dict(cls, _fill_added(cls, section), f"{where} [{name}]")
     return Config(**parts)
 
 

@@ -341,3 +341,24 @@ def test_checkpoints_written_before_meta_settings_still_load():
     assert (routed.images, routed.select, routed.project, routed.refine) == (8, "mean", 0, 0.0)
     with pytest.raises(CladError, match="knn checkpoint: setting\\(s\\) nope unknown"):
         head_class("knn").settings_from_meta({"settings": {"knn_k": 1, "nope": 2}})
+
+
+def test_an_added_setting_keeps_older_keys_and_fills_complete_older_tables():
+    """The mechanism a new section or head setting uses (no section has one yet): at its
+    ``added`` value it is left out of the hash; a complete table written before it existed
+    (a run's config.toml) reads as that value, a partial one (a user's edit) as the default."""
+    from dataclasses import dataclass
+
+    from core.schema import Settings, setting
+    from pipeline.config import _fill_added
+
+    @dataclass(frozen=True)
+    class Demo(Settings):
+        table = "demo"
+        old: int = setting(1, low=0)
+        new: str = setting("better", choices=("older", "better"), added="older")
+
+    assert keyed(Demo()) == {"old": 1, "new": "better"} and keyed(Demo(new="older")) == {"old": 1}
+    assert _fill_added(Demo, {"old": 3}) == {"old": 3, "new": "older"} and _fill_added(Demo, {}) == {}
+    with pytest.raises(CladError, match=re.escape("demo.new = 'x': must be one of older, better; fix config.toml")):
+        Demo(new="x")
