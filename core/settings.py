@@ -1,20 +1,26 @@
 """The typed settings: one frozen dataclass per section, and their cache keys.
 
-Each stage hashes exactly the sections it depends on (``extract_key``,
-``train_key``, ``evaluate_key``) so that a training-only change never
-invalidates extracted features, while a backbone change does. Reading and
-writing TOML, profiles and ``--set`` live in ``pipeline.config``.
+Every setting is declared once, with ``core.schema.setting`` (type,
+default, allowed values, help, the value of runs made before it existed);
+every construction checks every field against it. Each stage hashes exactly
+the sections it depends on (``extract_key``, ``train_key``,
+``evaluate_key``) so that a training-only change never invalidates extracted
+features, while a backbone change does; a setting at its ``added`` value is
+left out of the hash, so adding one keeps existing keys. Reading and writing
+TOML, profiles and ``--set`` live in ``pipeline.config``; each head's
+settings and the head table live with the head registry
+(``stages.heads.registry``), reached through ``head_table``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from core.errors import CladError
+from core.schema import Settings, keyed, setting
 
 # Bump when the extraction code changes what it writes for the same settings.
 EXTRACT_CODE_VERSION = 1
@@ -25,52 +31,59 @@ EVALUATE_CODE_VERSION = 1
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 
 
-def check_range(section: str, checks: list[tuple[str, Any, bool, str]]) -> None:
-    """Refuse the first setting whose check failed: ``(name, value, ok, allowed)``.
+HEAD_REGISTRY = "stages.heads.registry"  # owns the head table; imported by name (see head_table)
 
-    Run when a section is built (config.toml, ``--set``), so a bad value is one
-    line naming the setting, never a traceback later, a cache keyed on it, or a
-    remembered ``--set``.
+
+def head_table() -> dict[str, Any]:
+    """The registered heads: name -> ``stages.heads.registry.HeadSpec``, in registration order.
+
+    The table lives with the head registry (``stages.heads.registry.HEADS``).
+    core sits below stages and never imports it statically; the first lookup
+    imports the registry by name, which imports ``stages.heads`` and so
+    registers every head. A ``Config`` built without anything having imported
+    the heads therefore still finds them.
     """
-    for name, value, ok, allowed in checks:
-        if not ok:
-            raise CladError(f"{section}.{name} = {value!r}: must be {allowed}; fix config.toml or --set")
+    return importlib.import_module(HEAD_REGISTRY).HEADS
+
+
+def registered_heads() -> tuple[str, ...]:
+    """The words ``train.head`` takes."""
+    return tuple(head_table())
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Settings):
     """Where the images are and how classes are labelled."""
 
-    root: str = ""
-    textures: str = ""  # folder of texture images (DTD); "" = built-in procedural source
-    layout: str = "auto"  # auto | mvtec | visa | folder
-    classes: tuple[str, ...] = ()  # empty = every class found
-    texture_classes: tuple[str, ...] = MVTEC_TEXTURES + ("weave", "grain", "speckle")
-    fg_masks: str = ""  # optional folder <fg>/<class>/<file>: user masks win
-    labels: str = "classes"  # classes | pseudo (training only)
-
-    def __post_init__(self) -> None:
-        check_range("data", [("labels", self.labels, self.labels in ("classes", "pseudo"), "classes or pseudo"),
-                             ("layout", self.layout, self.layout in ("auto", "mvtec", "visa", "folder"),
-                              "auto, mvtec, visa or folder")])
+    root: str = setting("", help="the data set's folder")
+    textures: str = setting("", help='folder of texture images (DTD); "" = built-in procedural source')
+    layout: str = setting("auto", choices=("auto", "mvtec", "visa", "folder"),
+                          help="how the folder is organised (stages/extract/data.py); auto = detected")
+    classes: tuple[str, ...] = setting((), help="empty = every class found")
+    texture_classes: tuple[str, ...] = setting(MVTEC_TEXTURES + ("weave", "grain", "speckle"),
+                                               help="texture classes: the whole image is foreground (no object mask)")
+    fg_masks: str = setting("", help="optional folder <fg>/<class>/<file>: user masks win")
+    labels: str = setting("classes", choices=("classes", "pseudo"),
+                          help="classes: the class folders | pseudo: k-means clusters (training only)")
 
 
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(Settings):
     """Backbone and patch-feature settings (extraction)."""
 
-    backbone: str = "tf_efficientnet_lite0"
-    weights: str = "package"  # package | hub-cache | path/to/state_dict.pth
-    layers: tuple[int, ...] = (2, 3)
-    resize: int = 256
-    crop: int = 224  # 0 = no crop (keeps defects at the border)
-    patch: int = 3  # local aggregation neighbourhood p x p
-    pretrain_dim: int = 360
-    embed_dim: int = 360  # C_d; <= min(C_j * p^2) so pooling never duplicates values
-    shard_images: int = 16
-    batch_images: int = 8
-    compressor: str = "lz4"  # lz4 | zstd | none
-    clevel: int = 5
+    backbone: str = setting("tf_efficientnet_lite0", help="timm model name")
+    weights: str = setting("package", help="package | hub-cache | path/to/state_dict.pth")
+    layers: tuple[int, ...] = setting((2, 3), low=0, nonempty=True, help="backbone stages whose features are used")
+    resize: int = setting(256, low=32, help="image side before the crop")
+    crop: int = setting(224, check=lambda crop, f: crop == 0 or 32 <= crop <= f.resize,
+                        allowed="0 (no crop) or 32 .. resize", help="0 = no crop (keeps defects at the border)")
+    patch: int = setting(3, low=1, odd=True, help="local aggregation neighbourhood p x p")
+    pretrain_dim: int = setting(360, low=1)
+    embed_dim: int = setting(360, low=1, help="C_d; <= min(C_j * p^2) so pooling never duplicates values")
+    shard_images: int = setting(16, low=1, help="images per cache shard")
+    batch_images: int = setting(8, low=1, help="images per backbone batch")
+    compressor: str = setting("lz4", choices=("lz4", "zstd", "none"), help="cache compression")
+    clevel: int = setting(5, low=0, high=22, help="compression level")
 
     @property
     def output_size(self) -> int:
@@ -78,135 +91,76 @@ class FeatureConfig:
         where there is no crop (the deploy runtime's ``clad_run.preprocess.output_size``)."""
         return self.crop if self.crop else self.resize
 
-    def __post_init__(self) -> None:
-        check_range("features", [
-            ("layers", list(self.layers), len(self.layers) > 0 and min(self.layers) >= 0, "non-empty, >= 0"),
-            ("resize", self.resize, self.resize >= 32, ">= 32"),
-            ("crop", self.crop, self.crop == 0 or 32 <= self.crop <= self.resize, "0 (no crop) or 32 .. resize"),
-            ("patch", self.patch, self.patch >= 1 and self.patch % 2 == 1, "an odd number >= 1"),
-            ("pretrain_dim", self.pretrain_dim, self.pretrain_dim >= 1, ">= 1"),
-            ("embed_dim", self.embed_dim, self.embed_dim >= 1, ">= 1"),
-            ("shard_images", self.shard_images, self.shard_images >= 1, ">= 1"),
-            ("batch_images", self.batch_images, self.batch_images >= 1, ">= 1"),
-            ("compressor", self.compressor, self.compressor in ("lz4", "zstd", "none"), "lz4, zstd or none"),
-            ("clevel", self.clevel, 0 <= self.clevel <= 22, "0 .. 22")])
-
 
 @dataclass(frozen=True)
-class SynthesisConfig:
+class SynthesisConfig(Settings):
     """GLASS-style local anomaly synthesis (docs/METHOD.md section 1)."""
 
-    variants: int = 2  # synthetic images per normal training image
-    beta_mean: float = 0.5
-    beta_std: float = 0.1
-    beta_min: float = 0.2
-    beta_max: float = 0.8
-    perlin_max_scale: int = 5  # resolution 2^k, k in 0..max
-    perlin_threshold: float = 0.5
-    max_tries: int = 50
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_range("synthesis", [
-            ("variants", self.variants, self.variants >= 0, ">= 0"),
-            ("beta_std", self.beta_std, self.beta_std >= 0, ">= 0"),
-            ("beta_min", self.beta_min, 0 <= self.beta_min <= self.beta_max <= 1, "0 <= beta_min <= beta_max <= 1"),
-            ("beta_max", self.beta_max, 0 <= self.beta_max <= 1, "in [0, 1]"),
-            ("perlin_max_scale", self.perlin_max_scale, 0 <= self.perlin_max_scale <= 8, "0 .. 8"),
-            ("perlin_threshold", self.perlin_threshold, 0 < self.perlin_threshold < 1, "in (0, 1)"),
-            ("max_tries", self.max_tries, self.max_tries >= 1, ">= 1"),
-            ("seed", self.seed, self.seed >= 0, ">= 0")])
+    variants: int = setting(2, low=0, help="synthetic images per normal training image")
+    beta_mean: float = setting(0.5)
+    beta_std: float = setting(0.1, low=0)
+    beta_min: float = setting(0.2, low=0, check=lambda v, s: v <= s.beta_max, allowed="<= beta_max")
+    beta_max: float = setting(0.8, low=0, high=1)
+    perlin_max_scale: int = setting(5, low=0, high=8, help="resolution 2^k, k in 0..max")
+    perlin_threshold: float = setting(0.5, above=0, below=1)
+    max_tries: int = setting(50, low=1)
+    seed: int = setting(0, low=0)
 
 
-@dataclass(frozen=True)
-class HeadSpec:
-    """What the configuration needs to know of a registered head (filled by
-    ``stages.heads.register_head``): its settings dataclass, the settings'
-    values per profile, and settings added after runs existed with the value
-    that reproduces the older behaviour (hashed only when set otherwise)."""
-
-    name: str
-    settings: type
-    profiles: dict[str, dict[str, Any]]
-    added: dict[str, Any]
-
-    def defaults(self, profile: str) -> Any:
-        """The head's settings under a profile (a profile it does not name = the defaults)."""
-        return dataclasses.replace(self.settings(), **self.profiles.get(profile, {}))
-
-
-HEADS: dict[str, HeadSpec] = {}  # head name -> spec, in registration order
 PROFILE_NAMES = ("fast", "long", "paper")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """Run-level training settings shared by every head.
 
     Each head's own settings (its dataclass, declared in its module) are in
     ``heads``; a head missing there has its defaults under ``profile``.
     """
 
-    profile: str = "paper"
-    head: str = "routed_knn"  # the recommended head (docs/RESULTS.md)
-    holdout: float = 0.05  # fraction of each class's training images never trained on
-    pseudo_k: int = 0  # labels = pseudo: k-means clusters; 0 = 2 x number of class folders
-    seed: int = 0
+    profile: str = setting("paper", choices=PROFILE_NAMES, help="every head's schedule")
+    head: str = setting("routed_knn", choices=registered_heads, help="the recommended head (docs/RESULTS.md)")
+    holdout: float = setting(0.05, low=0, below=1, help="fraction of each class's training images never trained on")
+    pseudo_k: int = setting(0, low=0, help="labels = pseudo: k-means clusters; 0 = 2 x number of class folders")
+    seed: int = setting(0, low=0)
     heads: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        check_range("train", [
-            ("holdout", self.holdout, 0 <= self.holdout < 1, "in [0, 1)"),
-            ("pseudo_k", self.pseudo_k, self.pseudo_k >= 0, ">= 0 (0 = 2 x classes)"),
-            ("seed", self.seed, self.seed >= 0, ">= 0")])
 
     def head_settings(self, name: str = "") -> Any:
         """Settings of head ``name`` (default: the selected head)."""
         name = name or self.head
         if name in self.heads:
             return self.heads[name]
-        if name not in HEADS:
+        heads = head_table()
+        if name not in heads:
             raise KeyError(name)
-        return HEADS[name].defaults(self.profile)
+        return heads[name].defaults(self.profile)
 
     def all_heads(self) -> dict[str, Any]:
         """Every registered head's settings (filled with defaults where missing)."""
-        return {name: self.head_settings(name) for name in HEADS}
+        return {name: self.head_settings(name) for name in head_table()}
 
 
 @dataclass(frozen=True)
-class CalibrateConfig:
+class CalibrateConfig(Settings):
     """Per-class verdict thresholds from training normals (``clad calibrate``)."""
 
-    quantile: float = 0.99  # of unseen normal training images' scores, per class
-    min_images: int = 8  # fewer unseen normals than this: widen the threshold (see stages/calibrate.py)
-    folds: int = 5  # cross-fitting folds for heads that can refit cheaply
-    normalized_at: float = 0.5  # the normalised score of a class's threshold
-    route_quantile: float = 0.99  # out-of-distribution: farther from every class than this quantile
-    overrides: str = ""  # optional TOML file of per-class thresholds set by the user
-
-    def __post_init__(self) -> None:
-        check_range("calibrate", [
-            ("quantile", self.quantile, 0 < self.quantile <= 1, "in (0, 1]"),
-            ("min_images", self.min_images, self.min_images >= 1, ">= 1"),
-            ("folds", self.folds, self.folds >= 1, ">= 1"),
-            ("normalized_at", self.normalized_at, 0 < self.normalized_at < 1, "in (0, 1)"),
-            ("route_quantile", self.route_quantile, 0 < self.route_quantile <= 1, "in (0, 1]")])
+    quantile: float = setting(0.99, above=0, high=1, help="of unseen normal training images' scores, per class")
+    min_images: int = setting(8, low=1, help="fewer unseen normals than this: widen the threshold "
+                                           "(see stages/train/calibrate.py)")
+    folds: int = setting(5, low=1, help="cross-fitting folds for heads that can refit cheaply")
+    normalized_at: float = setting(0.5, above=0, below=1, help="the normalised score of a class's threshold")
+    route_quantile: float = setting(0.99, above=0, high=1,
+                                    help="out-of-distribution: farther from every class than this quantile")
+    overrides: str = setting("", help="optional TOML file of per-class thresholds set by the user")
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(Settings):
     """Anomaly maps and metrics."""
 
-    sigma: float = 4.0
-    aupro_fpr: float = 0.3
-    figures_per_class: int = 3
-
-    def __post_init__(self) -> None:
-        check_range("evaluate", [
-            ("sigma", self.sigma, self.sigma >= 0, ">= 0"),
-            ("aupro_fpr", self.aupro_fpr, 0 < self.aupro_fpr <= 1, "in (0, 1]"),
-            ("figures_per_class", self.figures_per_class, self.figures_per_class >= 0, ">= 0")])
+    sigma: float = setting(4.0, low=0, help="Gaussian smoothing of anomaly maps, in pixels")
+    aupro_fpr: float = setting(0.3, above=0, high=1, help="AUPRO's false-positive-rate limit")
+    figures_per_class: int = setting(3, low=0)
 
 
 @dataclass(frozen=True)
@@ -223,17 +177,17 @@ class Config:
     # -- cache keys -------------------------------------------------------
     def extract_settings(self) -> dict[str, Any]:
         """Exactly what extracted features depend on (labels are training-only)."""
-        data = dataclasses.asdict(self.data)
+        data = keyed(self.data)
         data.pop("labels")
         return {
             "code": EXTRACT_CODE_VERSION,
             "data": data,
-            "features": dataclasses.asdict(self.features),
-            "synthesis": dataclasses.asdict(self.synthesis),
+            "features": keyed(self.features),
+            "synthesis": keyed(self.synthesis),
         }
 
     def evaluate_settings(self) -> dict[str, Any]:
-        return {"code": EVALUATE_CODE_VERSION, "evaluate": dataclasses.asdict(self.evaluate)}
+        return {"code": EVALUATE_CODE_VERSION, "evaluate": keyed(self.evaluate)}
 
     def extract_key(self) -> str:
         return settings_hash(self.extract_settings())
@@ -241,6 +195,10 @@ class Config:
     def evaluate_key(self, train_key: str) -> str:
         """Key of an evaluation of the run whose training key is ``train_key``."""
         return settings_hash({"train": train_key, **self.evaluate_settings()})
+
+
+for _section in fields(Config):  # each section's table in config.toml is its name here
+    _section.default_factory.table = _section.name
 
 
 def settings_hash(settings: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from core.errors import CladError
+from core.settings import PROFILE_NAMES
 from pipeline.config import (
     Config,
     DataConfig,
@@ -126,7 +127,7 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
 @main.command()
 @click.argument("work", type=click.Path(path_type=Path))
 @click.option("--run", "run_name", default="main", show_default=True, help="Run name (runs/NAME).")
-@click.option("--profile", type=click.Choice(["fast", "long", "paper"]), default=None,
+@click.option("--profile", type=click.Choice(list(PROFILE_NAMES)), default=None,
               help="Training schedule (default: config.toml's train.profile).")
 @click.option("--head", default=None, metavar="NAME",
               help="Head to train (default: config.toml's train.head). Registered: "

@@ -15,12 +15,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-import stages.heads  # noqa: F401 - registers every head and its settings
 from core.errors import CladError
 from core.files import write_atomic
+from core.schema import added_values
 from core.settings import (
-    HEADS,
-    PROFILE_NAMES,
     CalibrateConfig,
     Config,
     DataConfig,
@@ -32,36 +30,20 @@ from core.settings import (
     norm_value,
     settings_hash,
 )
+from stages.heads.registry import HEADS  # the head table (importing it registers every head)
 
 __all__ = ["CalibrateConfig", "Config", "DataConfig", "EvaluateConfig", "FeatureConfig", "SynthesisConfig",
            "TrainConfig", "diff_settings", "settings_hash", "write_atomic"]
 
-_SECTION_TYPES: dict[str, type] = {
-    "data": DataConfig, "features": FeatureConfig, "synthesis": SynthesisConfig,
-    "train": TrainConfig, "evaluate": EvaluateConfig, "calibrate": CalibrateConfig,
-}
+_SECTION_TYPES: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # [data], [features], ...
 _COMMON_TRAIN = tuple(f.name for f in fields(TrainConfig) if f.name != "heads")
 # [train] keys of configurations written before the head registry that now live elsewhere
 _MOVED = {"threshold_quantile": ("calibrate", "quantile")}
 
 
-# Settings that take one of a few words: checked when the configuration is read,
-# so a typo fails at once with the choices, not deep inside a stage. (Head
-# settings check their own words in their dataclasses.)
-CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("DataConfig", "layout"): ("auto", "mvtec", "visa", "folder"),
-    ("DataConfig", "labels"): ("classes", "pseudo"),
-    ("FeatureConfig", "compressor"): ("lz4", "zstd", "none"),
-    ("TrainConfig", "profile"): PROFILE_NAMES,
-}
-
-
 def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
-    if (cls, name) == (TrainConfig, "head") and value not in HEADS:
-        raise CladError(f"{where}: unknown head {value!r}; registered heads: {', '.join(HEADS)}")
-    choices = CHOICES.get((cls.__name__, name))
-    if choices is not None and value not in choices:
-        raise CladError(f"{where}: '{name}' must be one of {', '.join(choices)}; got {value!r}")
+    """``value`` as the type ``cls.name`` declares (allowed values and words are
+    checked by the dataclass itself, from each field's declaration: core.schema)."""
     kind = _kind(next(f for f in fields(cls) if f.name == name))
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
@@ -115,14 +97,19 @@ def _scalar(kind: str, name: str, value: Any, where: str, what: str) -> Any:
 
 
 def section_from_dict(cls: type, raw: dict[str, Any], where: str, base: Any = None) -> Any:
-    """Build a section dataclass, refusing unknown keys (typos are errors)."""
+    """Build a section dataclass, refusing unknown keys (typos are errors) and,
+    through its declarations, values it does not allow (the message names the file)."""
     known = {f.name for f in fields(cls)} - {"heads"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise CladError(
             f"{where}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
     base = base if base is not None else cls()
-    return replace(base, **{k: _coerce(cls, k, v, where) for k, v in raw.items()})
+    values = {k: _coerce(cls, k, v, where) for k, v in raw.items()}
+    try:
+        return replace(base, **values)
+    except CladError as exc:  # core.schema.check_settings: "<table>.<name> = <value>: must be ..."
+        raise CladError(f"{where}: {exc}") from None
 
 
 def _owners(name: str) -> list[str]:
@@ -130,19 +117,18 @@ def _owners(name: str) -> list[str]:
     return [head for head in HEADS if name in {f.name for f in fields(HEADS[head].settings)}]
 
 
-def _fill_added(head: str, table: dict[str, Any]) -> None:
-    """A head table holding every setting the head had before its ``added``
-    ones is a complete record written before those existed (a run's
-    config.toml): the missing added settings take the value that reproduces
-    that run, not today's default. Partial tables (a user's overrides) keep
-    the defaults."""
-    spec = HEADS.get(head)
-    if spec is None or not spec.added:
-        return
-    older = {f.name for f in fields(spec.settings)} - set(spec.added)
-    if older <= set(table):
-        for k, v in spec.added.items():
+def _fill_added(cls: type, table: dict[str, Any]) -> dict[str, Any]:
+    """A table (a section's or a head's) holding every setting ``cls`` had
+    before its ``added`` ones is a complete record written before those
+    existed (a run's config.toml): the missing added settings take the value
+    that reproduces that run, not today's default. Partial tables (a user's
+    overrides) keep the defaults. Returns ``table``, filled in place."""
+    added = added_values(cls)
+    older = {f.name for f in fields(cls)} - set(added) - {"heads"}
+    if added and older <= set(table):
+        for k, v in added.items():
             table.setdefault(k, v)
+    return table
 
 
 def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = None
@@ -175,7 +161,7 @@ def train_from_dict(raw: dict[str, Any], where: str, base: TrainConfig | None = 
         for owner in owners:
             heads.setdefault(owner, {}).setdefault(k, v)  # a head's own table wins over the flat spelling
     for n, table in heads.items():
-        _fill_added(n, table)
+        _fill_added(HEADS[n].settings, table)
     if common.profile != base.profile:
         base_heads = {n: HEADS[n].defaults(common.profile) for n in HEADS}
     else:
@@ -192,13 +178,14 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> Config:
                         f"valid: {', '.join(_SECTION_TYPES)}")
     train_raw = dict(raw.get("train", {}))
     profile = str(train_raw.get("profile", TrainConfig.profile))
-    train, moved = train_from_dict(train_raw, f"{where} [train]", with_profile(TrainConfig(), profile, where))
+    train, moved = train_from_dict(train_raw, f"{where} [train]",
+                                   with_profile(TrainConfig(), profile, f"{where} [train]"))
     calibrate = {_MOVED[k][1]: v for k, v in moved.items()} | dict(raw.get("calibrate", {}))
     parts: dict[str, Any] = {"train": train}
     for name, cls in _SECTION_TYPES.items():
         if name != "train":
-            section = calibrate if name == "calibrate" else raw.get(name, {})
-            parts[name] = section_from_dict(cls, section, f"{where} [{name}]")
+            section = calibrate if name == "calibrate" else dict(raw.get(name, {}))
+            parts[name] = section_from_dict(cls, _fill_added(cls, section), f"{where} [{name}]")
     return Config(**parts)
 
 
@@ -218,9 +205,8 @@ def with_run_choices(base: Config, profile: str = "", head: str = "") -> Config:
 
 def with_profile(train: TrainConfig, profile: str, where: str = "--profile") -> TrainConfig:
     """Every head's settings as the profile sets them (run-level settings kept)."""
-    if profile not in PROFILE_NAMES:
-        raise CladError(f"{where}: unknown profile {profile!r}; choose one of {', '.join(PROFILE_NAMES)}")
-    return replace(train, profile=profile, heads={n: HEADS[n].defaults(profile) for n in HEADS})
+    train = section_from_dict(TrainConfig, {"profile": profile}, where, train)  # an unknown word is refused
+    return replace(train, heads={n: HEADS[n].defaults(profile) for n in HEADS})
 
 
 def load_config(path: Path) -> Config:

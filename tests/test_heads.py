@@ -51,6 +51,7 @@ def test_every_head_trains_saves_loads_and_scores(name, extracted, tmp_path):
     a, b = head.score_maps(maps), again.score_maps(maps)
     assert a.shape == (2, 784) and torch.isfinite(a).all() and torch.equal(a, b)
     assert ckpt["meta"]["head"] == name and ckpt["meta"]["train_key"] == run_key(cfg)
+    assert head.settings == again.settings == cfg.train.head_settings()  # meta["settings"], from the dataclass
 
 
 def _two_maps(cache):

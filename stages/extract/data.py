@@ -80,10 +80,7 @@ def index_dataset(cfg: DataConfig, check_masks: bool = True) -> list[Sample]:
         raise CladError(f"{root}: data folder is empty; point data.root at a data set "
                         "(or generate one with 'clad demo-data DIR')")
     layout = detect_layout(root) if cfg.layout == "auto" else cfg.layout
-    indexers = {"mvtec": _index_mvtec, "visa": _index_visa, "folder": _index_folder}
-    if layout not in indexers:
-        raise CladError(f"data.layout={layout!r}: choose auto, mvtec, visa or folder")
-    samples = indexers[layout](root)
+    samples = INDEXERS[layout](root)  # DataConfig refuses other words (its declared layouts = INDEXERS + auto)
     if cfg.classes:
         found = {s.class_name for s in samples}
         missing = sorted(set(cfg.classes) - found)
@@ -169,6 +166,10 @@ def _index_folder(root: Path) -> list[Sample]:
         for p in _images_in(cdir):
             out.append(Sample(f"{cdir.name}/train/good/{p.stem}", cdir.name, "train", str(p), 0, "good"))
     return out
+
+
+# data.layout -> its indexer; the words DataConfig.layout declares are these and "auto" (a test checks)
+INDEXERS = {"mvtec": _index_mvtec, "visa": _index_visa, "folder": _index_folder}
 
 
 def _check_masks(samples: list[Sample]) -> None:

@@ -1,17 +1,20 @@
 """The Head interface: what every head declares and does.
 
 A head turns cached patch features into anomaly scores. Its module declares
-a settings dataclass (only those settings, plus the run-level ones it names
-in ``reads``, enter its run key), profiles, how it trains from the cache
+a settings dataclass (a ``core.schema.Settings``, each field declared with
+``setting``; only those settings, plus the run-level ones it names in
+``reads``, enter its run key), profiles, how it trains from the cache
 (resumable), how it saves and loads its state (weights_only checkpoints) and
-how it scores whole feature maps. Training, evaluation, calibration, scoring
-and status only ever talk to this interface.
+how it scores whole feature maps. Every checkpoint stores the head's settings
+as the dataclass holds them (``checkpoint_meta``) and reads them back with
+``settings_from_meta``. Training, evaluation, calibration, scoring and status
+only ever talk to this interface.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +23,7 @@ import torch
 
 from core.errors import CladError
 from core.layout import RunFiles
+from core.schema import from_record, record
 from stages.train.context import TrainContext
 
 
@@ -60,8 +64,15 @@ class Head(ABC):
     profiles: ClassVar[dict[str, dict[str, Any]]] = {}
     reads: ClassVar[tuple[str, ...]] = ("holdout", "seed")  # run-level settings in the run key
     uses_labels: ClassVar[bool] = False  # does data.labels (classes | pseudo) change what it learns?
-    added: ClassVar[dict[str, Any]] = {}  # settings added after runs existed -> the older behaviour
+    # settings added after runs existed -> the older behaviour: derived by register_head from the
+    # fields' setting(added=...) declarations (read it, never write it)
+    added: ClassVar[dict[str, Any]] = {}
+    # checkpoints written before meta["settings"] kept some settings at the top of meta, a few under
+    # another name: {old meta key: setting} (the same name needs no entry)
+    older_meta: ClassVar[dict[str, str]] = {}
     summary: str = ""  # one line for --help
+    settings: Any  # the head's settings (an instance of settings_class)
+    meta: dict[str, Any]  # what checkpoint() stores besides the state: head, embed_dim, class_names, keys, ...
 
     # -- training ---------------------------------------------------------------
     @classmethod
@@ -97,6 +108,21 @@ class Head(ABC):
     @abstractmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> Head:
         """Rebuild the head from ``checkpoint()``'s dict (also older runs' files)."""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """``meta`` with the head's settings, from the dataclass itself (``core.schema.record``)."""
+        return {**self.meta, "settings": record(self.settings)}
+
+    @classmethod
+    def settings_from_meta(cls, meta: dict[str, Any]) -> Any:
+        """The settings a checkpoint's ``meta`` stores; settings it lacks take their
+        ``added`` value (they came later), then their default. A checkpoint written
+        before ``meta["settings"]`` gives what it kept at the top of ``meta``."""
+        values = meta.get("settings")
+        if values is None:
+            own = {f.name for f in fields(cls.settings_class)}
+            values = {cls.older_meta.get(k, k): v for k, v in meta.items() if cls.older_meta.get(k, k) in own}
+        return from_record(cls.settings_class, values, f"{cls.name} checkpoint")
 
     # -- deploy -----------------------------------------------------------------
     def export(self, ctx: ExportContext) -> dict[str, Any]:

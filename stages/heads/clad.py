@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from cache.stream import BatchStream, TrainCache
-from core.errors import CladError
 from core.files import seed_from, seeded
+from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.clad_model import Adaptor, CladModel, Discriminator, precise_batch_norm  # noqa: F401 - re-exported
 from stages.heads.registry import register_head
@@ -41,81 +41,64 @@ VAL_ROWS = 20000  # held-out rows per kind used for the per-epoch validation AUR
 
 
 @dataclass(frozen=True)
-class CladSettings:
+class CladSettings(Settings):
     """CLAD's own settings; defaults are the paper's schedule ('paper' profile)."""
 
-    epochs_contrastive: int = 200
-    epochs_finetune: int = 2000
-    batch_contrastive: int = 8000
-    batch_finetune: int = 100000
-    lr: float = 2e-4
-    weight_decay: float = 1e-2
-    adaptor_dims: tuple[int, ...] = (1024, 512, 256)
-    disc_hidden: int = 1024
-    margin: float = 1.0  # M of eq. 12
-    alpha: float = 1.0  # alpha of eqs. 13-14
-    gamma: float = -0.8
-    delta: float = 0.5  # hinge margin of eqs. 21-23
-    score_loss: str = "hinge"  # L_d: hinge (eqs. 21-23) | bce (GLASS: graded, never flat)
-    contrast_normals_only: bool = False
-    fusion_p: float = 0.5
-    gas_steps: int = 20
-    gas_eta: float = 0.001
-    gas_project_every: int = 5
-    gas_noise: float = 0.015
-    gas_scale: str = "nn"  # nn: radii in units of the normal NN distance | absolute: docs/METHOD.md's constants
-    gas_nn_factor: float = 1.0  # with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1
-    # with gas_radius = class: the per-class r1 is factor x this statistic of held-out normal NN distances:
-    # median (over patches) | image_max (median over held-out images of each image's largest patch distance)
-    gas_nn_stat: str = "median"
-    use_contrastive: bool = True
-    use_gas: bool = True
-    use_las: bool = True
-    window_shards: int = 4
-    mix_classes: bool = True  # every window of shards spread over the classes (cache.stream.interleaved_order)
-    gas_bn: str = "eval"  # eval: the ascent reads batch norm's running statistics, never updates them | train
-    gas_radius: str = "class"  # class: r1 per class from its own NN distances (with gas_scale nn) | global
-    fusion_beta: str = "fresh"  # fresh: eq. 4's beta redrawn every step from the batch's stored betas | stored
-    bn_refresh: bool = True  # batch norm's statistics re-estimated on a sample of all classes after every epoch
-    bn_rows: int = 20000  # normal rows of that sample (plus half as many local and global synthetic rows)
-    gas_direction: str = "noise"  # noise (GLASS) | rows: displacements along differences of same-class rows
-    gas_rows_scale: float = 2.0  # with gas_direction = rows: the shell's radii in units of the class r1
-    lr_schedule: str = "constant"  # constant | cosine: lr decays to 0 over each phase's steps (stateless: resumable)
-    ema: float = 0.0  # decay per step of an average of the weights that is evaluated and kept; 0 = off
-    # which epoch each phase keeps: probe = its best probe_pixel; paper = the contrastive phase's best (the
-    # paper fine-tunes "the best" phase-1 model) and the fine-tuning's last epoch; last = every phase's last
-    keep_epoch: str = "probe"
-
-    def __post_init__(self) -> None:
-        _choice("score_loss", self.score_loss, ("hinge", "bce"))
-        _choice("gas_scale", self.gas_scale, ("nn", "absolute"))
-        _choice("gas_bn", self.gas_bn, ("eval", "train"))
-        _choice("gas_radius", self.gas_radius, ("class", "global"))
-        _choice("fusion_beta", self.fusion_beta, ("fresh", "stored"))
-        _choice("lr_schedule", self.lr_schedule, ("constant", "cosine"))
-        _choice("gas_direction", self.gas_direction, ("noise", "rows"))
-        _choice("keep_epoch", self.keep_epoch, ("probe", "paper", "last"))
-        _choice("gas_nn_stat", self.gas_nn_stat, ("median", "image_max"))
-        if not 0 <= self.ema < 1:
-            raise CladError(f"train.clad.ema = {self.ema!r}: must be in [0, 1) (0 = off); fix config.toml or --set")
-        _at_least("bn_rows", self.bn_rows, 2)
-        for name in ("epochs_contrastive", "epochs_finetune", "gas_steps"):
-            _at_least(name, getattr(self, name), 0)
-        for name in ("batch_contrastive", "batch_finetune", "disc_hidden", "gas_project_every", "window_shards"):
-            _at_least(name, getattr(self, name), 1)
-        if self.lr <= 0 or not 0 <= self.fusion_p <= 1 or not self.adaptor_dims or min(self.adaptor_dims) < 1:
-            raise CladError(f"train.clad: lr must be > 0, fusion_p in [0, 1] and adaptor_dims positive; got "
-                            f"lr={self.lr}, fusion_p={self.fusion_p}, adaptor_dims={list(self.adaptor_dims)}")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise CladError(f"train.{name}={value!r}: choose one of {', '.join(choices)}")
-
-
-def _at_least(name: str, value: int, low: int) -> None:
-    if value < low:
-        raise CladError(f"train.{name}={value}: must be >= {low}; fix config.toml or --set")
+    epochs_contrastive: int = setting(200, low=0, help="epochs of phase 1 (contrastive)")
+    epochs_finetune: int = setting(2000, low=0, help="epochs of phase 2 (fine-tune)")
+    batch_contrastive: int = setting(8000, low=1, help="rows per phase-1 batch")
+    batch_finetune: int = setting(100000, low=1, help="rows per phase-2 batch")
+    lr: float = setting(2e-4, above=0, help="AdamW's learning rate")
+    weight_decay: float = setting(1e-2, help="AdamW's weight decay")
+    adaptor_dims: tuple[int, ...] = setting((1024, 512, 256), low=1, nonempty=True, help="the adaptor's layer widths")
+    disc_hidden: int = setting(1024, low=1, help="the discriminator's hidden width")
+    margin: float = setting(1.0, help="M of eq. 12")
+    alpha: float = setting(1.0, help="alpha of eqs. 13-14")
+    gamma: float = setting(-0.8)
+    delta: float = setting(0.5, help="hinge margin of eqs. 21-23")
+    score_loss: str = setting("hinge", choices=("hinge", "bce"), added="hinge",
+                              help="L_d: hinge (eqs. 21-23) | bce (GLASS: graded, never flat)")
+    contrast_normals_only: bool = setting(False)
+    fusion_p: float = setting(0.5, low=0, high=1, help="probability that a local anomaly row is fused (eq. 4)")
+    gas_steps: int = setting(20, low=0)
+    gas_eta: float = setting(0.001)
+    gas_project_every: int = setting(5, low=1)
+    gas_noise: float = setting(0.015)
+    gas_scale: str = setting("nn", choices=("nn", "absolute"),
+                             help="nn: radii in units of the normal NN distance | absolute: docs/METHOD.md's constants")
+    gas_nn_factor: float = setting(1.0, help="with gas_scale = nn: r1 = factor x median NN distance, r2 = 2 r1")
+    gas_nn_stat: str = setting("median", choices=("median", "image_max"), added="median",
+                               help="with gas_radius = class: r1 per class = factor x this statistic of held-out "
+                                    "normal NN distances: median (over patches) | image_max (median over held-out "
+                                    "images of each image's largest patch distance)")
+    use_contrastive: bool = setting(True)
+    use_gas: bool = setting(True)
+    use_las: bool = setting(True)
+    window_shards: int = setting(4, low=1)
+    mix_classes: bool = setting(True, added=False,
+                                help="every window of shards spread over the classes (cache.stream.interleaved_order)")
+    gas_bn: str = setting("eval", choices=("eval", "train"), added="train",
+                          help="eval: the ascent reads batch norm's running statistics, never updates them | train")
+    gas_radius: str = setting("class", choices=("class", "global"), added="global",
+                              help="class: r1 per class from its own NN distances (with gas_scale nn) | global")
+    fusion_beta: str = setting("fresh", choices=("fresh", "stored"), added="stored",
+                               help="fresh: eq. 4's beta redrawn every step from the batch's stored betas | stored")
+    bn_refresh: bool = setting(True, added=False,
+                               help="batch norm's statistics re-estimated on a sample of all classes after every epoch")
+    bn_rows: int = setting(20000, low=2, added=20000,
+                           help="normal rows of that sample (plus half as many local and global synthetic rows)")
+    gas_direction: str = setting("noise", choices=("noise", "rows"), added="noise",
+                                 help="noise (GLASS) | rows: displacements along differences of same-class rows")
+    gas_rows_scale: float = setting(2.0, added=2.0,
+                                    help="with gas_direction = rows: the shell's radii in units of the class r1")
+    lr_schedule: str = setting("constant", choices=("constant", "cosine"), added="constant",
+                               help="constant | cosine: lr decays to 0 over each phase's steps (stateless: resumable)")
+    ema: float = setting(0.0, low=0, below=1, added=0.0,
+                         help="decay per step of an average of the weights that is evaluated and kept; 0 = off")
+    keep_epoch: str = setting("probe", choices=("probe", "paper", "last"), added="probe",
+                              help="which epoch each phase keeps: probe = its best probe_pixel; paper = the "
+                                   "contrastive phase's best (the paper fine-tunes 'the best' phase-1 model) and the "
+                                   "fine-tuning's last epoch; last = every phase's last")
 
 
 def fuse_las(xa: torch.Tensor, pair: torch.Tensor, beta: torch.Tensor, fuse: torch.Tensor) -> torch.Tensor:
@@ -409,9 +392,6 @@ class CladHead(Head):
     summary = "CLAD adaptor + discriminator, contrastive (seed 001)"
     reads = ("holdout", "pseudo_k", "seed")
     uses_labels = True
-    added = {"score_loss": "hinge", "mix_classes": False, "gas_bn": "train", "gas_radius": "global",
-             "fusion_beta": "stored", "bn_refresh": False, "bn_rows": 20000, "lr_schedule": "constant", "ema": 0.0,
-             "gas_direction": "noise", "gas_rows_scale": 2.0, "keep_epoch": "probe", "gas_nn_stat": "median"}
     profiles = {
         "paper": {},
         # a short schedule that finishes the demo in minutes on 2 CPU cores
@@ -424,31 +404,30 @@ class CladHead(Head):
                  "gas_steps": 5, "gas_project_every": 5},
     }
 
-    def __init__(self, model: CladModel, meta: dict[str, Any], device: torch.device):
-        self.model, self.meta, self.device = model.to(device).eval(), meta, device
+    def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device):
+        self.model, self.settings, self.meta, self.device = model.to(device).eval(), settings, meta, device
 
     @classmethod
     def fit(cls, settings: CladSettings, ctx: TrainContext) -> tuple[CladHead, dict[str, Any]]:
         tr = _Trainer(settings, ctx)
         model, history = EpochLoop(ctx, tr.phases()).fit(tr)
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "n_labels": ctx.n_labels,
-                "adaptor_dims": list(settings.adaptor_dims), "disc_hidden": settings.disc_hidden,
                 "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         summary = {"history": history, "n_labels": ctx.n_labels,
                    "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta,
                            "class_r1": None if tr.class_r1 is None else tr.class_r1.tolist()}}
-        return cls(model, meta, ctx.device), summary
+        return cls(model, settings, meta, ctx.device), summary
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "meta": self.meta}
+        return {"model": self.model.state_dict(), "meta": self.checkpoint_meta()}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> CladHead:
         meta = ckpt["meta"]
-        model = CladModel(int(meta["embed_dim"]), int(meta["n_labels"]), tuple(meta["adaptor_dims"]),
-                          int(meta["disc_hidden"]))
+        t = cls.settings_from_meta(meta)
+        model = CladModel(int(meta["embed_dim"]), int(meta["n_labels"]), t.adaptor_dims, t.disc_hidden)
         model.load_state_dict(ckpt["model"])
-        return cls(model, meta, device)
+        return cls(model, t, meta, device)
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
         n, hw, c = maps.shape

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.errors import CladError
+from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
 from stages.search import MemoryBank, greedy_k_center
@@ -22,16 +22,12 @@ from stages.train.labels import calibration_folds, normal_maps
 
 
 @dataclass(frozen=True)
-class KnnSettings:
+class KnnSettings(Settings):
     """knn's own settings (the same in every profile)."""
 
-    knn_coreset: float = 1.0  # fraction of normal rows kept by the greedy coreset; 1.0 = all
-    knn_k: int = 1  # neighbours averaged per row
-
-    def __post_init__(self) -> None:
-        if not 0 < self.knn_coreset <= 1 or self.knn_k < 1:
-            raise CladError(f"train.knn_coreset={self.knn_coreset}, knn_k={self.knn_k}: need 0 < knn_coreset <= 1 "
-                            "and knn_k >= 1; fix config.toml or --set")
+    knn_coreset: float = setting(1.0, above=0, high=1,
+                                 help="fraction of normal rows kept by the greedy coreset; 1.0 = all")
+    knn_k: int = setting(1, low=1, help="neighbours averaged per row")
 
 
 def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,
@@ -70,8 +66,10 @@ class KnnHead(Head):
     summary = "nearest-neighbour memory bank (PatchCore-style baseline)"
     reads = ("holdout", "seed")
 
-    def __init__(self, bank: np.ndarray, k: int, meta: dict[str, Any], bank_images: np.ndarray | None = None):
-        self.bank, self.meta, self.bank_images = MemoryBank(bank, k), meta, bank_images
+    def __init__(self, bank: np.ndarray, settings: KnnSettings, meta: dict[str, Any],
+                 bank_images: np.ndarray | None = None):
+        self.bank, self.settings = MemoryBank(bank, settings.knn_k), settings
+        self.meta, self.bank_images = meta, bank_images
 
     @classmethod
     def fit(cls, settings: KnnSettings, ctx: TrainContext) -> tuple[KnnHead, dict[str, Any]]:
@@ -82,13 +80,12 @@ class KnnHead(Head):
             keep = greedy_coreset(bank, n, ctx.seed, device=ctx.device,
                                   progress=lambda k, total: ctx.log(f"train: coreset {k}/{total}"))
             bank, images = bank[keep], images[keep]
-        meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "knn_k": settings.knn_k,
-                "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key,
-                "bank_rows": len(bank)}
-        return cls(bank, settings.knn_k, meta, images), {"history": [], "bank_rows": len(bank)}
+        meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "class_names": ctx.cache.class_names,
+                "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(bank)}
+        return cls(bank, settings, meta, images), {"history": [], "bank_rows": len(bank)}
 
     def checkpoint(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"bank": torch.from_numpy(self.bank.rows), "meta": self.meta}
+        out: dict[str, Any] = {"bank": torch.from_numpy(self.bank.rows), "meta": self.checkpoint_meta()}
         if self.bank_images is not None:
             out["bank_images"] = torch.from_numpy(self.bank_images.astype(np.int64))
         return out
@@ -96,7 +93,7 @@ class KnnHead(Head):
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> KnnHead:
         images = ckpt.get("bank_images")
-        return cls(ckpt["bank"].numpy(), int(ckpt["meta"]["knn_k"]), ckpt["meta"],
+        return cls(ckpt["bank"].numpy(), cls.settings_from_meta(ckpt["meta"]), ckpt["meta"],
                    images.numpy() if images is not None else None)
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:

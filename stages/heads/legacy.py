@@ -25,7 +25,7 @@ _CLAD_V1 = ("epochs_contrastive", "epochs_finetune", "batch_contrastive", "batch
 def legacy_flat_train(cfg: Config) -> dict[str, Any] | None:
     """The old flat [train] table for these settings (None if they use a CLAD
     setting that did not exist then at other than its older behaviour)."""
-    from core.settings import HEADS
+    from stages.heads.registry import HEADS
 
     t = cfg.train
     clad = dataclasses.asdict(t.head_settings("clad"))

@@ -1,5 +1,6 @@
 """The head registry: one decorator, one front door (after timm's
-``register_model`` / ``create_model``), and the run keys built from it.
+``register_model`` / ``create_model``), the head table the configuration
+reads (``HEADS``), and the run keys built from it.
 
 A run's key hashes the extraction key, the head's name, the run-level
 settings the head declares it ``reads`` (and ``data.labels`` if it
@@ -10,24 +11,61 @@ makes a CLAD run stale and vice versa.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from core.errors import CladError
 from core.files import load_safely
-from core.settings import HEADS, RUN_CODE_VERSION, Config, HeadSpec, diff_settings, settings_hash
+from core.schema import Settings, added_values
+from core.schema import keyed as keyed_values
+from core.settings import RUN_CODE_VERSION, Config, diff_settings, settings_hash
 from stages.heads.base import Head
 
 _REGISTRY: dict[str, type[Head]] = {}
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """What the configuration needs to know of a registered head: its settings
+    dataclass, the settings' values per profile, and the settings added after
+    runs existed with the value that reproduces the older behaviour (hashed
+    only when set otherwise; declared on the fields, ``setting(added=...)``)."""
+
+    name: str
+    settings: type
+    profiles: dict[str, dict[str, Any]]
+    added: dict[str, Any]
+
+    def defaults(self, profile: str) -> Any:
+        """The head's settings under a profile (a profile it does not name = the defaults)."""
+        return dataclasses.replace(self.settings(), **self.profiles.get(profile, {}))
+
+
+# head name -> spec, in registration order: the head table of [train.<head>] (core.settings.head_table)
+HEADS: dict[str, HeadSpec] = {}
+
+
 def register_head(cls: type[Head]) -> type[Head]:
-    """Class decorator: make a head available under ``cls.name``."""
+    """Class decorator: make a head available under ``cls.name``.
+
+    Its settings class gets its config.toml table (``train.<name>``, named
+    in its error messages) and the head its ``added`` dict, derived from the
+    fields' ``added=`` declarations (a hand-written ``added`` is refused: one
+    place per setting)."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
         raise ValueError(f"head {cls.name!r} registered twice ({_REGISTRY[cls.name]} and {cls})")
+    settings = cls.settings_class
+    if not (isinstance(settings, type) and issubclass(settings, Settings) and dataclasses.is_dataclass(settings)):
+        raise ValueError(f"head {cls.name!r}: settings_class must be a dataclass of core.schema.Settings")
+    if "added" in vars(cls):
+        raise ValueError(f"head {cls.name!r}: declare older values on the settings' fields "
+                         "(setting(..., added=VALUE)), not in a class 'added' dict")
+    settings.table = f"train.{cls.name}"
+    cls.added = added_values(settings)
     _REGISTRY[cls.name] = cls
-    HEADS[cls.name] = HeadSpec(cls.name, cls.settings_class, dict(cls.profiles), dict(cls.added))
+    HEADS[cls.name] = HeadSpec(cls.name, settings, dict(cls.profiles), dict(cls.added))
     return cls
 
 
@@ -46,9 +84,8 @@ def run_settings(cfg: Config, keyed: bool = True) -> dict[str, Any]:
     """What a run of ``cfg.train.head`` depends on besides the feature cache.
     ``keyed=False`` keeps later-added settings at their defaults too (diffs)."""
     cls = head_class(cfg.train.head)
-    own = dataclasses.asdict(cfg.train.head_settings())
-    if keyed:
-        own = {k: v for k, v in own.items() if k not in cls.added or cls.added[k] != v}
+    settings = cfg.train.head_settings()
+    own = keyed_values(settings) if keyed else dataclasses.asdict(settings)
     common: dict[str, Any] = {k: getattr(cfg.train, k) for k in cls.reads}
     if cls.uses_labels:
         common["labels"] = cfg.data.labels

@@ -36,6 +36,7 @@ import torch
 from cache.image_stream import ImageStream, image_maps
 from core.errors import CladError
 from core.files import seed_from
+from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.ccl import ccl_loss, feature_view
 from stages.heads.registry import register_head
@@ -45,48 +46,34 @@ from stages.train.labels import image_labels
 
 
 @dataclass(frozen=True)
-class RlrSettings:
+class RlrSettings(Settings):
     """RLR's own settings ('paper' profile: the paper code's depth; 'fast' trains in minutes on 2 CPU cores)."""
 
-    epochs: int = 200
-    batch_images: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    dim: int = 256  # D: reference and attention width
-    layers: int = 4  # RLR blocks (the paper code's --layers 4)
-    attn_heads: int = 4  # attention heads ("heads" names the per-head tables of [train])
-    window: int = 7  # LCA window side (odd), in patches
-    mask_prob: float = 0.5  # MLKA key-mask probability in training
-    proj_blocks: int = 2  # residual 3x3 conv blocks of the projector
-    ffn_mult: int = 2
-    error: str = "l2+cos"  # per-patch reconstruction error: l2 | cos | l2+cos
-    ccl: str = "none"  # none | classes | pseudo: CCL (seed 002) under these labels
-    ccl_k: int = 3  # CCL positive window side (3 keeps the view's one-cell shift inside it)
-    ccl_negatives: str = "window"  # window (cheap) | all (the paper's wording; slow on CPU)
-    window_shards: int = 4  # shards read at once by the image stream (bounds memory)
-    mix_classes: bool = True  # every window of shards spread over the classes (cache.stream.interleaved_order)
-    lr_schedule: str = "constant"  # constant | cosine over the run's steps (stages.train.epochs.Schedule)
-    ema: float = 0.0  # decay per step of the weight average that is probed, selected and kept; 0 = off
-
-    def __post_init__(self) -> None:
-        for name, low in (("epochs", 0), ("batch_images", 1), ("dim", 1), ("layers", 1), ("attn_heads", 1),
-                          ("window", 1), ("proj_blocks", 0), ("ffn_mult", 1), ("ccl_k", 1), ("window_shards", 1)):
-            if getattr(self, name) < low:
-                raise CladError(f"train.rlr.{name}={getattr(self, name)}: must be >= {low}; fix config.toml or --set")
-        if self.dim % self.attn_heads:
-            raise CladError(f"train.rlr.dim={self.dim} must be a multiple of attn_heads={self.attn_heads}")
-        if self.window % 2 == 0 or self.ccl_k % 2 == 0:
-            raise CladError(f"train.rlr: window ({self.window}) and ccl_k ({self.ccl_k}) must be odd")
-        if not 0 <= self.ema < 1:
-            raise CladError(f"train.rlr.ema = {self.ema!r}: must be in [0, 1) (0 = off); fix config.toml or --set")
-        if not 0 <= self.mask_prob < 1 or self.lr <= 0:
-            raise CladError(f"train.rlr: mask_prob must be in [0, 1) and lr > 0; got {self.mask_prob}, {self.lr}")
-        for name, value, choices in (("error", self.error, ("l2", "cos", "l2+cos")),
-                                     ("ccl", self.ccl, ("none", "classes", "pseudo")),
-                                     ("ccl_negatives", self.ccl_negatives, ("window", "all")),
-                                     ("lr_schedule", self.lr_schedule, ("constant", "cosine"))):
-            if value not in choices:
-                raise CladError(f"train.rlr.{name}={value!r}: choose one of {', '.join(choices)}")
+    epochs: int = setting(200, low=0)
+    batch_images: int = setting(8, low=1, help="maps per batch")
+    lr: float = setting(1e-3, above=0, help="AdamW's learning rate")
+    weight_decay: float = setting(1e-4, help="AdamW's weight decay")
+    dim: int = setting(256, low=1, check=lambda dim, t: dim % t.attn_heads == 0, allowed="a multiple of attn_heads",
+                       help="D: reference and attention width")
+    layers: int = setting(4, low=1, help="RLR blocks (the paper code's --layers 4)")
+    attn_heads: int = setting(4, low=1, help='attention heads ("heads" names the per-head tables of [train])')
+    window: int = setting(7, low=1, odd=True, help="LCA window side (odd), in patches")
+    mask_prob: float = setting(0.5, low=0, below=1, help="MLKA key-mask probability in training")
+    proj_blocks: int = setting(2, low=0, help="residual 3x3 conv blocks of the projector")
+    ffn_mult: int = setting(2, low=1)
+    error: str = setting("l2+cos", choices=("l2", "cos", "l2+cos"), help="per-patch reconstruction error")
+    ccl: str = setting("none", choices=("none", "classes", "pseudo"), help="CCL (seed 002) under these labels")
+    ccl_k: int = setting(3, low=1, odd=True,
+                         help="CCL positive window side (3 keeps the view's one-cell shift inside it)")
+    ccl_negatives: str = setting("window", choices=("window", "all"),
+                                 help="window (cheap) | all (the paper's wording; slow on CPU)")
+    window_shards: int = setting(4, low=1, help="shards read at once by the image stream (bounds memory)")
+    mix_classes: bool = setting(True, added=False,
+                                help="every window of shards spread over the classes (cache.stream.interleaved_order)")
+    lr_schedule: str = setting("constant", choices=("constant", "cosine"), added="constant",
+                               help="constant | cosine over the run's steps (stages.train.epochs.Schedule)")
+    ema: float = setting(0.0, low=0, below=1, added=0.0,
+                         help="decay per step of the weight average that is probed, selected and kept; 0 = off")
 
 
 @contextmanager
@@ -107,10 +94,9 @@ def deterministic_kernels() -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
-def _build(meta: dict[str, Any]) -> RLRModel:
-    return RLRModel(int(meta["embed_dim"]), int(meta["dim"]), tuple(meta["grid"]), int(meta["layers"]),
-                    int(meta["heads"]), int(meta["window"]), float(meta["mask_prob"]), int(meta["proj_blocks"]),
-                    int(meta["ffn_mult"]))
+def _build(embed_dim: int, grid: tuple[int, int] | list[int], t: RlrSettings) -> RLRModel:
+    return RLRModel(int(embed_dim), t.dim, tuple(grid), t.layers, t.attn_heads, t.window, t.mask_prob, t.proj_blocks,
+                    t.ffn_mult)
 
 
 def rlr_step(model: RLRModel, maps: torch.Tensor, labels: torch.Tensor, t: RlrSettings,
@@ -201,7 +187,7 @@ class RlrHead(Head):
     settings_class = RlrSettings
     summary = "reconstruction from a learnable reference (RLR, seed 003); ccl=classes|pseudo adds CCL (seed 002)"
     reads = ("holdout", "pseudo_k", "seed")
-    added = {"mix_classes": False, "lr_schedule": "constant", "ema": 0.0}
+    older_meta = {"heads": "attn_heads"}  # checkpoints before meta["settings"]
     profiles = {
         "paper": {},
         # about 3 minutes on the built-in set on 2 CPU cores (measured: docs/RESULTS.md)
@@ -209,8 +195,8 @@ class RlrHead(Head):
         "long": {"epochs": 30, "dim": 128, "layers": 2},
     }
 
-    def __init__(self, model: RLRModel, meta: dict[str, Any], device: torch.device):
-        self.model, self.meta, self.device = model.to(device).eval(), meta, device
+    def __init__(self, model: RLRModel, settings: RlrSettings, meta: dict[str, Any], device: torch.device):
+        self.model, self.settings, self.meta, self.device = model.to(device).eval(), settings, meta, device
 
     @classmethod
     def fit(cls, settings: RlrSettings, ctx: TrainContext) -> tuple[RlrHead, dict[str, Any]]:
@@ -221,35 +207,35 @@ class RlrHead(Head):
         stream = ImageStream(cache, t.batch_images, ctx.seed, ctx.held, image_labels=labels,
                              balanced=t.ccl != "none", device=ctx.device, window=t.window_shards,
                              mix_classes=t.mix_classes)
-        meta = {"head": cls.name, "embed_dim": cache.embed_dim, "grid": list(stream.grid), "dim": t.dim,
-                "layers": t.layers, "heads": t.attn_heads, "window": t.window, "mask_prob": t.mask_prob,
-                "proj_blocks": t.proj_blocks, "ffn_mult": t.ffn_mult, "error": t.error,
+        meta = {"head": cls.name, "embed_dim": cache.embed_dim, "grid": list(stream.grid),
                 "class_names": cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         torch.manual_seed(seed_from(ctx.seed, "rlr-init"))
-        model = _build(meta).to(ctx.device)
+        model = _build(cache.embed_dim, stream.grid, t).to(ctx.device)
         tr = _RlrTrainer(t, ctx, model, stream)
         loop = EpochLoop(ctx, tr.phases())
         with deterministic_kernels():
             trained, history = loop.fit(tr)
         trained.eval()
-        return cls(trained, meta, ctx.device), {"history": history, "grid": list(stream.grid), "ccl": t.ccl}
+        return cls(trained, t, meta, ctx.device), {"history": history, "grid": list(stream.grid), "ccl": t.ccl}
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "meta": self.meta}
+        return {"model": self.model.state_dict(), "meta": self.checkpoint_meta()}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> RlrHead:
-        model = _build(ckpt["meta"])
+        meta = ckpt["meta"]
+        t = cls.settings_from_meta(meta)
+        model = _build(meta["embed_dim"], meta["grid"], t)
         model.load_state_dict(ckpt["model"])
-        return cls(model, ckpt["meta"], device)
+        return cls(model, t, meta, device)
 
     def score_maps(self, maps: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        return reconstruction_maps(self.model, maps, self.meta["grid"], self.meta["error"], self.device, chunk)
+        return reconstruction_maps(self.model, maps, self.meta["grid"], self.settings.error, self.device, chunk)
 
     def export(self, ctx: ExportContext) -> dict[str, Any]:
         """The model and its reconstruction error as one ONNX graph on whole maps ``[n, H*W, C_d] -> [n, H*W]``."""
         grid = self.meta["grid"]
-        graph = RlrScoreGraph(self.model, self.meta["error"]).cpu().eval()
+        graph = RlrScoreGraph(self.model, self.settings.error).cpu().eval()
         example = torch.zeros(2, grid[0] * grid[1], int(self.meta["embed_dim"]))
         rel, info = ctx.onnx(graph, example, "rlr_score", {0: "images"})
         return {"rule": "onnx_maps", "settings": {**info, "grid": list(grid)}, "files": {"graph": rel}}

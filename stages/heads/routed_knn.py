@@ -49,6 +49,7 @@ import torch
 from cache.image_stream import cache_grid
 from core.errors import CladError
 from core.files import seeded
+from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
 from stages.search import (
@@ -68,28 +69,20 @@ AXES_SAMPLE = 65536  # bank rows sampled (seeded) to fit the principal axes
 
 
 @dataclass(frozen=True)
-class RoutedKnnSettings:
+class RoutedKnnSettings(Settings):
     """Settings of the routed knn head (the same in every profile)."""
 
-    images: int = 32  # nearest training images searched per scored image; 0 = the whole class
-    route: bool = True  # search the image's own class only
-    knn_k: int = 1  # > 1: mean of the k nearest, by exact search among the chosen images (no projection, no refine)
-    select: str = "cells"  # how "nearest" images are found: cells (local appearance) | mean (mean feature)
-    project: int = 64  # principal axes of the candidate search; 0 = exact search in all channels
-    rerank: int = 4  # candidates per patch measured exactly (project > 0)
-    refine: float = 0.05  # share of each image's highest-scoring patches searched again over the whole class
-
-    def __post_init__(self) -> None:
-        if self.images < 0 or self.knn_k < 1:
-            raise CladError(f"train.images={self.images}, knn_k={self.knn_k}: need images >= 0 (0 = all) and "
-                            "knn_k >= 1; fix config.toml or --set")
-        if self.project < 0 or self.rerank < 1:
-            raise CladError(f"train.project={self.project}, rerank={self.rerank}: need project >= 0 "
-                            "(0 = exact search) and rerank >= 1; fix config.toml or --set")
-        if not 0 <= self.refine <= 1:
-            raise CladError(f"train.refine={self.refine}: need 0 <= refine <= 1; fix config.toml or --set")
-        if self.select not in ("cells", "mean"):
-            raise CladError(f"train.select={self.select!r}: choose 'cells' or 'mean'; fix config.toml or --set")
+    images: int = setting(32, low=0, help="nearest training images searched per scored image; 0 = the whole class")
+    route: bool = setting(True, help="search the image's own class only")
+    knn_k: int = setting(1, low=1, help="> 1: mean of the k nearest, by exact search among the chosen images "
+                                        "(no projection, no refine)")
+    select: str = setting("cells", choices=("cells", "mean"), added="mean",
+                          help='how "nearest" images are found: cells (local appearance) | mean (mean feature)')
+    project: int = setting(64, low=0, added=0,
+                           help="principal axes of the candidate search; 0 = exact search in all channels")
+    rerank: int = setting(4, low=1, help="candidates per patch measured exactly (project > 0)")
+    refine: float = setting(0.05, low=0, high=1, added=0.0,
+                            help="share of each image's highest-scoring patches searched again over the whole class")
 
 
 @register_head
@@ -102,7 +95,6 @@ class RoutedKnnHead(Head):
     settings_class = RoutedKnnSettings
     summary = "knn among the nearest training images of the image's own class (the recommended head)"
     reads = ("holdout", "seed")
-    added = {"select": "mean", "project": 0, "refine": 0.0}  # what runs trained before these settings existed did
 
     def __init__(self, rows: np.ndarray, offsets: np.ndarray, desc: np.ndarray, desc_class: np.ndarray,
                  settings: RoutedKnnSettings, meta: dict[str, Any], image_ids: np.ndarray | None = None,
@@ -142,17 +134,14 @@ class RoutedKnnHead(Head):
             sample = seeded(ctx.seed, "routed-axes").choice(len(rows), min(len(rows), AXES_SAMPLE), replace=False)
             axes = principal_axes(rows[np.sort(sample)], min(settings.project, rows.shape[1]))
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "class_names": ctx.cache.class_names,
-                "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(rows), "grid": list(grid),
-                "settings": {"images": settings.images, "route": settings.route, "knn_k": settings.knn_k,
-                             "select": settings.select, "project": settings.project, "rerank": settings.rerank,
-                             "refine": settings.refine}}
+                "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(rows), "grid": list(grid)}
         head = cls(rows, offsets, desc, ctx.cache.image_class[ids], settings, meta, ids, cells, axes)
         return head, {"history": [], "bank_rows": len(rows), "bank_images": len(ids)}
 
     def checkpoint(self) -> dict[str, Any]:
         out = {"rows": torch.from_numpy(self.rows), "offsets": torch.from_numpy(self.offsets),
                "descriptors": torch.from_numpy(self.desc), "descriptor_class": torch.from_numpy(self.desc_class),
-               "meta": self.meta}
+               "meta": self.checkpoint_meta()}
         if self.image_ids is not None:
             out["image_ids"] = torch.from_numpy(self.image_ids)
         if self.cells is not None:
@@ -166,7 +155,7 @@ class RoutedKnnHead(Head):
         meta = ckpt["meta"]
         ids, cells = ckpt.get("image_ids"), ckpt.get("cells")
         axes = (ckpt["axes_mean"].numpy(), ckpt["axes_basis"].numpy()) if "axes_basis" in ckpt else None
-        settings = RoutedKnnSettings(**{**cls.added, **meta["settings"]})
+        settings = cls.settings_from_meta(meta)
         return cls(ckpt["rows"].numpy(), ckpt["offsets"].numpy(), ckpt["descriptors"].numpy(),
                    ckpt["descriptor_class"].numpy(), settings, meta,
                    ids.numpy() if ids is not None else None, cells.numpy() if cells is not None else None, axes)

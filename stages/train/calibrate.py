@@ -25,6 +25,7 @@ import torch
 from core.errors import CladError
 from core.files import read_json, save_torch_atomic, write_atomic
 from core.layout import RunFiles
+from core.schema import keyed
 from core.settings import CalibrateConfig, Config, settings_hash
 from stages.maps import anomaly_maps, image_scores
 from stages.train.context import TrainContext
@@ -139,7 +140,7 @@ def verdicts_in_force(cal: dict[str, Any], files: RunFiles, cfg: CalibrateConfig
 # -- the stage ----------------------------------------------------------------------
 def calibration_key(cfg: Config, train_key: str) -> str:
     """What a calibration depends on: the trained run, map settings, calibration settings."""
-    cal = dataclasses.asdict(cfg.calibrate)
+    cal = keyed(cfg.calibrate)  # a setting at its added value is left out (core.schema)
     cal.pop("overrides")  # read when verdicts are made, never baked in
     size = cfg.features.output_size
     return settings_hash({"code": CALIBRATE_CODE_VERSION, "train": train_key, "calibrate": cal,
