@@ -61,6 +61,7 @@ class Head(ABC):
     reads: ClassVar[tuple[str, ...]] = ("holdout", "seed")  # run-level settings in the run key
     uses_labels: ClassVar[bool] = False  # does data.labels (classes | pseudo) change what it learns?
     added: ClassVar[dict[str, Any]] = {}  # settings added after runs existed -> the older behaviour
+    distributed: ClassVar[bool] = False  # can it train on several processes (torchrun; core.distributed)?
     summary: str = ""  # one line for --help
 
     # -- training ---------------------------------------------------------------
