@@ -139,12 +139,18 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
 def train(work: Path, run_name: str, profile: str | None, head: str | None, sets: tuple[str, ...],
           device: str, restart: bool) -> None:
     """Stage 2: train a head on the cached features into runs/NAME (resumable),
-    then calibrate its per-class verdict thresholds."""
+    then calibrate its per-class verdict thresholds.
+
+    On several processes or GPUs: torchrun --standalone --nproc_per_node=N -m pipeline.cli -- train WORK ...
+    (the clad head; see the README)."""
+    from core import distributed
     from pipeline.train_run import train_run
 
     if head:
         head_class(head)  # an unknown name is refused with the list
-    with run_lock(work, run_name, "train", say), cache_read_lock(work, "train", say):
+    # a distributed run: rank 0 holds the run's lock (it alone writes the run); every rank reads the cache
+    lock = run_lock(work, run_name, "train", say) if distributed.is_main() else nullcontext()
+    with lock, cache_read_lock(work, "train", say):
         train_run(Workspace(work), run_name, {"profile": profile, "head": head, "sets": list(sets)},
                   device, restart)
 

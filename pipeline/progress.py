@@ -3,6 +3,9 @@
 On a terminal: a tqdm bar. In logs and CI (stderr not a terminal): a plain
 line every few seconds, so that logs stay readable and an error message always
 starts on its own line.
+
+In a distributed run (``torchrun``) only rank 0 shows progress and says
+anything; the other ranks are silent.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from core import distributed
 
 
 class _LineProgress:
@@ -52,8 +57,29 @@ class _LineProgress:
             self._line()
 
 
+class _Silent:
+    """A bar that shows nothing (the ranks other than 0 of a distributed run)."""
+
+    def __enter__(self) -> _Silent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, postfix: dict[str, Any] | None = None, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def progress(total: int | None, desc: str, unit: str = "it", **kwargs: Any) -> Any:
     """A progress bar on stderr (a tqdm bar on a terminal, plain lines otherwise)."""
+    if not distributed.is_main():
+        return _Silent()
     if not sys.stderr.isatty():
         return _LineProgress(total, desc, unit)
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
@@ -61,5 +87,7 @@ def progress(total: int | None, desc: str, unit: str = "it", **kwargs: Any) -> A
 
 
 def say(message: str) -> None:
-    """A line for the user, on stderr so stdout stays machine-readable."""
+    """A line for the user, on stderr so stdout stays machine-readable (rank 0 alone)."""
+    if not distributed.is_main():
+        return
     print(message, file=sys.stderr, flush=True)

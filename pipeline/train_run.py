@@ -1,4 +1,10 @@
-"""``clad train``: bookkeeping around stage 2 (keys, snapshots, skip when done)."""
+"""``clad train``: bookkeeping around stage 2 (keys, snapshots, skip when done).
+
+Under ``torchrun`` with several processes (``core.distributed``) rank 0 alone
+does the bookkeeping and writes the run's files; it hands the resolved
+configuration (or "nothing to do", or its error) to the other ranks, which
+train alongside and return before calibration.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 import torch
 
 from cache.store import FeatureStore
+from core import distributed
 from core.errors import CladError, StaleError
 from core.files import read_json, remove_stale_temps
 from core.layout import RunFiles
@@ -73,11 +80,20 @@ def resolve_overrides(ws: Workspace, name: str, cli: dict[str, Any], restart: bo
 
 
 def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restart: bool) -> None:
-    from cache.stream import TrainCache
     from core.devices import resolve_device
-    from stages.heads import accepted_run_keys, head_class, run_changes, run_key
-    from stages.train.calibrate import calibrate_run
-    from stages.train.stage import train_context, train_head, write_summary
+
+    dev = distributed.init_from_env(resolve_device(device))
+    try:
+        cfg = distributed.on_main(lambda: _prepare(ws, name, cli, restart))
+        if cfg is not None:
+            _train(ws, name, cfg, dev)
+    finally:
+        distributed.close()
+
+
+def _prepare(ws: Workspace, name: str, cli: dict[str, Any], restart: bool) -> Any:
+    """The run's configuration, checked, with the run's folder ready; None when it is trained already."""
+    from stages.heads import accepted_run_keys, head_class, head_names, run_changes, run_key
 
     base = ws.config()
     files = RunFiles(ws.run_dir(name))
@@ -86,6 +102,11 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
     overrides = resolve_overrides(ws, name, cli, restart)
     cfg = run_config(base, overrides)  # checks every value before anything is written
     check_sets_used(cfg, cli.get("sets") or [])  # this command line's; a run's remembered ones were checked
+    if distributed.launched() and not head_class(cfg.train.head).distributed:
+        able = ", ".join(n for n in head_names() if head_class(n).distributed)
+        raise CladError(f"head {cfg.train.head} cannot train on several processes (WORLD_SIZE="
+                        f"{distributed.world_size()}): train it in one process, without torchrun "
+                        f"(heads that can: {able})")
     ex = extract_state(ws, cfg)
     if ex.state != "done":
         raise StaleError(f"{ws.cache_dir}: feature cache is {ex.state}: {ex.detail}")
@@ -97,7 +118,7 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
         if summary.get("train_key") in accepted_run_keys(cfg):
             write_overrides(ws, name, overrides)  # the same settings, maybe spelled differently
             say(f"train: run {name!r} is already trained with these settings; nothing to do")
-            return
+            return None
         changes = run_changes(load_config(files.config), cfg)
         raise StaleError(f"run {name!r} was trained with other settings ({'; '.join(changes[:4])}); "
                          f"use another --run name or add --restart to retrain it")
@@ -110,15 +131,28 @@ def train_run(ws: Workspace, name: str, cli: dict[str, Any], device: str, restar
     files.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, files.config)
     write_overrides(ws, name, overrides)
+    return cfg
+
+
+def _train(ws: Workspace, name: str, cfg: Any, dev: torch.device) -> None:
+    """Train (every rank), then calibrate and write the summary (rank 0)."""
+    from cache.stream import TrainCache
+    from stages.heads import head_class
+    from stages.train.calibrate import calibrate_run
+    from stages.train.stage import train_context, train_head, write_summary
+
+    files = RunFiles(ws.run_dir(name))
     store = FeatureStore(ws.cache_dir / "train.zarr")
     cache = TrainCache(store)
-    dev = resolve_device(device)
     t0 = time.perf_counter()
+    on = f"{dev.type}" + (f", {distributed.world_size()} processes" if distributed.active() else "")
     say(f"train: run {name!r}, head {cfg.train.head} ({head_class(cfg.train.head).summary}), "
-        f"profile {cfg.train.profile}, on {dev.type}")
+        f"profile {cfg.train.profile}, on {on}")
     ctx = train_context(cfg, cache, files, dev, store.info().key, say, _bar)
     with out_of_memory_is_one_line(cfg, dev.type):
         head, result = train_head(cfg, ctx)
+        if not distributed.is_main():
+            return  # rank 0 calibrates and writes the summary alone
         t_train = time.perf_counter() - t0
         cal = calibrate_run(cfg, head, ctx, ctx.run_key)
     result.update({"train_key": ctx.run_key, "head": cfg.train.head, "seconds_train": t_train,

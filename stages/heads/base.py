@@ -70,6 +70,7 @@ class Head(ABC):
     # checkpoints written before meta["settings"] kept some settings at the top of meta, a few under
     # another name: {old meta key: setting} (the same name needs no entry)
     older_meta: ClassVar[dict[str, str]] = {}
+    distributed: ClassVar[bool] = False  # can it train on several processes (torchrun; core.distributed)?
     summary: str = ""  # one line for --help
     settings: Any  # the head's settings (an instance of settings_class)
     meta: dict[str, Any]  # what checkpoint() stores besides the state: head, embed_dim, class_names, keys, ...

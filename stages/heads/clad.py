@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cache.stream import BatchStream, TrainCache
+from core import distributed
 from core.files import seed_from, seeded
 from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
@@ -189,7 +190,21 @@ def phase_batches(t: CladSettings) -> list[tuple[Phase, int]]:
 
 # -- training ------------------------------------------------------------------------
 class _Trainer:
-    """Both phases of CLAD training for one run."""
+    """Both phases of CLAD training for one run.
+
+    On several processes (``core.distributed``; ``torchrun``) every rank reads the same
+    global batch (the configured size) and draws the same random numbers for all its
+    rows, then computes on its own contiguous share of each part of it (normal, local
+    and global synthetic rows; GAS ascends only the rank's share). The model is wrapped
+    in ``DistributedDataParallel`` and batch norm uses the global batch's statistics
+    (``clad_model.BatchNorm1d``). Each rank's losses are scaled so that their sum over
+    ranks is the one-process loss: a row-mean loss x (own rows / all rows); the
+    contrastive loss over the pairs of its own rows against all gathered rows (/ B^2);
+    the variance loss on the gathered rows / world size. The loop multiplies the
+    backward by the world size, undoing DDP's averaging of gradients, so every step
+    is the one-process step (up to the order of floating-point sums). Rank 0 alone
+    computes the NN radii, the validation AUROC and the probe, and shares them.
+    """
 
     def __init__(self, t: CladSettings, ctx: TrainContext):
         self.t, self.ctx, self.device = t, ctx, ctx.device
@@ -197,12 +212,15 @@ class _Trainer:
         self.labels_t = torch.from_numpy(ctx.labels)
         torch.manual_seed(seed_from(ctx.seed, "init"))  # same initial weights every time
         self.model = CladModel(ctx.cache.embed_dim, self.n_labels, t.adaptor_dims, t.disc_hidden).to(self.device)
+        self.net: nn.Module = self.model  # what a training step's forward calls
+        if distributed.active():
+            self.net = distributed.wrap(self.model, self.device)
         self.schedule = Schedule(t.lr, t.lr_schedule, t.ema)
         self.val = held_out_rows(ctx.cache, ctx.held, VAL_ROWS, ctx.seed)
-        self.r1, self.noise, self.eta = self._gas_scale()
+        self.r1, self.noise, self.eta = distributed.on_main(self._gas_scale)
         self.r2 = 2 * self.r1
         self.class_of_image = torch.from_numpy(ctx.cache.image_class.astype(np.int64))
-        self.class_r1 = self._class_radii()
+        self.class_r1 = distributed.on_main(self._class_radii)
         self.streams: dict[str, BatchStream] = {}
         self.bn_sample = (ctx.cache.row_sample(ctx.held, t.bn_rows, t.bn_rows // 2 if t.use_las else 0, ctx.seed)
                           if t.bn_refresh else None)
@@ -234,7 +252,7 @@ class _Trainer:
                 r1, noise, _ = self.gas_radii(img[: len(g)])
                 r1, noise = (r1.cpu(), noise.cpu()) if torch.is_tensor(r1) else (r1, noise)
                 parts.append(project_shell(g + noise * torch.randn_like(g), g, r1, 2 * r1))
-            chunks.append(torch.cat(parts).to(self.device))
+            chunks.append(_mine(torch.cat(parts)).to(self.device))  # a distributed run: this rank's rows
         precise_batch_norm(model, chunks)
 
     def _class_radii(self) -> torch.Tensor | None:
@@ -286,9 +304,10 @@ class _Trainer:
         return r1, self.noise * scale, self.eta * scale
 
     def gas(self, x: torch.Tensor, image: torch.Tensor, pool: torch.Tensor | None = None,
-            pool_image: torch.Tensor | None = None) -> torch.Tensor:
+            pool_image: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Global anomaly synthesis of normal rows ``x`` of images ``image`` (``losses.global_synthesis``);
-        with ``gas_direction = rows`` displaced along differences to rows of ``pool`` of the same class."""
+        with ``gas_direction = rows`` displaced along differences to rows of ``pool`` of the same class.
+        ``rows``: only those rows of ``x`` are synthesised (the randomness is drawn for all)."""
         r1, noise, eta = self.gas_radii(image)
         start = None
         if self.t.gas_direction == "rows":
@@ -297,7 +316,7 @@ class _Trainer:
             start = partner_differences(x, cls[image], pool, cls[pool_image])
             r1, eta = r1 * self.t.gas_rows_scale, eta * self.t.gas_rows_scale
         return global_synthesis(self.model, x, r1, noise, eta, self.t.gas_steps, self.t.gas_project_every,
-                                self.t.gas_bn, start)
+                                self.t.gas_bn, start, rows)
 
     def step(self, batch: Any, phase: Phase, _epoch: int, _index: int) -> dict[str, torch.Tensor]:
         """The losses of one batch: L_c + L_d, and in the contrastive phase L_contrast + L_var."""
@@ -305,27 +324,51 @@ class _Trainer:
         contrastive = phase.name == "contrastive"
         xn = batch.normal
         yn = self.labels_t[batch.normal_image.cpu()].to(self.device)
-        parts_x, parts_y = [xn], [yn]
+        parts_x, parts_y = [_mine(xn)], [_mine(yn)]
+        sizes = [len(xn)]  # rows of each part of the global batch
         if len(batch.anomaly):
             xa = batch.anomaly
             fuse = torch.rand(len(xa), device=self.device) < t.fusion_p
             beta = batch.anomaly_beta[:, None]
             if t.fusion_beta == "fresh":  # a new blend every step, drawn from the stored betas
                 beta = beta[torch.randperm(len(beta), device=self.device)]
-            parts_x.append(fuse_las(xa, batch.anomaly_pair, beta, fuse))
-            parts_y.append(torch.full((len(xa),), n, device=self.device))
+            parts_x.append(_mine(fuse_las(xa, batch.anomaly_pair, beta, fuse)))
+            parts_y.append(_mine(torch.full((len(xa),), n, device=self.device)))
+            sizes.append(len(xa))
         if t.use_gas:
             n_gas = len(xn) // 2
-            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas], xn, batch.normal_image))
-            parts_y.append(torch.full((n_gas,), n, device=self.device))
+            rows = distributed.share(n_gas) if distributed.active() else None
+            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas], xn, batch.normal_image, rows))
+            parts_y.append(_mine(torch.full((n_gas,), n, device=self.device)))
+            sizes.append(n_gas)
         x, y = torch.cat(parts_x), torch.cat(parts_y)
-        z, logits, s = self.model(x)
+        z, logits, s = self.net(x)
         is_anom = y == n
+        if distributed.active():
+            return self._shared_losses(z, logits, s, y, sizes, contrastive)
         losses = {"cls": classification_loss(logits, y), t.score_loss: score_loss(s, is_anom, t.score_loss, t.delta)}
         if contrastive:
             mask = ~is_anom if t.contrast_normals_only else None
             losses["contrast"] = contrastive_loss(z, y, t.margin, t.alpha, t.gamma, mask)
             losses["var"] = variance_loss(z, y)
+        return losses
+
+    def _shared_losses(self, z: torch.Tensor, logits: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
+                       sizes: list[int], contrastive: bool) -> dict[str, torch.Tensor]:
+        """This rank's part of ``step``'s losses (see the class): summed over ranks, the one-process ones.
+        ``sizes``: the rows of each part of the global batch (this rank holds its ``share`` of each)."""
+        t, n = self.t, self.n_labels
+        w = len(y) / sum(sizes)  # a row mean over own rows, weighted by own rows / all rows
+        is_anom = y == n
+        losses = {"cls": classification_loss(logits, y) * w,
+                  t.score_loss: score_loss(s, is_anom, t.score_loss, t.delta) * w}
+        if contrastive:
+            z_all, y_all = distributed.all_gather_rows(z), distributed.all_gather_rows(y)
+            first = sum(_rows_of(r, sizes) for r in range(distributed.rank()))  # own rows in rank order
+            mask = y_all != n if t.contrast_normals_only else None
+            losses["contrast"] = contrastive_loss(z_all, y_all, t.margin, t.alpha, t.gamma, mask,
+                                                  rows=(first, first + len(z)))
+            losses["var"] = variance_loss(z_all, y_all) / distributed.world_size()
         return losses
 
     @torch.no_grad()
@@ -380,7 +423,21 @@ class _Trainer:
             scored.train()
             return out
 
-        return {"val_auroc": self.validate(scored), **self.ctx.probe(probe_scores)}
+        # rank 0 alone (a distributed run); every rank gets the record, so all select alike
+        return distributed.on_main(lambda: {"val_auroc": self.validate(scored), **self.ctx.probe(probe_scores)})
+
+
+def _mine(v: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of the rows of ``v`` (all of ``v`` in one process)."""
+    if not distributed.active():
+        return v
+    first, last = distributed.share(len(v))
+    return v[first:last]
+
+
+def _rows_of(rank: int, sizes: list[int]) -> int:
+    """Rows rank ``rank`` holds of a global batch whose parts have ``sizes`` rows."""
+    return sum(b - a for a, b in (distributed.share(n, rank) for n in sizes))
 
 
 @register_head
@@ -388,6 +445,7 @@ class CladHead(Head):
     """Adaptor + discriminator (CLAD, seed 001); scores each patch row alone."""
 
     name = "clad"
+    distributed = True
     settings_class = CladSettings
     summary = "CLAD adaptor + discriminator, contrastive (seed 001)"
     reads = ("holdout", "pseudo_k", "seed")

@@ -1,6 +1,7 @@
 """CLAD's networks (seed 001), apart from their training (``stages.heads.clad``):
-the adaptor, the discriminator with its two heads, and batch norm's
-statistics re-estimated on a sample (``precise_batch_norm``).
+the adaptor, the discriminator with its two heads, batch norm over the global
+batch of a distributed run (``BatchNorm1d``), and batch norm's statistics
+re-estimated on a sample (``precise_batch_norm``).
 """
 
 from __future__ import annotations
@@ -8,13 +9,41 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from core import distributed
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training statistics are those of the global batch when the
+    rows are spread over several processes (``core.distributed``): the per-rank sums and
+    centred sums of squares are summed over ranks (differentiable), so every rank
+    normalises with, and keeps running statistics of, all the batch's rows. In one
+    process, or in eval mode, it is ``nn.BatchNorm1d`` itself; its parameters, buffers
+    and state-dict keys are ``nn.BatchNorm1d``'s (checkpoints load either way).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed.active()):
+            return super().forward(x)
+        stats = distributed.all_reduce_sum(torch.cat([x.sum(0), x.new_full((1,), float(len(x)))]))
+        n = float(stats[-1].detach())
+        mean = stats[:-1] / n
+        var = distributed.all_reduce_sum(((x - mean) ** 2).sum(0)) / n  # biased, as batch norm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.detach(), factor)
+                self.running_var.lerp_(var.detach() * (n / max(n - 1, 1.0)), factor)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
 
 def _mlp(dims: list[int], last_plain: bool) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if not (last_plain and i == len(dims) - 2):
-            layers += [nn.BatchNorm1d(b), nn.LeakyReLU(0.2)]
+            layers += [BatchNorm1d(b), nn.LeakyReLU(0.2)]
     return nn.Sequential(*layers)
 
 

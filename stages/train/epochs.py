@@ -11,6 +11,15 @@ best validation value, history, RNG state, cache and run keys, progress).
 Each epoch reseeds torch's RNG from (seed, phase, epoch) and the head's data
 stream is a function of (seed, epoch), so a run killed at any point and
 resumed ends with bit-identical weights on the CPU.
+
+On several processes (``core.distributed``): each rank's losses are its part
+of the one-process loss (their sum over ranks), so the backward is scaled by
+the world size to undo ``DistributedDataParallel``'s averaging of gradients,
+and the epoch's loss averages are summed over ranks. Rank 0 alone reads and
+writes the checkpoints and shows progress; what it reads (a checkpoint to
+resume, the selected model of a phase) is broadcast, and every epoch ends
+with a barrier after its checkpoint, so a rank killed at any point leaves
+rank 0's last checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from core import distributed
 from core.errors import CladError, StaleError
 from core.files import save_torch_atomic, seed_from
 from stages.train.context import TrainContext
@@ -85,6 +95,17 @@ class Trainable(Protocol):
     def end_epoch(self, phase: Phase, scored: nn.Module) -> dict[str, Any]: ...
 
 
+def backward(losses: dict[str, torch.Tensor]) -> None:
+    """The backward of one step's losses. On several processes each rank's losses are its
+    part of the one-process loss and DDP averages the ranks' gradients: the world size
+    times the average is their sum, the one-process gradient."""
+    world = distributed.world_size()
+    if world > 1:
+        (sum(losses.values()) * world).backward()
+    else:
+        sum(losses.values()).backward()
+
+
 @torch.no_grad()
 def update_average(average: nn.Module, model: nn.Module, decay: float) -> None:
     """``average <- decay * average + (1 - decay) * model`` on the parameters; buffers
@@ -123,13 +144,14 @@ class EpochLoop:
             size, t0 = 0, time.perf_counter()
             n_b = tr.batches_per_epoch(ph)
             first_step = (before[i_phase] + epoch) * n_b
+            world = distributed.world_size()
             for k, b in enumerate(tr.batches(ph, epoch)):
                 if sched.lr_schedule != "constant":
                     for g in opt.param_groups:
                         g["lr"] = sched.lr_at(epoch * n_b + k, ph.epochs * n_b)
                 losses = tr.step(b, ph, epoch, k)
                 opt.zero_grad(set_to_none=True)
-                sum(losses.values()).backward()
+                backward(losses)
                 opt.step()
                 if average is not None:
                     t = first_step + k
@@ -138,6 +160,10 @@ class EpochLoop:
                     sums[name] = sums.get(name, 0.0) + v.item()
                 size += tr.size(b)
             rate = size / (time.perf_counter() - t0)
+            if world > 1:  # each rank's losses are its part of the batch's: summed over ranks
+                total = distributed.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64,
+                                                                device=_device_of(tr.model)))
+                sums = dict(zip(sums, total.tolist(), strict=True))
             return {**{k: v / n_b for k, v in sums.items()}, **tr.end_epoch(ph, scored), tr.rate_name: rate}
 
         def on_phase(ph: Phase, first: int) -> None:
@@ -161,17 +187,11 @@ class EpochLoop:
         ``next_phase()`` after a phase's selected model is loaded, before the next one starts.
         """
         ctx, files = self.ctx, self.ctx.files
+        main = distributed.is_main()
         phase, epoch, best, history = 0, 0, -1.0, []
         opt = make_optimizer(self.phases[0])
-        if files.latest.is_file():
-            try:
-                ck = torch.load(files.latest, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - truncated or damaged file
-                raise CladError(f"{files.latest}: checkpoint cannot be read ({type(exc).__name__}); "
-                                "train again with --restart") from None
-            if ck["cache_key"] != ctx.cache_key or ck["train_key"] not in ctx.accepted_keys:
-                raise StaleError(f"{files.latest}: checkpoint from another cache or configuration; "
-                                 "use another --run name or --restart")
+        ck = distributed.on_main(self._resumable)  # rank 0 reads it; every rank resumes from it
+        if ck is not None:
             phase, epoch, best, history = ck["phase"], ck["epoch"], ck["best"], ck["history"]
             model.load_state_dict(ck["model"])
             opt = make_optimizer(self.phases[min(phase, len(self.phases) - 1)])
@@ -191,18 +211,47 @@ class EpochLoop:
                 val = rec.get(ph.select_by, float("nan"))
                 if ph.select_best and not (val <= best):  # NaN counts as better than nothing
                     best = val if val == val else best
-                    save_torch_atomic({"model": model.state_dict(), "epoch": epoch}, files.best(ph.name))
-                save_torch_atomic(self._state(model, opt, phase, epoch, best, history), files.latest)
+                    if main:
+                        save_torch_atomic({"model": model.state_dict(), "epoch": epoch}, files.best(ph.name))
+                if main:
+                    save_torch_atomic(self._state(model, opt, phase, epoch, best, history), files.latest)
+                distributed.barrier()  # no rank starts the next epoch before this one's checkpoint is whole
                 bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("phase", "epoch")})
                 bar.update(1)
             bar.close()
             phase, epoch = phase + 1, 0
-            if ph.select_best and files.best(ph.name).is_file():  # the phase's selected model goes on
-                model.load_state_dict(torch.load(files.best(ph.name), map_location="cpu", weights_only=True)["model"])
+            if ph.select_best:  # the phase's selected model goes on
+                name = files.best(ph.name)
+                state = distributed.on_main(lambda name=name: torch.load(name, map_location="cpu", weights_only=True)
+                                            ["model"] if name.is_file() else None)
+                if state is not None:
+                    model.load_state_dict(state)
             if next_phase is not None and phase < len(self.phases):
                 next_phase()
             if ph.select_best and phase < len(self.phases):
                 best = -1.0  # each phase selects among its own epochs
                 opt = make_optimizer(self.phases[phase])
-                save_torch_atomic(self._state(model, opt, phase, 0, best, history), files.latest)
+                if main:
+                    save_torch_atomic(self._state(model, opt, phase, 0, best, history), files.latest)
+                distributed.barrier()
         return history
+
+    def _resumable(self) -> dict[str, Any] | None:
+        """The run's last checkpoint (checked against the cache and the run key), None if there is none."""
+        ctx, files = self.ctx, self.ctx.files
+        if not files.latest.is_file():
+            return None
+        try:
+            ck = torch.load(files.latest, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated or damaged file
+            raise CladError(f"{files.latest}: checkpoint cannot be read ({type(exc).__name__}); "
+                            "train again with --restart") from None
+        if ck["cache_key"] != ctx.cache_key or ck["train_key"] not in ctx.accepted_keys:
+            raise StaleError(f"{files.latest}: checkpoint from another cache or configuration; "
+                             "use another --run name or --restart")
+        return ck
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -86,20 +86,22 @@ class _Contrastive(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, labels, margin, alpha, gamma, pair_mask, block):  # noqa: ANN001, D102
+    def forward(ctx, z, labels, margin, alpha, gamma, pair_mask, block, rows):  # noqa: ANN001, D102
         b = z.shape[0]
+        first, last = (0, b) if rows is None else rows
         need = ctx.needs_input_grad[0]
         total = z.new_zeros(())
         grad = torch.zeros_like(z) if need else None
-        for s in range(0, b, block):
-            zb = z[s:s + block]
-            mb = pair_mask[s:s + block] if pair_mask is not None else None
-            v, g = _block_value_and_grad(zb, z, labels[s:s + block], labels, s, margin, alpha, gamma,
+        for s in range(first, last, block):
+            e = min(s + block, last)
+            zb = z[s:e]
+            mb = pair_mask[s:e] if pair_mask is not None else None
+            v, g = _block_value_and_grad(zb, z, labels[s:e], labels, s, margin, alpha, gamma,
                                          mb, pair_mask, need)
             total = total + v
             if need:
                 # d2_ij = |z_i|^2 + |z_j|^2 - 2 z_i.z_j, for rows i of the block and all j
-                grad[s:s + block] += 2 * g.sum(1, keepdim=True) * zb - 2 * g @ z
+                grad[s:e] += 2 * g.sum(1, keepdim=True) * zb - 2 * g @ z
                 grad += 2 * g.sum(0)[:, None] * z - 2 * g.T @ zb
         ctx.save_for_backward(grad if need else None)
         return total / (b * b)
@@ -108,20 +110,24 @@ class _Contrastive(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: ANN001, D102
         (grad,) = ctx.saved_tensors
         b = grad.shape[0]
-        return grad * grad_out / (b * b), None, None, None, None, None, None
+        return grad * grad_out / (b * b), None, None, None, None, None, None, None
 
 
 def contrastive_loss(z: torch.Tensor, labels: torch.Tensor, margin: float = 1.0, alpha: float = 1.0,
                      gamma: float = -0.8, pair_mask: torch.Tensor | None = None,
-                     block: int = PAIR_BLOCK) -> torch.Tensor:
+                     block: int = PAIR_BLOCK, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Eq. 17: weighted pair losses summed over the batch, divided by B^2.
 
     ``z`` ``[B, D]``, ``labels`` ``[B]`` long. Computed ``block`` rows at a time
     with an analytic gradient (``_Contrastive``), so peak memory is O(block * B)
     and never B x B x D. ``pair_mask`` ``[B]`` bool (optional) keeps only pairs
     whose both rows are set (the "normal pairs only" reading of eq. 11).
+    ``rows = (first, last)``: only the pairs whose first row is one of
+    ``z[first:last]`` (still divided by B^2, gradient for all of ``z``); the
+    values over a partition of the rows sum to the whole loss (a distributed
+    run: each process its own rows against every gathered row).
     """
-    return _Contrastive.apply(z, labels, margin, alpha, gamma, pair_mask, block)
+    return _Contrastive.apply(z, labels, margin, alpha, gamma, pair_mask, block, rows)
 
 
 def variance_loss(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -207,7 +213,7 @@ def partner_differences(x: torch.Tensor, group: torch.Tensor, pool: torch.Tensor
 
 def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.Tensor, noise: float | torch.Tensor,
                      eta: float | torch.Tensor, steps: int, project_every: int, bn: str = "eval",
-                     start: torch.Tensor | None = None) -> torch.Tensor:
+                     start: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """GAS (GLASS manifold mode): ``x`` ``[B, C]`` normal rows -> ``[B, C]`` synthetic
     rows with ``r1 <= ||x_g - x|| <= 2 r1``: Gaussian noise, ``steps`` normalised
     gradient-ascent steps of size ``eta`` on ``gas_ascent_loss`` (toward "looks
@@ -221,6 +227,12 @@ def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.
     step. The model is left in train mode. ``start`` ``[B, C]`` (optional):
     the initial displacement instead of Gaussian noise (e.g. ``partner_differences``),
     projected onto the shell like the noise.
+
+    ``rows = (first, last)``: the noise is drawn for all of ``x`` (the same random
+    numbers as without), then only rows ``first:last`` ascend and are returned
+    (``[last - first, C]``): a distributed run's share, whose ascent loss is
+    divided by all of ``x``'s rows so that, where batch norm couples rows
+    (``bn = "train"``), every process weighs them as one process would.
     """
     r2 = 2 * r1
     if bn == "eval":
@@ -228,9 +240,17 @@ def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.
     x_g = x + noise * torch.randn_like(x)
     if start is not None:  # rows without a partner (a zero difference) keep the noise
         x_g = torch.where(start.norm(dim=1, keepdim=True) > 0, project_shell(x + start, x, r1, r2), x_g)
+    n_all = len(x)
+    if rows is not None:
+        first, last = rows
+        x, x_g = x[first:last], x_g[first:last]
+        r1, eta = (v[first:last] if torch.is_tensor(v) else v for v in (r1, eta))
+        r2 = 2 * r1
     for step in range(1, steps + 1):
         x_g = x_g.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(gas_ascent_loss(model(x_g)[2]), x_g)
+        s = model(x_g)[2]
+        loss = gas_ascent_loss(s) if rows is None else F.softplus(-s).sum() / n_all
+        (grad,) = torch.autograd.grad(loss, x_g)
         x_g = x_g + eta * grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
         if step % project_every == 0 or step == steps:
             x_g = project_shell(x_g, x, r1, r2)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cache.stream import TrainCache
+from core import distributed
 from core.files import save_torch_atomic, write_atomic
 from core.layout import RunFiles
 from core.settings import Config
@@ -45,9 +46,11 @@ def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch
 
 
 def train_head(cfg: Config, ctx: TrainContext) -> tuple[Head, dict[str, Any]]:
-    """Fit the configured head (resuming where a checkpoint exists) and save ``final.pt``."""
+    """Fit the configured head (resuming where a checkpoint exists) and save ``final.pt`` (rank 0)."""
     cls = head_class(cfg.train.head)
     head, summary = cls.fit(cfg.train.head_settings(), ctx)
+    if not distributed.is_main():  # a distributed run: rank 0 writes and probes alone
+        return head, summary
     save_torch_atomic(head.checkpoint(), ctx.files.final)
     summary["probe"] = ctx.probe(head.score_maps)  # the final model on the held-out probe
     summary.setdefault("labels", cfg.data.labels if cls.uses_labels else "classes")
