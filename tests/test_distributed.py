@@ -271,20 +271,20 @@ def test_torchrun_two_processes_train_like_one(extracted):
     parameters differ by more than lr/2 (tolerance 1%; one process on 1 thread against 2
     threads: 0.14%); batch-norm statistics, re-estimated after each epoch, 2.5e-3 (1e-2)."""
     work = extracted
-    one = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(work), "--run", "one", *E2E],
+    one = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(work), "--run", "ddp-one", *E2E],
                          capture_output=True, text=True, env=_env(), cwd=ROOT)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(_torchrun("train", str(work), "--run", "two", *E2E), capture_output=True, text=True,
+    two = subprocess.run(_torchrun("train", str(work), "--run", "ddp-two", *E2E), capture_output=True, text=True,
                          env=_env(), cwd=ROOT)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes" in two.stderr
     assert two.stderr.count("train: done") == 1 and two.stderr.count("phase contrastive") == 1  # rank 1 silent
-    h1 = json.loads((work / "runs" / "one" / "train.json").read_text())["history"]
-    h2 = json.loads((work / "runs" / "two" / "train.json").read_text())["history"]
+    h1 = json.loads((work / "runs" / "ddp-one" / "train.json").read_text())["history"]
+    h2 = json.loads((work / "runs" / "ddp-two" / "train.json").read_text())["history"]
     assert [(r["phase"], r["epoch"]) for r in h1] == [(r["phase"], r["epoch"]) for r in h2]
     rel = max(abs(a[k] - b[k]) / abs(a[k]) for a, b in zip(h1, h2, strict=True)
               for k in ("cls", "hinge", "contrast", "var") if k in a)
-    a, b = _final(work, "one"), _final(work, "two")
+    a, b = _final(work, "ddp-one"), _final(work, "ddp-two")
     lr = 2e-4
     params = [k for k in a if a[k].is_floating_point() and "running" not in k]
     moved = sum(int(((a[k] - b[k]).abs() > lr / 2).sum()) for k in params) / sum(a[k].numel() for k in params)
@@ -297,12 +297,12 @@ def test_torchrun_two_processes_train_like_one(extracted):
 
 
 def test_torchrun_refuses_a_head_that_cannot_train_distributed(extracted):
-    res = subprocess.run(_torchrun("train", str(extracted), "--run", "k2", "--head", "knn"), capture_output=True,
+    res = subprocess.run(_torchrun("train", str(extracted), "--run", "ddp-knn", "--head", "knn"), capture_output=True,
                          text=True, env=_env(), cwd=ROOT)
     assert res.returncode != 0
     assert "head knn cannot train on several processes" in res.stderr
     assert res.stderr.count("cannot train on several processes") == 1  # one line, from rank 0 alone
-    assert not (extracted / "runs" / "k2" / "checkpoints").exists()
+    assert not (extracted / "runs" / "ddp-knn" / "checkpoints").exists()
 
 
 # -- (c) kill -9 of one rank, then the same command resumes and finishes --------------------
@@ -329,7 +329,7 @@ def test_kill9_of_one_rank_resumes_from_rank0_checkpoint(extracted):
     """SIGKILL of rank 1 mid-training: torchrun ends rank 0 too; the same command resumes from
     rank 0's last checkpoint, finishes, and ends with the weights of an uninterrupted run (gloo
     on the CPU sums in a fixed order)."""
-    work, run = extracted, "killed"
+    work, run = extracted, "ddp-killed"
     args = ["train", str(work), "--run", run, "--head", "clad", "--set", "epochs_contrastive=3",
             "--set", "epochs_finetune=2", "--set", "batch_contrastive=1200", "--set", "batch_finetune=3000",
             "--set", "gas_steps=1", "--set", "gas_project_every=1"]
