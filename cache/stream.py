@@ -37,6 +37,7 @@ class Batch:
     anomaly: torch.Tensor  # [Ba, C] synthesized rows
     anomaly_pair: torch.Tensor  # [Ba, C] same-place normal rows
     anomaly_beta: torch.Tensor  # [Ba]
+    anomaly_image: torch.Tensor  # [Ba] long, global image index of each synthesized row
 
 
 class TrainCache:
@@ -166,7 +167,7 @@ class BatchStream:
     def _windows(self, epoch: int) -> Iterator[tuple[dict[str, np.ndarray], np.random.Generator]]:
         order = self.shard_order(epoch)
         for w in range(0, len(order), self.window):
-            normal, n_img, anom, pair, beta = [], [], [], [], []
+            normal, n_img, anom, a_img, pair, beta = [], [], [], [], [], []
             for shard in order[w:w + self.window]:
                 d = self.cache.load(int(shard))
                 keep = ~self.excluded[d["image"]]
@@ -176,16 +177,18 @@ class BatchStream:
                 normal.append(d["features"][n_rows])
                 n_img.append(d["image"][n_rows])
                 anom.append(d["features"][a_rows])
+                a_img.append(d["image"][a_rows])
                 pair.append(d["features"][d["pair"][a_rows]])
                 beta.append(d["beta"][a_rows])
             rng = seeded(self.seed, "rows", epoch, w)
             data = {"normal": np.concatenate(normal), "image": np.concatenate(n_img),
-                    "anomaly": np.concatenate(anom), "pair": np.concatenate(pair),
-                    "beta": np.concatenate(beta)}
+                    "anomaly": np.concatenate(anom), "anomaly_image": np.concatenate(a_img),
+                    "pair": np.concatenate(pair), "beta": np.concatenate(beta)}
             p = rng.permutation(len(data["normal"]))
             q = rng.permutation(len(data["anomaly"]))
             data["normal"], data["image"] = data["normal"][p], data["image"][p]
-            data["anomaly"], data["pair"], data["beta"] = data["anomaly"][q], data["pair"][q], data["beta"][q]
+            for k in ("anomaly", "anomaly_image", "pair", "beta"):
+                data[k] = data[k][q]
             yield data, rng
 
     def _produce(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -207,7 +210,8 @@ class BatchStream:
                 if self.n_anomaly and pool is not None:
                     idx = (cursor + np.arange(self.n_anomaly)) % len(pool["anomaly"])
                     cursor = int((cursor + self.n_anomaly) % len(pool["anomaly"]))
-                    batch.update(anomaly=pool["anomaly"][idx], pair=pool["pair"][idx], beta=pool["beta"][idx])
+                    batch.update(anomaly=pool["anomaly"][idx], anomaly_image=pool["anomaly_image"][idx],
+                                 pair=pool["pair"][idx], beta=pool["beta"][idx])
                 yield batch
                 emitted += 1
             carry_x, carry_i = xs[start:], ims[start:]
@@ -221,8 +225,9 @@ class BatchStream:
                 x = x.pin_memory().to(self.device, non_blocking=True)
             return x
 
+        a_img = b.get("anomaly_image", np.zeros(0, np.int64))  # a batch without synthetic rows
         return Batch(t(b["normal"]), t(b["image"], torch.long), t(b.get("anomaly")), t(b.get("pair")),
-                     t(b.get("beta")).reshape(-1))
+                     t(b.get("beta")).reshape(-1), t(a_img, torch.long))
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch, decoded ``prefetch`` batches ahead in a thread."""

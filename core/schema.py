@@ -25,6 +25,7 @@ rest is the field's metadata, read by:
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -144,6 +145,34 @@ def rule_of(f: dataclasses.Field) -> Rule | None:
 def rules(cls_or_obj: Any) -> dict[str, Rule]:
     """Every declared setting of a settings class, in field order."""
     return {f.name: r for f in fields(cls_or_obj) if (r := rule_of(f)) is not None}
+
+
+def setting_lines(settings: Any, table: str) -> list[str]:
+    """One line per declared setting of ``settings`` (an instance: its values are shown
+    as the defaults): ``table.name = value  (allowed)  help``, as config.toml spells it."""
+    out = []
+    for f in fields(settings):
+        r = rule_of(f)
+        if r is None:
+            continue
+        value = getattr(settings, f.name)
+        allowed = r.describe(isinstance(value, (tuple, list)))
+        line = f"{table}.{f.name} = {toml_value(value)}"
+        if allowed != "valid":
+            line += f"  ({allowed})"
+        out.append(line + (f"  {r.help}" if r.help else ""))
+    return out
+
+
+def toml_value(v: Any) -> str:
+    """A value as config.toml writes it (the one writer: ``pipeline.config.dump_toml`` uses it)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))  # JSON string escaping is valid TOML basic-string escaping
 
 
 def words(cls: type, name: str) -> tuple[str, ...]:

@@ -6,6 +6,7 @@ stderr and exit code 2. Bugs keep their tracebacks.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -133,7 +134,7 @@ def extract(work: Path, scheduler: str, device: str, rebuild: bool) -> None:
               help="Head to train (default: config.toml's train.head). Registered: "
               + "; ".join(f"{n}: {head_class(n).summary}" for n in head_names()) + ".")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a setting, e.g. --set lr=1e-4 --set use_gas=false.")
+              help="Override a setting, e.g. --set lr=1e-4 --set use_gas=false; 'clad settings HEAD' lists them.")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--restart", is_flag=True, help="Discard this run's checkpoints and train anew.")
 def train(work: Path, run_name: str, profile: str | None, head: str | None, sets: tuple[str, ...],
@@ -211,6 +212,33 @@ def export(work: Path, run_name: str, out_dir: Path) -> None:
 
     with run_lock(work, run_name, "export", say), cache_read_lock(work, "export", say):
         export_cli(Workspace(work), run_name, out_dir)
+
+
+@main.command(name="settings")
+@click.argument("tables", nargs=-1, metavar="[TABLE]...")
+@click.option("--profile", type=click.Choice(list(PROFILE_NAMES)), default=None,
+              help="Show the heads' settings under this schedule (default: each head's own defaults).")
+def settings_cmd(tables: tuple[str, ...], profile: str | None) -> None:
+    """List every setting with its default, allowed values and meaning, as config.toml and
+    --set spell them. TABLE: a section (data, features, synthesis, train, calibrate,
+    evaluate) or a head (clad, knn, ...); none: all of them."""
+    from core.schema import setting_lines
+    from core.settings import Config, head_table
+
+    cfg = Config()
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    heads = head_table()
+    unknown = [t for t in tables if t not in sections and t.removeprefix("train.") not in heads]
+    if unknown:
+        raise click.UsageError(f"unknown table {unknown[0]!r}: choose from {', '.join([*sections, *heads])}")
+    for name in tables or [*sections, *heads]:
+        if name in sections:
+            click.echo(f"[{name}]")
+            click.echo("\n".join(setting_lines(sections[name], name)))
+        else:
+            head = name.removeprefix("train.")
+            click.echo(f"[train.{head}]  {head_class(head).summary}")
+            click.echo("\n".join(setting_lines(heads[head].defaults(profile or "paper"), f"train.{head}")))
 
 
 @main.command()

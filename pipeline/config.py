@@ -17,7 +17,7 @@ from typing import Any
 
 from core.errors import CladError
 from core.files import write_atomic
-from core.schema import added_values
+from core.schema import added_values, toml_value
 from core.settings import (
     CalibrateConfig,
     Config,
@@ -238,27 +238,17 @@ def config_to_dict(cfg: Config, train_overrides_only: bool = False) -> dict[str,
     return {k: out[k] for k in order}
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))  # JSON string escaping is valid TOML basic-string escaping
-
-
 def dump_toml(tree: dict[str, dict[str, Any]]) -> str:
     """Sections of scalars, and one level of sub-tables (``[train.clad]``)."""
     lines = []
     for section, values in tree.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if not isinstance(v, dict)]
         lines.append("")
         for sub, table in values.items():
             if isinstance(table, dict):
                 lines.append(f"[{section}.{sub}]")
-                lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+                lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
                 lines.append("")
     return "\n".join(lines)
 

@@ -45,20 +45,26 @@ def bundles(extracted, tmp_path_factory) -> dict[str, Path]:
     """Every registered head trained tiny on the extracted workspace and exported."""
     out = {}
     root = tmp_path_factory.mktemp("bundles")
-    for name in head_names():
-        run = f"exp_{name}"
-        sets = [a for s in TINY.get(name, []) for a in ("--set", s)]
-        clad("train", str(extracted), "--run", run, "--head", name, *sets)
+    for name in BUNDLED:
+        head = name.split("+")[0]
+        run = f"exp_{name.replace('+', '_')}"
+        sets = [a for s in TINY.get(head, []) + VARIANTS.get(name, []) for a in ("--set", s)]
+        clad("train", str(extracted), "--run", run, "--head", head, *sets)
         clad("export", str(extracted), "--run", run, "--out", str(root / name))
         out[name] = root / name
     return out
 
 
-@pytest.mark.parametrize("name", head_names())
+# every head, and variants that export another graph: CLAD with a score per class scores whole maps
+VARIANTS = {"clad+class": ["score_heads=class"]}
+BUNDLED = [*head_names(), *VARIANTS]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
 def test_bundle_scores_like_clad_score_for_every_head(name, bundles, extracted, tiny_data, tmp_path):
     bundle = bundles[name]
     m = json.loads((bundle / "manifest.json").read_text())
-    assert m["head_name"] == name and m["classes"] == ["washer", "weave"]
+    assert m["head_name"] == name.split("+")[0] and m["classes"] == ["washer", "weave"]
     assert m["parity"]["ok"] and m["parity"]["verdicts_differ"] == 0, m["parity"]
     assert m["features"]["opset"] and m["features"]["exporter"] and m["versions"]["onnxruntime"]
     assert set(m["files"]) == {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.name != "manifest.json"
@@ -69,7 +75,8 @@ def test_bundle_scores_like_clad_score_for_every_head(name, bundles, extracted, 
     else:
         assert list((bundle / "head").glob("*.onnx"))
     images = [str(tiny_data / c / "test") for c in ("washer", "weave")]
-    clad("score", str(extracted), "--run", f"exp_{name}", *images, "--out", str(tmp_path / "torch"))
+    run = f"exp_{name.replace('+', '_')}"
+    clad("score", str(extracted), "--run", run, *images, "--out", str(tmp_path / "torch"))
     res = clad_run(str(bundle), *images, "--out", str(tmp_path / "onnx"), "--verify")
     assert "verify:" in res.stderr and "OK" in res.stderr
     a, b = rows(tmp_path / "torch" / "results.csv"), rows(tmp_path / "onnx" / "results.csv")

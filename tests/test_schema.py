@@ -14,6 +14,7 @@ keys are compared with the pinned ones (tests/keys_pinned.json).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -28,7 +29,8 @@ import torch
 from core.errors import CladError
 from core.schema import added_values, keyed, record, rule_of, rules, words
 from core.settings import PROFILE_NAMES, Config, DataConfig, TrainConfig
-from pipeline.config import _toml_value, apply_sets, config_from_dict, load_config, save_config, with_run_choices
+from core.schema import toml_value as _toml_value
+from pipeline.config import apply_sets, config_from_dict, load_config, save_config, with_run_choices
 from stages.heads import head_class, head_names, run_key, run_settings
 from stages.heads.registry import HEADS, register_head
 from stages.train.calibrate import calibration_key
@@ -233,9 +235,9 @@ def test_section_setting_refuses_what_it_does_not_allow(section, name):
 
 # -- heads ----------------------------------------------------------------------------------
 def _build_clad(t):
-    from stages.heads.clad import CladHead, CladModel
+    from stages.heads.clad import CladHead, build_model
 
-    return CladHead(CladModel(8, 2, t.adaptor_dims, t.disc_hidden), t, {"head": "clad", "embed_dim": 8,
+    return CladHead(build_model(8, 2, t), t, {"head": "clad", "embed_dim": 8,
                                                                          "n_labels": 2}, torch.device("cpu"))
 
 
@@ -362,3 +364,25 @@ def test_an_added_setting_keeps_older_keys_and_fills_complete_older_tables():
     assert _fill_added(Demo, {"old": 3}) == {"old": 3, "new": "older"} and _fill_added(Demo, {}) == {}
     with pytest.raises(CladError, match=re.escape("demo.new = 'x': must be one of older, better; fix config.toml")):
         Demo(new="x")
+
+
+def test_clad_settings_lists_every_setting_with_its_default_allowed_values_and_help():
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, ["settings", "clad", "features", "--profile", "fast"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    fast = head_class("clad").profiles["fast"]
+    for f in dataclasses.fields(head_class("clad").settings_class):
+        line = next(ln for ln in lines if ln.startswith(f"train.clad.{f.name} = "))
+        rule = rule_of(f)
+        if rule.help:
+            assert rule.help in line
+        if rule.choices is not None:
+            assert "one of " + ", ".join(rule.words()) in line
+    assert "train.clad.epochs_contrastive = %d " % fast["epochs_contrastive"] in res.output
+    assert 'features.compressor = "lz4"  (one of lz4, zstd, none)  cache compression' in lines
+    bad = CliRunner().invoke(main, ["settings", "nope"])
+    assert bad.exit_code != 0 and "unknown table 'nope'" in bad.output

@@ -25,7 +25,7 @@ from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.clad_model import Adaptor, CladModel, Discriminator, precise_batch_norm  # noqa: F401 - re-exported
 from stages.heads.registry import register_head
-from stages.heads.rows import score_in_chunks
+from stages.heads.rows import score_in_chunks, score_maps_in_chunks
 from stages.train.epochs import EpochLoop, Phase, Schedule
 from stages.train.labels import held_out_rows
 from stages.train.losses import (
@@ -96,10 +96,18 @@ class CladSettings(Settings):
                                help="constant | cosine: lr decays to 0 over each phase's steps (stateless: resumable)")
     ema: float = setting(0.0, low=0, below=1, added=0.0,
                          help="decay per step of an average of the weights that is evaluated and kept; 0 = off")
+    score_heads: str = setting("one", choices=("one", "class"), added="one",
+                               help="one score output for every class (the paper) | class: one per label, each "
+                                    "image scored by its class's (the classification head routes it)")
     keep_epoch: str = setting("probe", choices=("probe", "paper", "last"), added="probe",
                               help="which epoch each phase keeps: probe = its best probe_pixel; paper = the "
                                    "contrastive phase's best (the paper fine-tunes 'the best' phase-1 model) and the "
                                    "fine-tuning's last epoch; last = every phase's last")
+
+
+def build_model(in_dim: int, n_labels: int, t: CladSettings) -> CladModel:
+    """The network ``t`` describes, for ``in_dim`` features and ``n_labels`` labels (random weights)."""
+    return CladModel(in_dim, n_labels, t.adaptor_dims, t.disc_hidden, t.score_heads)
 
 
 def fuse_las(xa: torch.Tensor, pair: torch.Tensor, beta: torch.Tensor, fuse: torch.Tensor) -> torch.Tensor:
@@ -211,7 +219,7 @@ class _Trainer:
         self.n_labels = ctx.n_labels
         self.labels_t = torch.from_numpy(ctx.labels)
         torch.manual_seed(seed_from(ctx.seed, "init"))  # same initial weights every time
-        self.model = CladModel(ctx.cache.embed_dim, self.n_labels, t.adaptor_dims, t.disc_hidden).to(self.device)
+        self.model = build_model(ctx.cache.embed_dim, self.n_labels, t).to(self.device)
         self.net: nn.Module = self.model  # what a training step's forward calls
         if distributed.active():
             self.net = distributed.wrap(self.model, self.device)
@@ -304,10 +312,12 @@ class _Trainer:
         return r1, self.noise * scale, self.eta * scale
 
     def gas(self, x: torch.Tensor, image: torch.Tensor, pool: torch.Tensor | None = None,
-            pool_image: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+            pool_image: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
+            label: torch.Tensor | None = None) -> torch.Tensor:
         """Global anomaly synthesis of normal rows ``x`` of images ``image`` (``losses.global_synthesis``);
         with ``gas_direction = rows`` displaced along differences to rows of ``pool`` of the same class.
-        ``rows``: only those rows of ``x`` are synthesised (the randomness is drawn for all)."""
+        ``rows``: only those rows of ``x`` are synthesised (the randomness is drawn for all).
+        ``label`` ``[n]``: the rows' labels, which a score per class ascends on."""
         r1, noise, eta = self.gas_radii(image)
         start = None
         if self.t.gas_direction == "rows":
@@ -316,7 +326,7 @@ class _Trainer:
             start = partner_differences(x, cls[image], pool, cls[pool_image])
             r1, eta = r1 * self.t.gas_rows_scale, eta * self.t.gas_rows_scale
         return global_synthesis(self.model, x, r1, noise, eta, self.t.gas_steps, self.t.gas_project_every,
-                                self.t.gas_bn, start, rows)
+                                self.t.gas_bn, start, rows, label if self.t.score_heads == "class" else None)
 
     def step(self, batch: Any, phase: Phase, _epoch: int, _index: int) -> dict[str, torch.Tensor]:
         """The losses of one batch: L_c + L_d, and in the contrastive phase L_contrast + L_var."""
@@ -324,7 +334,7 @@ class _Trainer:
         contrastive = phase.name == "contrastive"
         xn = batch.normal
         yn = self.labels_t[batch.normal_image.cpu()].to(self.device)
-        parts_x, parts_y = [_mine(xn)], [_mine(yn)]
+        parts_x, parts_y, parts_label = [_mine(xn)], [_mine(yn)], [_mine(yn)]
         sizes = [len(xn)]  # rows of each part of the global batch
         if len(batch.anomaly):
             xa = batch.anomaly
@@ -334,15 +344,18 @@ class _Trainer:
                 beta = beta[torch.randperm(len(beta), device=self.device)]
             parts_x.append(_mine(fuse_las(xa, batch.anomaly_pair, beta, fuse)))
             parts_y.append(_mine(torch.full((len(xa),), n, device=self.device)))
+            parts_label.append(_mine(self.labels_t[batch.anomaly_image.cpu()].to(self.device)))
             sizes.append(len(xa))
         if t.use_gas:
             n_gas = len(xn) // 2
             rows = distributed.share(n_gas) if distributed.active() else None
-            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas], xn, batch.normal_image, rows))
+            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas], xn, batch.normal_image, rows,
+                                    yn[:n_gas]))
             parts_y.append(_mine(torch.full((n_gas,), n, device=self.device)))
+            parts_label.append(_mine(yn[:n_gas]))
             sizes.append(n_gas)
         x, y = torch.cat(parts_x), torch.cat(parts_y)
-        z, logits, s = self.net(x)
+        z, logits, s = self.net(x, torch.cat(parts_label)) if t.score_heads == "class" else self.net(x)
         is_anom = y == n
         if distributed.active():
             return self._shared_losses(z, logits, s, y, sizes, contrastive)
@@ -418,8 +431,7 @@ class _Trainer:
         @torch.no_grad()
         def probe_scores(maps: torch.Tensor) -> torch.Tensor:  # [n, H*W, C] -> [n, H*W], eval mode
             scored.eval()
-            n, hw, c = maps.shape
-            out = score_in_chunks(scored.score, maps.reshape(-1, c), self.device).reshape(n, hw)
+            out = score_maps_in_chunks(scored.score_images, maps, self.device)
             scored.train()
             return out
 
@@ -483,19 +495,25 @@ class CladHead(Head):
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> CladHead:
         meta = ckpt["meta"]
         t = cls.settings_from_meta(meta)
-        model = CladModel(int(meta["embed_dim"]), int(meta["n_labels"]), t.adaptor_dims, t.disc_hidden)
+        model = build_model(int(meta["embed_dim"]), int(meta["n_labels"]), t)
         model.load_state_dict(ckpt["model"])
         return cls(model, t, meta, device)
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        n, hw, c = maps.shape
-        return score_in_chunks(self.model.score, maps.reshape(-1, c), self.device).reshape(n, hw)
+        return score_maps_in_chunks(self.model.score_images, maps, self.device)
 
     def export(self, ctx: ExportContext) -> dict[str, Any]:
-        """Adaptor + the discriminator's score column as one ONNX graph on patch rows ``[N, C_d] -> [N]``."""
-        model = CladScoreGraph(self.model).cpu().eval()
-        rel, info = ctx.onnx(model, torch.zeros(4, int(self.meta["embed_dim"])), "clad_score", {0: "rows"})
-        return {"rule": "onnx_rows", "settings": info, "files": {"graph": rel}}
+        """Adaptor + the discriminator's score column as one ONNX graph on patch rows
+        ``[N, C_d] -> [N]``; with a score per class, on whole maps ``[n, H*W, C_d] -> [n, H*W]``
+        (an image's class is chosen from all its patches)."""
+        c = int(self.meta["embed_dim"])
+        if self.model.disc.n_scores == 1:
+            rel, info = ctx.onnx(CladScoreGraph(self.model).cpu().eval(), torch.zeros(4, c), "clad_score",
+                                 {0: "rows"})
+            return {"rule": "onnx_rows", "settings": info, "files": {"graph": rel}}
+        rel, info = ctx.onnx(CladImageScoreGraph(self.model).cpu().eval(), torch.zeros(2, 16, c), "clad_score",
+                             {0: "images", 1: "rows"})
+        return {"rule": "onnx_maps", "settings": info, "files": {"graph": rel}}
 
 
 class CladScoreGraph(nn.Module):
@@ -507,4 +525,11 @@ class CladScoreGraph(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)[2]
+
+
+class CladImageScoreGraph(CladScoreGraph):
+    """``[n, H*W, C_d]`` maps -> ``[n, H*W]``: what ``CladModel.score_images`` computes (eval mode)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.score_images(x)
 

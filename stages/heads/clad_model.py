@@ -61,36 +61,82 @@ class Adaptor(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """3-layer MLP with two heads: N+1 class logits (classes + anomaly) and a raw score."""
+    """3-layer MLP with two heads: N+1 class logits (classes + anomaly) and
+    ``n_scores`` raw scores (1: one for every class, the paper; N: one per class)."""
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: int = 1024):
+    def __init__(self, in_dim: int, n_classes: int, hidden: int = 1024, n_scores: int = 1):
         super().__init__()
-        self.n_classes = n_classes
-        self.net = _mlp([in_dim, hidden, hidden, n_classes + 2], last_plain=True)
+        self.n_classes, self.n_scores = n_classes, n_scores
+        self.net = _mlp([in_dim, hidden, hidden, n_classes + 1 + n_scores], last_plain=True)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B, D]`` -> (logits ``[B, N+1]``, anomaly score ``[B]``; high = anomalous)."""
+        """``[B, D]`` -> (logits ``[B, N+1]``, anomaly scores ``[B, n_scores]``; high = anomalous)."""
         out = self.net(z)
-        return out[:, :-1], out[:, -1]
+        return out[:, :self.n_classes + 1], out[:, self.n_classes + 1:]
+
+
+def pick_scores(scores: torch.Tensor, label: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """``[B, n_scores]`` -> ``[B]``: the only column, or each row's column of ``label``
+    ``[B]`` (long); without labels, of its most likely normal class (``logits``
+    ``[B, N+1]``, the anomaly logit left out)."""
+    if scores.shape[1] == 1:
+        return scores[:, 0]
+    if label is None:
+        label = logits[:, :scores.shape[1]].argmax(1)
+    return scores.gather(1, label[:, None])[:, 0]
+
+
+def image_classes(logits: torch.Tensor) -> torch.Tensor:
+    """``[n, H*W, N+1]`` logits of each image's patches -> ``[n]`` (long): the normal
+    class with the highest mean probability over the image's patches (the anomaly
+    class left out): how a model with a score per class routes an image."""
+    n_classes = logits.shape[-1] - 1
+    return torch.softmax(logits[..., :n_classes], dim=-1).mean(1).argmax(1)
 
 
 class CladModel(nn.Module):
-    """Adaptor + discriminator; ``score`` gives per-patch anomaly scores."""
+    """Adaptor + discriminator; ``score`` gives per-patch anomaly scores.
 
-    def __init__(self, in_dim: int, n_classes: int, adaptor_dims: tuple[int, ...], hidden: int):
+    ``score_heads = "class"``: the discriminator has one score output per label
+    (class or pseudo-class), trained on that label's normal rows against the
+    synthetic rows made from them; a row is scored by the column of its label in
+    training, of its image's class (``image_classes``) when whole maps are scored.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int, adaptor_dims: tuple[int, ...], hidden: int,
+                 score_heads: str = "one"):
         super().__init__()
         self.adaptor = Adaptor(in_dim, adaptor_dims)
-        self.disc = Discriminator(adaptor_dims[-1], n_classes, hidden)
+        self.disc = Discriminator(adaptor_dims[-1], n_classes, hidden, n_classes if score_heads == "class" else 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, C_d]`` (and ``[B]`` labels, for a score per class) -> (embeddings
+        ``[B, D]``, logits ``[B, N+1]``, scores ``[B]``)."""
         z = self.adaptor(x)
-        logits, s = self.disc(z)
-        return z, logits, s
+        logits, scores = self.disc(z)
+        return z, logits, pick_scores(scores, label, logits)
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        """``[n, C_d]`` -> ``[n]`` anomaly scores (eval mode)."""
+        """``[n, C_d]`` -> ``[n]`` anomaly scores (eval mode; each row by its own most likely class)."""
         return self.forward(x)[2]
+
+    @torch.no_grad()
+    def score_images(self, maps: torch.Tensor) -> torch.Tensor:
+        """``[n, H*W, C_d]`` -> ``[n, H*W]`` anomaly scores (eval mode): every
+        patch of an image scored by the column of the image's class."""
+        n, hw = maps.shape[0], maps.shape[1]  # sizes the ONNX tracer keeps symbolic
+        _, logits, scores = (t.reshape(n, hw, -1) for t in self._outputs(maps.reshape(n * hw, -1)))
+        if self.disc.n_scores == 1:
+            return scores[..., 0]
+        cls = image_classes(logits)  # [n]
+        return scores.gather(2, cls[:, None, None].expand(n, hw, 1))[..., 0]
+
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.adaptor(x)
+        logits, scores = self.disc(z)
+        return z, logits, scores
 
 
 @torch.no_grad()

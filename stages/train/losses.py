@@ -213,7 +213,8 @@ def partner_differences(x: torch.Tensor, group: torch.Tensor, pool: torch.Tensor
 
 def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.Tensor, noise: float | torch.Tensor,
                      eta: float | torch.Tensor, steps: int, project_every: int, bn: str = "eval",
-                     start: torch.Tensor | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+                     start: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
+                     label: torch.Tensor | None = None) -> torch.Tensor:
     """GAS (GLASS manifold mode): ``x`` ``[B, C]`` normal rows -> ``[B, C]`` synthetic
     rows with ``r1 <= ||x_g - x|| <= 2 r1``: Gaussian noise, ``steps`` normalised
     gradient-ascent steps of size ``eta`` on ``gas_ascent_loss`` (toward "looks
@@ -233,6 +234,7 @@ def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.
     (``[last - first, C]``): a distributed run's share, whose ascent loss is
     divided by all of ``x``'s rows so that, where batch norm couples rows
     (``bn = "train"``), every process weighs them as one process would.
+    ``label`` ``[B]`` (optional): passed to ``model(x_g, label)``, a model with a score per class.
     """
     r2 = 2 * r1
     if bn == "eval":
@@ -245,10 +247,11 @@ def global_synthesis(model: torch.nn.Module, x: torch.Tensor, r1: float | torch.
         first, last = rows
         x, x_g = x[first:last], x_g[first:last]
         r1, eta = (v[first:last] if torch.is_tensor(v) else v for v in (r1, eta))
+        label = None if label is None else label[first:last]
         r2 = 2 * r1
     for step in range(1, steps + 1):
         x_g = x_g.detach().requires_grad_(True)
-        s = model(x_g)[2]
+        s = model(x_g)[2] if label is None else model(x_g, label)[2]
         loss = gas_ascent_loss(s) if rows is None else F.softplus(-s).sum() / n_all
         (grad,) = torch.autograd.grad(loss, x_g)
         x_g = x_g + eta * grad / (grad.norm(dim=1, keepdim=True) + 1e-10)
