@@ -173,3 +173,15 @@ def test_global_synthesis_from_a_start_direction_keeps_its_direction_on_the_shel
     cos = torch.nn.functional.cosine_similarity(d[1:], start[1:], dim=1)
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)  # radial projection keeps the direction
     assert n[0] > 0
+
+
+def test_jitter_rows_adds_noise_of_the_asked_norm_per_row_radius():
+    from stages.train.losses import jitter_rows
+
+    torch.manual_seed(0)
+    x = torch.zeros(4000, 360)
+    r1 = torch.where(torch.arange(4000)[:, None] < 2000, 10.0, 40.0)
+    norms = jitter_rows(x, r1, 0.5).norm(dim=1)
+    assert norms[:2000].pow(2).mean().sqrt() == pytest.approx(5.0, rel=0.01)
+    assert norms[2000:].pow(2).mean().sqrt() == pytest.approx(20.0, rel=0.01)
+    assert torch.equal(jitter_rows(x, 3.0, 0.0), x)

@@ -32,6 +32,7 @@ from stages.train.losses import (
     classification_loss,
     contrastive_loss,
     global_synthesis,
+    jitter_rows,
     partner_differences,
     project_shell,
     score_loss,
@@ -96,6 +97,10 @@ class CladSettings(Settings):
                                help="constant | cosine: lr decays to 0 over each phase's steps (stateless: resumable)")
     ema: float = setting(0.0, low=0, below=1, added=0.0,
                          help="decay per step of an average of the weights that is evaluated and kept; 0 = off")
+    normal_jitter: float = setting(0.0, low=0, added=0.0,
+                                   help="normal rows trained on with Gaussian noise of this norm, in units of "
+                                        "their class's r1 (0 = off): unseen normal patches lie ~r1 from the "
+                                        "nearest training patch, where GAS puts its shell")
     score_heads: str = setting("one", choices=("one", "class"), added="one",
                                help="one score output for every class (the paper) | class: one per label, each "
                                     "image scored by its class's (the classification head routes it)")
@@ -328,13 +333,20 @@ class _Trainer:
         return global_synthesis(self.model, x, r1, noise, eta, self.t.gas_steps, self.t.gas_project_every,
                                 self.t.gas_bn, start, rows, label if self.t.score_heads == "class" else None)
 
+    def jittered(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Normal rows ``x`` ``[B, C]`` plus Gaussian noise of expected norm ``normal_jitter`` x
+        their class's r1 (``x`` itself when off; GAS starts from the rows without it)."""
+        if not self.t.normal_jitter:
+            return x
+        return jitter_rows(x, self.gas_radii(image)[0], self.t.normal_jitter)
+
     def step(self, batch: Any, phase: Phase, _epoch: int, _index: int) -> dict[str, torch.Tensor]:
         """The losses of one batch: L_c + L_d, and in the contrastive phase L_contrast + L_var."""
         t, n = self.t, self.n_labels
         contrastive = phase.name == "contrastive"
         xn = batch.normal
         yn = self.labels_t[batch.normal_image.cpu()].to(self.device)
-        parts_x, parts_y, parts_label = [_mine(xn)], [_mine(yn)], [_mine(yn)]
+        parts_x, parts_y, parts_label = [_mine(self.jittered(xn, batch.normal_image))], [_mine(yn)], [_mine(yn)]
         sizes = [len(xn)]  # rows of each part of the global batch
         if len(batch.anomaly):
             xa = batch.anomaly

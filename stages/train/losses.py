@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -174,6 +176,12 @@ def score_loss(score: torch.Tensor, is_anomaly: torch.Tensor, kind: str, delta: 
 def gas_ascent_loss(score: torch.Tensor) -> torch.Tensor:
     """GLASS' BCE(sigmoid(s), 1) = softplus(-s); ascending it makes features look normal."""
     return F.softplus(-score).mean()
+
+
+def jitter_rows(x: torch.Tensor, r1: float | torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` ``[B, C]`` plus isotropic Gaussian noise whose expected squared norm is
+    ``(factor * r1)^2`` (per dimension ``factor * r1 / sqrt(C)``; ``r1`` a float or ``[B, 1]``)."""
+    return x + (factor * r1 / math.sqrt(x.shape[1])) * torch.randn_like(x)
 
 
 def project_shell(x_g: torch.Tensor, x: torch.Tensor, r1: float | torch.Tensor,
