@@ -57,18 +57,44 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-def clad(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess (as a user would)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
-    res = subprocess.run(CLAD + list(args), capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+def clad(*args: str, check: bool = True, process: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would: its arguments, its exit code, its stdout and stderr.
+
+    In this process by default (click's runner, the same ``main`` the console script
+    calls): a subprocess costs ~3 s of interpreter and torch start-up per command, a third
+    of the suite's time on 2 cores. ``process=True`` (or any ``subprocess.run`` keyword)
+    runs a real ``python -m pipeline.cli`` subprocess instead: for what only a process
+    shows (kill -9, locks between processes, Dask workers, start-up, the real traceback).
+    A bug (an exception that is not a clean exit) comes back as exit code 1 with its
+    traceback on stderr, as the interpreter would print it."""
+    if process or kw:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+        res = subprocess.run(CLAD + list(args), capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+    else:
+        res = _in_process(list(args))
     if check and res.returncode != 0:
         raise AssertionError(f"clad {' '.join(args)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res
 
 
+def _in_process(args: list[str]) -> subprocess.CompletedProcess:
+    import traceback
+
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, args, prog_name="clad", catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(CLAD + args, result.exit_code, result.stdout, stderr)
+
+
 def kill_and_resume(work: Path, run: str, args: list[str], after_s: float) -> str:
     """Train ``run`` in a real subprocess, SIGKILL it ``after_s`` seconds after its
-    first checkpoint, then train again to the end; returns the resumed run's stderr."""
+    first checkpoint, then train again to the end (a process too: compare with a reference
+    trained by ``clad(..., process=True)``); returns the resumed run's stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(CLAD + ["train", str(work), "--run", run, *args], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,7 +107,7 @@ def kill_and_resume(work: Path, run: str, args: list[str], after_s: float) -> st
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (work / "runs" / run / "train.json").exists()
-    return clad("train", str(work), "--run", run, *args).stderr
+    return clad("train", str(work), "--run", run, *args, process=True).stderr
 
 
 def set_config(work: Path, **sections: dict) -> None:

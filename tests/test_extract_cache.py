@@ -103,7 +103,7 @@ def test_dask_local_cluster_gives_identical_arrays(extracted, tiny_data, tmp_pat
     work = tmp_path / "dask"
     clad("init", str(work), "--data", str(tiny_data))
     set_config(work, features={"shard_images": 3})
-    res = clad("extract", str(work), "--scheduler", "local")
+    res = clad("extract", str(work), "--scheduler", "local", process=True)
     assert "Dask scheduler local" in res.stderr
     ref, got = _arrays(extracted), _arrays(work)
     assert ref.keys() == got.keys()

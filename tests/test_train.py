@@ -59,7 +59,7 @@ def test_kill9_mid_epoch_resumes_to_identical_weights(trained):
     args = ["--head", "clad", "--set", "epochs_contrastive=3", "--set", "epochs_finetune=3",
             "--set", "batch_contrastive=1200",
             "--set", "batch_finetune=3000", "--set", "gas_steps=2", "--set", "gas_project_every=2"]
-    clad("train", str(trained), "--run", "ref", *args)
+    clad("train", str(trained), "--run", "ref", *args, process=True)
     stderr = kill_and_resume(trained, "killed", args, after_s=0.7)  # into the next epoch
     assert "resuming" in stderr
     a = torch.load(trained / "runs" / "ref" / "checkpoints" / "final.pt", weights_only=True)["model"]
