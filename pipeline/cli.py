@@ -66,14 +66,22 @@ def main() -> None:
 @click.option("--test-good", default=8, show_default=True, help="Normal test images per class.")
 @click.option("--test-defect", default=4, show_default=True, help="Test images per defect type.")
 @click.option("--classes", default="", help="Comma-separated subset of classes (default: all 5).")
-def demo_data(out: Path, seed: int, n_train: int, test_good: int, test_defect: int, classes: str) -> None:
+@click.option("--n-classes", default=0, show_default=True,
+              help="Generate this many distinct classes (c000-stripes, c001-ring, ...) instead of the "
+                   "built-in 5; 0 = the built-in classes.")
+def demo_data(out: Path, seed: int, n_train: int, test_good: int, test_defect: int, classes: str,
+              n_classes: int) -> None:
     """Write the built-in multi-class data set (MVTec layout) to OUT."""
-    from stages.extract.demo_data import CLASSES, write_demo_dataset
+    from pipeline.progress import progress
+    from stages.extract.demo_data import class_specs, write_demo_dataset
 
-    chosen = tuple(c for c in classes.split(",") if c) or CLASSES
+    chosen = tuple(c for c in classes.split(",") if c) or None
+    total = len(class_specs(out, chosen, n_classes, seed))  # bad arguments fail here, before the bar
     t0 = time.perf_counter()
-    write_demo_dataset(out, seed, n_train, test_good, test_defect, chosen)
-    say(f"wrote {len(chosen)} classes to {out} in {time.perf_counter() - t0:.1f} s")
+    with progress(total, "demo-data", unit="classes") as bar:
+        write_demo_dataset(out, seed, n_train, test_good, test_defect, chosen, n_classes,
+                           on_class=lambda _name: bar.update(1))
+    say(f"wrote {total} classes to {out} in {time.perf_counter() - t0:.1f} s")
 
 
 @main.command()

@@ -5,11 +5,18 @@ capsule). Every normal image varies (phase, colour jitter, position, noise),
 defects are drawn with varied size and a modest contrast, and the masks are
 the exact painted pixels. A random detector scores about 0.5; a detector
 that only looks for extreme pixels does not reach 1.0 everywhere.
+
+``n_classes`` > 0 writes that many generated classes instead (``c000-stripes``,
+``c001-ring``, ...; see ``stages.extract.catalogue``), with the same layout and
+the same defect painters.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,6 +24,7 @@ from scipy import ndimage
 
 from core.errors import CladError
 from core.files import seeded, swap_into_place, temp_dir
+from stages.extract.catalogue import catalogue, render
 from stages.extract.synthesis import perlin_2d
 
 SIZE = 256
@@ -108,8 +116,10 @@ def _blob_mask(rng: np.random.Generator, fg: np.ndarray, lo: float, hi: float,
     return r < 1
 
 
-def _defect(cls: str, kind: str, img: np.ndarray, fg: np.ndarray,
-            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _defect(cls: str, kind: str, img: np.ndarray, fg: np.ndarray, rng: np.random.Generator,
+            ground: float | np.ndarray = 0.12) -> tuple[np.ndarray, np.ndarray]:
+    """Paint a ``kind`` defect on ``img [S,S,3]`` inside ``fg [S,S]``; returns the image and
+    its mask ``[S,S] uint8``. A chip is replaced by ``ground`` (the background colour)."""
     contrast = rng.uniform(0.12, 0.3) * rng.choice([-1, 1])
     if kind in ("scratch", "thread"):
         m = _polyline_mask(rng, int(rng.integers(2, 5)), False, fg)
@@ -134,48 +144,88 @@ def _defect(cls: str, kind: str, img: np.ndarray, fg: np.ndarray,
         blurred = ndimage.gaussian_filter(img, (4, 4, 0))
         out[m] = blurred[m]
     elif kind == "chip":
-        out[m] = 0.12
+        out[m] = ground
     else:
         out[m] = out[m] + contrast
     return np.clip(out, 0, 1), m.astype(np.uint8)
 
 
-def _save(arr: np.ndarray, path: Path, mode: str = "RGB") -> None:
+def _save(arr: np.ndarray, path: Path, mode: str = "RGB", level: int = 6) -> None:
+    """``[S,S,3]`` float in [0, 1] (RGB) or ``[S,S]`` 0/1 (L) -> PNG at zlib ``level``."""
     data = (arr * 255).round().astype(np.uint8) if mode == "RGB" else arr.astype(np.uint8) * 255
-    Image.fromarray(data, mode).save(path)
+    Image.fromarray(data, mode).save(path, compress_level=level)
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """One class to write: how to draw a normal image and which defects it gets."""
+
+    name: str
+    normal: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]  # rng -> img [S,S,3], fg [S,S]
+    defects: tuple[str, ...]
+    ground: float | np.ndarray  # background colour, painted into chips
+    png_level: int = 6  # zlib level: 1 encodes noisy images 2-5x faster at the same size
+
+
+def class_specs(out: Path, classes: tuple[str, ...] | None = None, n_classes: int = 0,
+                seed: int = 0) -> list[ClassSpec]:
+    """What ``write_demo_dataset`` would write to ``out``: the built-in classes (all of them,
+    or ``classes``) or ``n_classes`` catalogue classes. Raises CladError for bad arguments
+    or a non-empty ``out``, before anything is written."""
+    if n_classes < 0:
+        raise CladError(f"demo-data: --n-classes {n_classes}: give a count >= 1 (0 = the built-in classes)")
+    if n_classes and classes:
+        raise CladError("demo-data: --classes picks built-in classes and --n-classes generates "
+                        "new ones; give one of them")
+    if not n_classes:
+        unknown = sorted(set(classes or ()) - set(CLASSES))
+        if unknown:
+            raise CladError(f"demo-data: unknown class(es) {unknown}; choose from {', '.join(CLASSES)}")
+    if out.exists() and any(out.iterdir()):
+        raise CladError(f"{out}: folder exists and is not empty; choose a new folder or remove it")
+    if n_classes:
+        return [ClassSpec(lk.name, partial(render, lk, size=SIZE), lk.defects, np.asarray(lk.ground), 1)
+                for lk in catalogue(seed, n_classes)]
+    return [ClassSpec(cls, partial(_normal, cls), DEFECTS[cls], 0.12) for cls in classes or CLASSES]
+
+
+def _write_class(base: Path, spec: ClassSpec, seed: int, n_train: int, n_test_good: int,
+                 n_test_defect: int) -> None:
+    """One class folder in MVTec layout: train/good, test/good, test/<kind>, ground_truth/<kind>."""
+    (base / "train" / "good").mkdir(parents=True)
+    (base / "test" / "good").mkdir(parents=True)
+    for i in range(n_train):
+        img, _ = spec.normal(seeded(seed, spec.name, "train", i))
+        _save(img, base / "train" / "good" / f"{i:03d}.png", level=spec.png_level)
+    for i in range(n_test_good):
+        img, _ = spec.normal(seeded(seed, spec.name, "test", i))
+        _save(img, base / "test" / "good" / f"{i:03d}.png", level=spec.png_level)
+    for kind in spec.defects:
+        (base / "test" / kind).mkdir(parents=True)
+        (base / "ground_truth" / kind).mkdir(parents=True)
+        for i in range(n_test_defect):
+            rng = seeded(seed, spec.name, kind, i)
+            img, fg = spec.normal(rng)
+            bad, mask = _defect(spec.name, kind, img, fg, rng, spec.ground)
+            _save(bad, base / "test" / kind / f"{i:03d}.png", level=spec.png_level)
+            _save(mask, base / "ground_truth" / kind / f"{i:03d}_mask.png", "L", spec.png_level)
 
 
 def write_demo_dataset(out: Path, seed: int = 0, n_train: int = 30, n_test_good: int = 8,
-                       n_test_defect: int = 4, classes: tuple[str, ...] = CLASSES) -> Path:
+                       n_test_defect: int = 4, classes: tuple[str, ...] | None = None,
+                       n_classes: int = 0, on_class: Callable[[str], None] | None = None) -> Path:
     """Write the data set under ``out`` (MVTec layout); returns ``out``.
 
-    Deterministic in ``seed``. Written to a temporary folder and renamed, so a
-    folder that exists is complete.
+    The built-in classes (all, or the subset ``classes``), or with ``n_classes``
+    > 0 that many generated ones (``stages.extract.catalogue``). Deterministic
+    in ``seed``. ``on_class(name)`` is called after each class is written.
+    Written to a temporary folder and renamed, so a folder that exists is complete.
     """
-    unknown = sorted(set(classes) - set(CLASSES))
-    if unknown:
-        raise CladError(f"demo-data: unknown class(es) {unknown}; choose from {', '.join(CLASSES)}")
-    if out.exists() and any(out.iterdir()):
-        raise CladError(f"{out}: folder exists and is not empty; choose a new folder or remove it")
+    specs = class_specs(out, classes, n_classes, seed)
     tmp = temp_dir(out)
-    for cls in classes:
-        base = tmp / cls
-        (base / "train" / "good").mkdir(parents=True)
-        (base / "test" / "good").mkdir(parents=True)
-        for i in range(n_train):
-            img, _ = _normal(cls, seeded(seed, cls, "train", i))
-            _save(img, base / "train" / "good" / f"{i:03d}.png")
-        for i in range(n_test_good):
-            img, _ = _normal(cls, seeded(seed, cls, "test", i))
-            _save(img, base / "test" / "good" / f"{i:03d}.png")
-        for kind in DEFECTS[cls]:
-            (base / "test" / kind).mkdir(parents=True)
-            (base / "ground_truth" / kind).mkdir(parents=True)
-            for i in range(n_test_defect):
-                rng = seeded(seed, cls, kind, i)
-                img, fg = _normal(cls, rng)
-                bad, mask = _defect(cls, kind, img, fg, rng)
-                _save(bad, base / "test" / kind / f"{i:03d}.png")
-                _save(mask, base / "ground_truth" / kind / f"{i:03d}_mask.png", "L")
+    for spec in specs:
+        _write_class(tmp / spec.name, spec, seed, n_train, n_test_good, n_test_defect)
+        if on_class is not None:
+            on_class(spec.name)
     swap_into_place(tmp, out)
     return out
