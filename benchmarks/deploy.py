@@ -8,7 +8,7 @@ checked and its models loaded, from the command's own report), images/s of
 each (whole commands, process start included), and the largest raw-score difference between the two results.csv and
 the parity the export measured on its golden set.
 
-Usage: python benchmarks/deploy.py WORK RUN IMAGES... [--venv DIR]   (writes bench-results/deploy-RUN.json)
+Usage: python benchmarks/deploy.py WORK RUN IMAGES... [--venv DIR] [--tag TAG]   (writes bench-results/deploy-TAG.json)
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("run")
     ap.add_argument("images", nargs="+")
     ap.add_argument("--venv", default="", help="a venv with only clad-run installed (its size is reported)")
+    ap.add_argument("--tag", default="", help="names the JSON (bench-results/deploy-TAG.json; default: RUN)")
     a = ap.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "runtime")])}
     tmp = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
@@ -69,7 +70,7 @@ def main() -> None:
     rows = [{"path": "clad score (torch)", "images": n, "seconds": round(t_torch, 2), "img_per_s": round(n / t_torch, 2)},
             {"path": "clad-run (onnxruntime)", "images": n, "seconds": round(t_onnx, 2),
              "img_per_s": round(n / t_onnx, 2)}]
-    report(f"deploy-{a.run}", rows, head=m["head_name"], bundle_mib=size_of(bundle) / 2**20,
+    report(f"deploy-{a.tag or a.run}", rows, head=m["head_name"], bundle_mib=size_of(bundle) / 2**20,
            venv_mib=size_of(Path(a.venv)) / 2**20 if a.venv else None, export_s=t_export,
            runtime_start_s=start, verify_s=t_verify, max_score_diff=diff, max_score_rel_diff=rel,
            verdicts_agree=f"{verdicts}/{n}", parity_at_export=m["parity"])
