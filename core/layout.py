@@ -37,6 +37,12 @@ class RunFiles:
         return self.root / "train.json"
 
     @property
+    def train_cache(self) -> Path:
+        """The workspace's training cache (``WORK/cache/train.zarr``): the run was trained on it,
+        and a memory-bank head reads its bank rows from it."""
+        return self.root.parents[1] / "cache" / "train.zarr"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -47,6 +47,7 @@ def test_every_head_trains_saves_loads_and_scores(name, extracted, tmp_path):
     assert set(back) == set(summary) and back["probe"] == {k: float(v) for k, v in summary["probe"].items()}
     ckpt = torch.load(files.final, map_location="cpu", weights_only=True)  # weights_only: no pickled code
     again = head_class(name).from_checkpoint(ckpt, torch.device("cpu"))
+    again.attach_cache(lambda: cache)  # a memory-bank head reads its rows from the cache it names
     maps = torch.from_numpy(np.stack(list(_two_maps(cache).values())).astype(np.float32))
     a, b = head.score_maps(maps), again.score_maps(maps)
     assert a.shape == (2, 784) and torch.isfinite(a).all() and torch.equal(a, b)

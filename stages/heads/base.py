@@ -14,6 +14,7 @@ only ever talk to this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +25,7 @@ import torch
 from core.errors import CladError
 from core.layout import RunFiles
 from core.schema import from_record, record
+from cache.stream import TrainCache
 from stages.train.context import TrainContext
 
 
@@ -109,6 +111,12 @@ class Head(ABC):
     @abstractmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> Head:
         """Rebuild the head from ``checkpoint()``'s dict (also older runs' files)."""
+
+    def attach_cache(self, cache: Callable[[], TrainCache]) -> None:
+        """A run that refers to its training cache instead of copying it (a memory-bank head
+        keeps which rows it chose, not the rows) reads them through ``cache``, which opens the
+        run's cache after checking that it is the one the run was trained on. Default: the
+        head needs nothing from the cache after training."""
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """``meta`` with the head's settings, from the dataclass itself (``core.schema.record``)."""

@@ -11,12 +11,15 @@ makes a CLAD run stale and vice versa.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from cache.stream import TrainCache
 from core.errors import CladError
+from core.layout import RunFiles
 from core.files import load_safely
 from core.schema import Settings, added_values
 from core.schema import keyed as keyed_values
@@ -128,4 +131,30 @@ def load_trained_head(final_path: Any, device: torch.device) -> tuple[Head, dict
                         f"'clad train WORK --run {run} --restart'")
     meta = ckpt["meta"]
     head = head_class(meta.get("head", "clad")).from_checkpoint(ckpt, device)
+    head.attach_cache(run_cache(RunFiles(final_path.parents[1]), meta.get("cache_key")))
     return head, meta
+
+
+def run_cache(files: RunFiles, key: str | None) -> Callable[[], TrainCache]:
+    """Opens the run's training cache on first call (then the same one), after checking
+    that it is still the cache the run was trained on (``key``): a run that refers to
+    its cache is valid exactly as long as that cache is."""
+    opened: list[TrainCache] = []
+
+    def cache() -> TrainCache:
+        if not opened:
+            from cache.store import FeatureStore
+
+            store = FeatureStore(files.train_cache)
+            retrain = f"re-train with 'clad train WORK --run {files.name} --restart' (or score its export bundle)"
+            if not store.exists():
+                raise CladError(f"{files.train_cache}: missing, and run {files.name!r} reads its memory bank "
+                                f"from it; run 'clad extract WORK', then {retrain}")
+            if key is not None and store.info().key != key:
+                raise CladError(f"{files.train_cache}: rebuilt since run {files.name!r} was trained (cache key "
+                                f"{store.info().key[:12]}, the run's {key[:12]}), and the run reads its memory "
+                                f"bank from it; {retrain}")
+            opened.append(TrainCache(store))
+        return opened[0]
+
+    return cache

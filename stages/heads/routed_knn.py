@@ -36,17 +36,28 @@ data, is in docs/RESULTS.md, "The recommended head reaches the knn head"):
 Scores are deterministic and equal to the knn head's whenever the true
 nearest patch lies in the searched images (and, projected, among the
 candidates).
+
+**Memory bounded by one class.** The run refers to the training cache it was
+trained on instead of copying it: the checkpoint keeps what the head chose
+(bank image indices, their row offsets, descriptors, cells, axes), and the
+bank rows of one class at a time are read from the cache when an image of
+that class is scored (``attach_cache``; the cache key is checked). Training,
+calibration and export walk the classes one by one, so no stage holds more
+than one class's rows. Checkpoints written before (with a ``rows`` copy) load
+and score as they did.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from cache.image_stream import cache_grid
+from cache.stream import TrainCache
 from core.errors import CladError
 from core.files import seeded
 from core.schema import Settings, setting
@@ -66,6 +77,19 @@ from stages.train.labels import calibration_folds, normal_maps
 from stages.train.routing import class_distances
 
 AXES_SAMPLE = 65536  # bank rows sampled (seeded) to fit the principal axes
+ALL = -1  # the group of a search over every class's images (route = false)
+
+
+@dataclass
+class ClassBank:
+    """The rows of one class's bank images (or of all, group ``ALL``), held while its images are scored."""
+
+    group: int  # class index, or ALL
+    members: np.ndarray  # [n_k] bank positions of its images, ascending
+    local: np.ndarray  # [n] bank position -> index in members (-1: not a member)
+    rows: torch.Tensor  # [M_k, C] float32
+    offsets: np.ndarray  # [n_k + 1]: rows of member t = rows[offsets[t]:offsets[t+1]]
+    spaces: dict[bool, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # projected? -> (z, |z|^2)
 
 
 @dataclass(frozen=True)
@@ -96,52 +120,119 @@ class RoutedKnnHead(Head):
     summary = "knn among the nearest training images of the image's own class (the recommended head)"
     reads = ("holdout", "seed")
 
-    def __init__(self, rows: np.ndarray, offsets: np.ndarray, desc: np.ndarray, desc_class: np.ndarray,
+    def __init__(self, rows: np.ndarray | None, offsets: np.ndarray, desc: np.ndarray, desc_class: np.ndarray,
                  settings: RoutedKnnSettings, meta: dict[str, Any], image_ids: np.ndarray | None = None,
                  cells: np.ndarray | None = None, axes: tuple[np.ndarray, np.ndarray] | None = None):
-        self.rows = np.ascontiguousarray(rows, dtype=np.float32)  # [M, C]: every training image's normal rows
-        self.offsets = offsets.astype(np.int64)  # [n + 1]: rows of training image j = rows[off[j]:off[j+1]]
+        # [M, C]: every bank image's normal rows (a self-contained head), or None: read per class
+        # from the training cache (attach_cache; needs image_ids)
+        self.rows = None if rows is None else np.ascontiguousarray(rows, dtype=np.float32)
+        self.offsets = offsets.astype(np.int64)  # [n + 1]: rows of bank image j = rows[off[j]:off[j+1]]
         self.desc, self.desc_class = desc.astype(np.float32), desc_class.astype(np.int64)  # [n, C], [n]
         self.cells = cells  # [n, CELLS^2, C] float32 cell descriptors (select = cells), else None
         self.settings, self.meta, self.image_ids = settings, meta, image_ids
-        if settings.select == "cells" and cells is None or settings.project and axes is None:
-            raise CladError("routed_knn: the checkpoint lacks what its settings need (cells or axes); "
+        if settings.select == "cells" and cells is None or settings.project and axes is None \
+                or rows is None and image_ids is None:
+            raise CladError("routed_knn: the checkpoint lacks what its settings need (cells, axes or image ids); "
                             "re-train with 'clad train WORK --run NAME --restart'")
         self.axes = axes  # (mean [C], basis [C, d]) of the candidate search, or None
-        self._rows = torch.from_numpy(self.rows)
-        self._spaces: dict[bool, tuple[torch.Tensor, torch.Tensor]] = {}  # projected? -> (rows, squared norms)
+        self._cache: Callable[[], TrainCache] | None = None
+        self._bank: ClassBank | None = None  # the one class whose rows are held
 
-    def _space(self, projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The search space's ``[M, d]`` rows and ``[M]`` squared norms: the
-        rows in the principal axes (derived once, not stored in the
-        checkpoint) or the rows themselves."""
-        if projected not in self._spaces:
-            z = torch.from_numpy((self.rows - self.axes[0]) @ self.axes[1]) if projected else self._rows
-            self._spaces[projected] = (z, (z * z).sum(1))
-        return self._spaces[projected]
+    def attach_cache(self, cache: Callable[[], TrainCache]) -> None:
+        """Where the bank rows are read from (the run's training cache, checked by the caller)."""
+        self._cache = cache
+
+    def _group(self, images: np.ndarray) -> int:
+        """The class of bank images ``images`` (all of one class when routed), else ALL."""
+        classes = np.unique(self.desc_class[images])
+        return int(classes[0]) if len(classes) == 1 else ALL
+
+    def class_bank(self, group: int) -> ClassBank:
+        """The rows of one class's bank images (ALL: every image), read once and kept until
+        another class is asked for: at most one class's rows are held."""
+        if self._bank is not None and self._bank.group == group:
+            return self._bank
+        self._bank = None  # free the last class's rows before reading the next
+        members = np.arange(len(self.desc)) if group == ALL else np.nonzero(self.desc_class == group)[0]
+        sizes = self.offsets[members + 1] - self.offsets[members]
+        if self.rows is not None:
+            rows = np.concatenate([self.rows[self.offsets[j]:self.offsets[j + 1]] for j in members])
+        else:
+            if self._cache is None:
+                raise CladError("routed_knn: this run reads its bank rows from the training cache; "
+                                "load it with stages.heads.load_trained_head")
+            cache = self._cache()
+            ids = self.image_ids[members]
+            selected = np.zeros(len(cache.image_ids), bool)
+            selected[ids] = True
+            maps = normal_maps(cache, selected)
+            if any(i not in maps or len(maps[i]) != n for i, n in zip(ids.tolist(), sizes)):
+                raise CladError(f"{cache.store.path}: does not hold this run's bank images; "
+                                "re-train with 'clad train WORK --run NAME --restart'")
+            rows = np.concatenate([maps.pop(i) for i in ids.tolist()], dtype=np.float32)
+        local = np.full(len(self.desc), -1, np.int64)
+        local[members] = np.arange(len(members))
+        self._bank = ClassBank(group, members, local, torch.from_numpy(np.ascontiguousarray(rows)),
+                               np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        return self._bank
+
+    def _space(self, bank: ClassBank, projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search space's ``[M_k, d]`` rows and ``[M_k]`` squared norms: the
+        class's rows in the principal axes (derived once per class, not stored)
+        or the rows themselves."""
+        if projected not in bank.spaces:
+            z = (bank.rows - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if projected \
+                else bank.rows
+            bank.spaces[projected] = (z, (z * z).sum(1))
+        return bank.spaces[projected]
 
     @classmethod
     def fit(cls, settings: RoutedKnnSettings, ctx: TrainContext) -> tuple[RoutedKnnHead, dict[str, Any]]:
-        maps = normal_maps(ctx.cache, ~ctx.held)
-        ids = np.array(sorted(maps), np.int64)
-        rows = np.concatenate([maps[i] for i in ids], dtype=np.float32)
-        offsets = np.cumsum([0] + [len(maps[i]) for i in ids])
-        desc = np.stack([maps[i].astype(np.float32).mean(0) for i in ids])
+        """Descriptors, cells and the axes' row sample, class by class (one class's maps held at a
+        time); the bank rows stay in the cache. The axes' sample is the one a concatenated bank
+        would give (seeded row positions over every bank row in image order)."""
+        bank = ~ctx.held
+        ids = np.nonzero(bank)[0].astype(np.int64)
+        sizes = np.zeros(len(bank), np.int64)
+        for _, img in ctx.cache.row_counts():
+            sizes += np.bincount(img, minlength=len(bank))
+        offsets = np.concatenate([[0], np.cumsum(sizes[ids])]).astype(np.int64)
         grid = cache_grid(ctx.cache)
-        cells = np.stack([cell_descriptors(maps[i], grid) for i in ids]) if settings.select == "cells" else None
-        axes = None
+        picked = np.zeros(0, np.int64)
         if settings.project:
-            sample = seeded(ctx.seed, "routed-axes").choice(len(rows), min(len(rows), AXES_SAMPLE), replace=False)
-            axes = principal_axes(rows[np.sort(sample)], min(settings.project, rows.shape[1]))
+            picked = np.sort(seeded(ctx.seed, "routed-axes").choice(
+                int(offsets[-1]), min(int(offsets[-1]), AXES_SAMPLE), replace=False))
+        desc = np.zeros((len(ids), ctx.cache.embed_dim), np.float32)
+        cells = np.zeros((len(ids), CELLS * CELLS, ctx.cache.embed_dim), np.float32) \
+            if settings.select == "cells" else None
+        sample = np.zeros((len(picked), ctx.cache.embed_dim), np.float32)
+        position = {int(i): t for t, i in enumerate(ids)}
+        for k, name in enumerate(ctx.cache.class_names):
+            for i, m in normal_maps(ctx.cache, bank & (ctx.cache.image_class == k)).items():
+                t = position[i]
+                if len(m) != sizes[i]:
+                    raise CladError(f"{ctx.cache.store.path}: image {i} has {len(m)} normal rows, "
+                                    f"not {sizes[i]}; re-extract with 'clad extract WORK'")
+                desc[t] = m.astype(np.float32).mean(0)
+                if cells is not None:
+                    cells[t] = cell_descriptors(m, grid)
+                lo, hi = np.searchsorted(picked, [offsets[t], offsets[t + 1]])
+                sample[lo:hi] = m[picked[lo:hi] - offsets[t]]
+            ctx.log(f"train: class {k + 1}/{len(ctx.cache.class_names)} ({name}) described")
+        axes = principal_axes(sample, min(settings.project, sample.shape[1])) if settings.project else None
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "class_names": ctx.cache.class_names,
-                "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": len(rows), "grid": list(grid)}
-        head = cls(rows, offsets, desc, ctx.cache.image_class[ids], settings, meta, ids, cells, axes)
-        return head, {"history": [], "bank_rows": len(rows), "bank_images": len(ids)}
+                "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": int(offsets[-1]),
+                "grid": list(grid), "bank": "cache"}
+        head = cls(None, offsets, desc, ctx.cache.image_class[ids], settings, meta, ids, cells, axes)
+        head.attach_cache(lambda: ctx.cache)
+        return head, {"history": [], "bank_rows": int(offsets[-1]), "bank_images": len(ids)}
 
     def checkpoint(self) -> dict[str, Any]:
-        out = {"rows": torch.from_numpy(self.rows), "offsets": torch.from_numpy(self.offsets),
-               "descriptors": torch.from_numpy(self.desc), "descriptor_class": torch.from_numpy(self.desc_class),
-               "meta": self.checkpoint_meta()}
+        """What the head chose; the rows themselves only for a self-contained head (``rows`` given)."""
+        out = {"offsets": torch.from_numpy(self.offsets), "descriptors": torch.from_numpy(self.desc),
+               "descriptor_class": torch.from_numpy(self.desc_class), "meta": self.checkpoint_meta()}
+        if self.rows is not None:
+            out["rows"] = torch.from_numpy(self.rows)
         if self.image_ids is not None:
             out["image_ids"] = torch.from_numpy(self.image_ids)
         if self.cells is not None:
@@ -153,10 +244,10 @@ class RoutedKnnHead(Head):
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> RoutedKnnHead:
         meta = ckpt["meta"]
-        ids, cells = ckpt.get("image_ids"), ckpt.get("cells")
+        ids, cells, rows = ckpt.get("image_ids"), ckpt.get("cells"), ckpt.get("rows")
         axes = (ckpt["axes_mean"].numpy(), ckpt["axes_basis"].numpy()) if "axes_basis" in ckpt else None
         settings = cls.settings_from_meta(meta)
-        return cls(ckpt["rows"].numpy(), ckpt["offsets"].numpy(), ckpt["descriptors"].numpy(),
+        return cls(rows.numpy() if rows is not None else None, ckpt["offsets"].numpy(), ckpt["descriptors"].numpy(),
                    ckpt["descriptor_class"].numpy(), settings, meta,
                    ids.numpy() if ids is not None else None, cells.numpy() if cells is not None else None, axes)
 
@@ -164,22 +255,20 @@ class RoutedKnnHead(Head):
     def export(self, ctx: ExportContext) -> dict[str, Any]:
         """Rule ``routed_knn``: routing descriptors of every bank image, the principal axes, and per
         class its images' rows, row offsets and cell descriptors in separate files (a runtime
-        loads a class when it scores an image of it)."""
+        loads a class when it scores an image of it). Classes are read one at a time."""
         files: dict[str, Any] = {"descriptors": ctx.save("descriptors", self.desc),
                                  "descriptor_class": ctx.save("descriptor_class", self.desc_class), "classes": {}}
         if self.axes is not None:
             files["axes_mean"], files["axes_basis"] = ctx.save("axes_mean", self.axes[0]), ctx.save("axes_basis",
                                                                                                    self.axes[1])
         for k, name in enumerate(self.meta["class_names"]):
-            members = np.nonzero(self.desc_class == k)[0]
-            if not len(members):
+            if not (self.desc_class == k).any():
                 continue
-            sizes = self.offsets[members + 1] - self.offsets[members]
-            per = {"rows": ctx.save(f"rows_{name}", np.concatenate(
-                       [self.rows[self.offsets[j]:self.offsets[j + 1]] for j in members])),
-                   "offsets": ctx.save(f"offsets_{name}", np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))}
+            bank = self.class_bank(k)
+            per = {"rows": ctx.save(f"rows_{name}", bank.rows.numpy()), "offsets": ctx.save(f"offsets_{name}",
+                                                                                           bank.offsets)}
             if self.cells is not None:
-                per["cells"] = ctx.save(f"cells_{name}", self.cells[members])
+                per["cells"] = ctx.save(f"cells_{name}", self.cells[bank.members])
             files["classes"][name] = per
         settings = {**asdict(self.settings), "grid": list(self.meta.get("grid", [])), "cells": CELLS}
         return {"rule": "routed_knn", "settings": settings, "files": files}
@@ -200,53 +289,64 @@ class RoutedKnnHead(Head):
         order = np.argsort(d, kind="stable")
         return order[np.isfinite(d[order])]
 
-    def _nearest(self, q: torch.Tensor, images: np.ndarray) -> torch.Tensor:
+    def _nearest(self, q: torch.Tensor, bank: ClassBank, images: np.ndarray) -> torch.Tensor:
         """``[q, C]`` -> ``[q]``: true distance to the nearest of each query's
-        candidates among ``images`` (its nearest row per image in the search
-        space; the ``rerank`` best of those in projection, the best in full)."""
+        candidates among bank images ``images`` (members of ``bank``; its
+        nearest row per image in the search space; the ``rerank`` best of
+        those in projection, the best in full)."""
         projected = bool(self.settings.project)
         zq = (q - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if projected else q
-        d2, idx = nearest_per_image(zq, *self._space(projected), self.offsets, images)
+        d2, idx = nearest_per_image(zq, *self._space(bank, projected), bank.offsets, bank.local[images])
         r = min(self.settings.rerank if projected else 1, len(images))
         candidates = idx.gather(1, d2.topk(r, 1, largest=False).indices)  # [q, r]
-        return exact_distances(q, self._rows, candidates).amin(1)
+        return exact_distances(q, bank.rows, candidates).amin(1)
 
-    def _score_one(self, x: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    def _score_one(self, x: np.ndarray, everyone: np.ndarray) -> np.ndarray:
         """``[H*W, C]`` -> ``[H*W]`` distances to the nearest rows of the chosen
-        bank images; the ``refine`` share of highest-scoring patches searched
-        again over every image of the class."""
+        bank images (the first ``images`` of ``everyone``, ``class_images``' order);
+        the ``refine`` share of highest-scoring patches searched again over
+        every image of the class."""
         q = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        everyone = self.class_images(x, allowed)
         chosen = np.sort(everyone[:self.settings.images] if self.settings.images else everyone)
+        bank = self.class_bank(self._group(everyone))
         if self.settings.knn_k > 1:
-            bank = np.concatenate([self.rows[self.offsets[j]:self.offsets[j + 1]] for j in chosen])
-            return MemoryBank(bank, self.settings.knn_k).score(q).numpy()
-        s = self._nearest(q, chosen)
+            local = bank.local[chosen]
+            rows = torch.cat([bank.rows[bank.offsets[t]:bank.offsets[t + 1]] for t in local])
+            return MemoryBank(rows.numpy(), self.settings.knn_k).score(q).numpy()
+        s = self._nearest(q, bank, chosen)
         top = int(round(self.settings.refine * len(q)))
         if top and len(everyone) > len(chosen):
             worst = s.topk(top).indices
-            s[worst] = torch.minimum(s[worst], self._nearest(q[worst], np.sort(everyone)))
+            s[worst] = torch.minimum(s[worst], self._nearest(q[worst], bank, np.sort(everyone)))
         return s.numpy()
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Routes every map first, then scores them class by class (one class's rows read at a time)."""
         x = np.ascontiguousarray(maps.float().cpu().numpy())
         everything = np.ones(len(self.desc), bool)
-        return torch.from_numpy(np.stack([self._score_one(m, everything) for m in x]).astype(np.float32))
+        found = [self.class_images(m, everything) for m in x]
+        out = np.zeros(x.shape[:2], np.float32)
+        for n in sorted(range(len(x)), key=lambda n: self._group(found[n])):
+            out[n] = self._score_one(x[n], found[n])
+        return torch.from_numpy(out)
 
     def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
         """Cross-fitting: each training image is scored exactly as a new image
         would be, with the images of its own fold (``folds`` seeded folds per
         class) removed from the candidates; held-out images with every
-        training image. Every image counts as unseen."""
+        training image. Every image counts as unseen. Class by class: one
+        class's maps and rows held at a time."""
         if self.image_ids is None or folds < 2:
             return super().calibration_scores(ctx, folds)
         fold = calibration_folds(ctx.cache, ctx.held, ctx.seed, folds)
         bank_fold = fold[self.image_ids]
         out: dict[int, np.ndarray] = {}
-        maps = normal_maps(ctx.cache, np.ones(len(ctx.held), bool))
-        for n, (i, m) in enumerate(sorted(maps.items())):
-            allowed = bank_fold != fold[i] if fold[i] >= 0 else np.ones(len(self.desc), bool)
-            out[i] = self._score_one(m.astype(np.float32), allowed)
-            if (n + 1) % 200 == 0:
-                ctx.log(f"calibrate: cross-fitted {n + 1}/{len(maps)} images")
+        total = len(ctx.held)
+        for k in range(len(ctx.cache.class_names)):
+            for i, m in sorted(normal_maps(ctx.cache, ctx.cache.image_class == k).items()):
+                allowed = bank_fold != fold[i] if fold[i] >= 0 else np.ones(len(self.desc), bool)
+                x = m.astype(np.float32)
+                out[i] = self._score_one(x, self.class_images(x, allowed))
+                if len(out) % 200 == 0:
+                    ctx.log(f"calibrate: cross-fitted {len(out)}/{total} images")
         return out, set(out)
