@@ -83,3 +83,29 @@ def test_a_missing_or_rebuilt_cache_is_one_line(routed_run, tmp_path):
     assert run_cache(routed_run, key)().store.path == routed_run.train_cache
     with pytest.raises(CladError, match=r"train\.zarr: missing, and run 'gone' reads its memory bank"):
         run_cache(RunFiles(tmp_path / "runs" / "gone"), key)()
+
+
+@pytest.mark.parametrize("coreset", [1.0, 0.5])
+def test_knn_run_keeps_row_choices_and_reads_the_rows_back_from_the_cache(coreset, extracted):
+    """knn's checkpoint holds the image of every bank row and the coreset's kept positions;
+    the head loaded from it searches exactly the rows training chose (brute force here)."""
+    from stages.heads.knn import bank_rows, greedy_coreset
+
+    run = f"bank-knn-{int(coreset * 100)}"
+    clad("train", str(extracted), "--run", run, "--head", "knn", "--set", f"knn_coreset={coreset}")
+    files = RunFiles(extracted / "runs" / run)
+    ckpt = torch.load(files.final, map_location="cpu", weights_only=True)
+    assert "bank" not in ckpt and ("kept" in ckpt) == (coreset < 1)
+    cache = TrainCache(FeatureStore(files.train_cache))
+    held = holdout_images(cache, 0.05, 0)  # the run's holdout and seed
+    rows, images = bank_rows(cache, ~held)
+    if coreset < 1:
+        keep = greedy_coreset(rows, int(len(rows) * coreset), 0)
+        rows, images = rows[keep], images[keep]
+    assert files.final.stat().st_size < 0.05 * rows.nbytes
+    head, _ = load_trained_head(files.final, torch.device("cpu"))
+    assert np.array_equal(head.bank.rows, rows) and np.array_equal(head.bank_images, images)
+    first_held = int(np.nonzero(held)[0][0])
+    x = torch.from_numpy(normal_maps(cache, held)[first_held][None].astype(np.float32))
+    expected = torch.cdist(x[0].double(), torch.from_numpy(rows).double()).amin(1)
+    assert torch.allclose(head.score_maps(x)[0].double(), expected, atol=1e-4)

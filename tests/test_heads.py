@@ -116,6 +116,11 @@ def _make_old(run_dir):
     key = _old_key(cfg.extract_key(), flat, cfg.data.labels)
     final = run_dir / "checkpoints" / "final.pt"
     ck = torch.load(final, weights_only=True)
+    if "bank_images" in ck:  # knn: the old code stored the float32 rows themselves, not their images
+        from stages.heads import load_trained_head
+
+        ck["bank"] = torch.from_numpy(load_trained_head(final, torch.device("cpu"))[0].bank.rows)
+        ck["meta"].pop("bank", None)
     ck.pop("bank_images", None)
     ck["meta"] |= {"threshold": 1.0, "train_key": key}
     torch.save(ck, final)
