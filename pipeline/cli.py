@@ -198,13 +198,16 @@ def calibrate(work: Path, run_name: str, device: str) -> None:
 @click.option("--class", "class_name", default="", help="Class of every image (default: predicted by the run; "
               "a folder named like a trained class decides only when the prediction is unsure, and a "
               "confident prediction that disagrees with it is warned about and recorded).")
+@click.option("--scheduler", default="", help="'local' for a Dask LocalCluster, or tcp://host:port (workers "
+              "must see WORK and --out); default: in this process. Results are the same.")
 def score(work: Path, paths: tuple[str, ...], run_name: str, out_dir: Path | None, device: str,
-          class_name: str) -> None:
+          class_name: str, scheduler: str) -> None:
     """Score new images (files or folders) with a trained run: class, score, verdict, heat map."""
     from pipeline.eval_run import score_cli
 
-    with run_lock(work, run_name, "score", say):
-        score_cli(Workspace(work), run_name, list(paths), out_dir, device, class_name)
+    # the cache is read too: a memory-bank run (knn, routed_knn) reads its bank rows from it
+    with run_lock(work, run_name, "score", say), cache_read_lock(work, "score", say):
+        score_cli(Workspace(work), run_name, list(paths), out_dir, device, class_name, scheduler)
 
 
 @main.command()

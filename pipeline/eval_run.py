@@ -88,7 +88,7 @@ def evaluate_run_cli(ws: Workspace, name: str, device: str) -> None:
 
 
 def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, device: str,
-              class_name: str) -> None:
+              class_name: str, scheduler: str = "") -> None:
     from core.devices import resolve_device
     from stages.evaluate.score import check_out_dir, expand_inputs, score_images
     from stages.train.calibrate import ensure_calibrated
@@ -104,7 +104,7 @@ def score_cli(ws: Workspace, name: str, paths: list[str], out_dir: Path | None, 
             "(earlier heat maps and temporaries are not inputs)")
     t0 = time.perf_counter()
     results = score_images(cfg, files, inputs, out, resolve_device(device), say,
-                           lambda n: progress(n, "score", unit="img"), class_name)
+                           lambda n: progress(n, "score", unit="img"), class_name, scheduler=scheduler)
     counts: Counter = Counter((r["class"], r["verdict"]) for r in results)
     classes = sorted({c for c, _ in counts})
     for c in classes:

@@ -56,7 +56,7 @@ def extract_lock(work: Path, say: Callable[[str], None]) -> AbstractContextManag
 
 
 def cache_read_lock(work: Path, what: str, say: Callable[[str], None]) -> AbstractContextManager[None]:
-    """Shared lock on the feature cache: held by train, calibrate and evaluate while
+    """Shared lock on the feature cache: held by train, calibrate, evaluate and score while
     they read it; any number at once, none while a rebuild holds it exclusively."""
     return held(Path(work) / ".locks" / "cache.lock", what, say, shared=True,
                 doing="rebuilding the feature cache ('clad extract --rebuild')")

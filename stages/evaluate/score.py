@@ -21,6 +21,7 @@ import csv
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,29 +92,55 @@ def folder_class(path: Path, classes: list[str]) -> str:
     return ""
 
 
+@dataclass
+class Scorer:
+    """What scoring an image needs from a trained run: the head, the feature encoder, the
+    router and the verdicts in force (loaded once per process: here, or once per Dask worker)."""
+
+    head: Any
+    encoder: Any
+    router: Any
+    verdicts: Any
+    classes: list[str]
+
+    @classmethod
+    def load(cls, cfg: Config, files: RunFiles, device: torch.device) -> Scorer:
+        head, meta = load_trained_head(files.final, device)
+        verdicts = verdicts_in_force(read_calibration(files), files, cfg.calibrate)
+        return cls(head, FeatureEncoder(cfg.features, device), load_router(files), verdicts,
+                   list(meta["class_names"]))
+
+
 def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path, device: torch.device,
                  log: Callable[[str], None], bar: Callable[[int], Any], class_name: str = "",
-                 batch: int = 16) -> list[dict[str, Any]]:
+                 batch: int = 16, scheduler: str = "") -> list[dict[str, Any]]:
     """Score each image; write a heat map per image and results.csv/json. Unreadable images are skipped.
 
     Everything is written into a hidden sibling ``.OUT.tmp-PID`` and swapped
     into place at the end, so ``out_dir`` always holds one whole scoring (a
-    kill leaves the previous one; its temporaries are removed by the next run)."""
+    kill leaves the previous one; its temporaries are removed by the next run).
+    With ``scheduler`` (``local`` or a Dask address) the images go in chunks of
+    ``CHUNK`` to the cluster's workers (each loads the run once; the output folder
+    must be on a file system they share); results, heat maps and their names are
+    those of an in-process run."""
     check_out_dir(out_dir)
-    head, meta = load_trained_head(files.final, device)
+    meta = load_trained_head(files.final, torch.device("cpu"))[1]
     classes = list(meta["class_names"])
     if class_name and class_name not in classes:
         raise CladError(f"--class {class_name!r}: not a class of run {files.name!r} ({', '.join(classes)})")
-    cal = read_calibration(files)
-    verdicts = verdicts_in_force(cal, files, cfg.calibrate)
-    router = load_router(files)
-    encoder = FeatureEncoder(cfg.features, device)
     for gone in remove_stale_temps(out_dir.parent, recursive=False, of=out_dir.name):
         log(f"score: removed {gone}, left by an interrupted process")
     work_dir = temp_dir(out_dir)
+    progress = bar(len(paths))
     try:
-        results = _score_into(cfg, paths, (work_dir, out_dir), head, encoder, router, verdicts, classes,
-                              class_name, log, bar(len(paths)), batch)
+        if scheduler:
+            results = _score_on_cluster(cfg, files, paths, (work_dir, out_dir), class_name, log, progress, batch,
+                                        device, scheduler)
+        else:
+            results = _score_into(cfg, paths, (work_dir, out_dir), Scorer.load(cfg, files, device), class_name,
+                                  log, progress, batch)
+        progress.close()
+        _write_table(results, work_dir, verdicts_in_force(read_calibration(files), files, cfg.calibrate))
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)  # out_dir keeps the previous scoring, whole
         raise
@@ -121,10 +148,62 @@ def score_images(cfg: Config, files: RunFiles, paths: list[Path], out_dir: Path,
     return results
 
 
-def _score_into(cfg: Config, paths: list[Path], dirs: tuple[Path, Path], head: Any, encoder: Any, router: Any,
-                verdicts: Any, classes: list[str], class_name: str, log: Callable[[str], None], progress: Any,
-                batch: int) -> list[dict[str, Any]]:
-    """Score batch by batch, writing heat maps and the tables into ``dirs[0]``."""
+CHUNK = 64  # images per Dask task: a multiple of the batch, so that batches (and heat-map names) match in-process
+_WORKER_SCORER: dict[tuple[str, ...], Scorer] = {}  # per worker process: the run it has loaded
+
+
+def score_chunk(cfg: Config, run_root: str, paths: list[str], dirs: tuple[str, str], class_name: str,
+                first_index: int, device: str, batch: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """One Dask task: score ``paths`` (the images from ``first_index`` on) into ``dirs[0]``;
+    returns their results and the lines an in-process run would have logged."""
+    from core.devices import resolve_device
+
+    files = RunFiles(Path(run_root))
+    stamp = tuple(str(p.stat().st_mtime_ns) if p.exists() else "" for p in (files.final, files.calibration,
+                                                                             files.user_thresholds))
+    key = (run_root, device, *stamp)  # a run re-trained or re-calibrated since is loaded again
+    if key not in _WORKER_SCORER:
+        torch.set_num_threads(1)
+        _WORKER_SCORER.clear()
+        _WORKER_SCORER[key] = Scorer.load(cfg, files, resolve_device(device))
+    lines: list[str] = []
+    results = _score_into(cfg, [Path(p) for p in paths], (Path(dirs[0]), Path(dirs[1])), _WORKER_SCORER[key],
+                          class_name, lines.append, None, batch, first_index)
+    return results, lines
+
+
+def _score_on_cluster(cfg: Config, files: RunFiles, paths: list[Path], dirs: tuple[Path, Path], class_name: str,
+                      log: Callable[[str], None], progress: Any, batch: int, device: torch.device,
+                      scheduler: str) -> list[dict[str, Any]]:
+    """Chunks of ``CHUNK`` images as Dask tasks; results gathered in image order."""
+    from dask.distributed import as_completed
+
+    from core.cluster import dask_client
+
+    chunk = max(batch, CHUNK // batch * batch)
+    starts = list(range(0, len(paths), chunk))
+    parts: dict[int, tuple[list[dict[str, Any]], list[str]]] = {}
+    with dask_client(scheduler) as client:
+        log(f"score: {len(paths)} images in {len(starts)} tasks of {chunk} on Dask scheduler {scheduler} "
+            f"({len(client.scheduler_info()['workers'])} workers)")
+        futures = {client.submit(score_chunk, cfg, str(files.root), [str(p) for p in paths[s:s + chunk]],
+                                 (str(dirs[0]), str(dirs[1])), class_name, s, device.type, batch, pure=False): s
+                   for s in starts}
+        for fut in as_completed(futures):
+            s = futures[fut]
+            parts[s] = fut.result()
+            progress.update(len(paths[s:s + chunk]))
+    results: list[dict[str, Any]] = []
+    for s in starts:
+        results += parts[s][0]
+        for line in parts[s][1]:
+            log(line)
+    return results
+
+
+def _score_into(cfg: Config, paths: list[Path], dirs: tuple[Path, Path], scorer: Scorer, class_name: str,
+                log: Callable[[str], None], progress: Any, batch: int, first_index: int = 0) -> list[dict[str, Any]]:
+    """Score batch by batch, writing heat maps into ``dirs[0]`` (named from ``first_index`` on)."""
     size = cfg.features.output_size
     results: list[dict[str, Any]] = []
     for s in range(0, len(paths), batch):
@@ -138,16 +217,15 @@ def _score_into(cfg: Config, paths: list[Path], dirs: tuple[Path, Path], head: A
                 results.append({"path": str(p), "class": "", "verdict": "unreadable"})
         if images:
             arr = np.stack(images)
-            feats = encoder(arr).astype(np.float32)
-            scores = head.score_maps(torch.from_numpy(feats))
+            feats = scorer.encoder(arr).astype(np.float32)
+            scores = scorer.head.score_maps(torch.from_numpy(feats))
             maps = anomaly_maps(scores, size, cfg.evaluate.sigma)
-            routes = router.route(descriptors(feats)) if router is not None else [None] * len(ok)
+            routes = scorer.router.route(descriptors(feats)) if scorer.router is not None else [None] * len(ok)
             for p, img, amap, sc, rt in zip(ok, arr, maps, image_scores(maps), routes, strict=True):
-                results.append(_judge(p, img, amap, float(sc), rt, class_name, classes, verdicts, dirs,
-                                      len(results), log))
-        progress.update(len(paths[s:s + batch]))
-    progress.close()
-    _write_table(results, dirs[0], verdicts)
+                results.append(_judge(p, img, amap, float(sc), rt, class_name, scorer.classes, scorer.verdicts,
+                                      dirs, first_index + len(results), log))
+        if progress is not None:
+            progress.update(len(paths[s:s + batch]))
     return results
 
 

@@ -9,7 +9,6 @@ opens the stores and runs the pending shards, in this process or on Dask.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -144,30 +143,20 @@ def extract_unit(cfg: Config, task: ShardTask, fingerprint: str, cache_dir: str,
 def run_dask(cfg: Config, plan: Plan, cache_dir: Path, units: list[tuple[str, int]], device: str,
              scheduler: str, on_done: Any = None) -> Timings:
     """Spread shards over a Dask cluster: a LocalCluster for 'local', else an address."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import as_completed
+
+    from core.cluster import dask_client
 
     total = Timings()
-    if scheduler == "local":
-        cluster = LocalCluster(n_workers=max(1, min(2, os.cpu_count() or 1)), threads_per_worker=1,
-                               processes=True, dashboard_address=None)
-    else:
-        cluster = None
-    try:
-        with Client(cluster if cluster is not None else scheduler) as client:
-            futures = [client.submit(extract_unit, cfg, plan.task(sp, i), plan.fingerprint, str(cache_dir),
-                                     device, key=f"extract-{cfg.extract_key()}-{plan.fingerprint}-{sp}-{i}",
-                                     pure=False)
-                       for sp, i in units]
-            for fut in as_completed(futures):
-                res = fut.result()
-                if not res.get("skipped"):
-                    total.add(Timings(**{k: res[k] for k in asdict(Timings())}))
-                if on_done:
-                    on_done(res)
-    except OSError as exc:
-        raise CladError(f"--scheduler {scheduler}: cannot reach the Dask scheduler ({exc}); "
-                        "check the address or use --scheduler local") from None
-    finally:
-        if cluster is not None:
-            cluster.close()
+    with dask_client(scheduler) as client:
+        futures = [client.submit(extract_unit, cfg, plan.task(sp, i), plan.fingerprint, str(cache_dir),
+                                 device, key=f"extract-{cfg.extract_key()}-{plan.fingerprint}-{sp}-{i}",
+                                 pure=False)
+                   for sp, i in units]
+        for fut in as_completed(futures):
+            res = fut.result()
+            if not res.get("skipped"):
+                total.add(Timings(**{k: res[k] for k in asdict(Timings())}))
+            if on_done:
+                on_done(res)
     return total
