@@ -31,10 +31,10 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = list(rows[0])
-    width = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # every row's columns, in first-seen order
+    width = {c: max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols}
     lines = ["  ".join(c.ljust(width[c]) for c in cols), "  ".join("-" * width[c] for c in cols)]
-    lines += ["  ".join(_fmt(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    lines += ["  ".join(_fmt(r.get(c, "")).ljust(width[c]) for c in cols) for r in rows]
     return "\n".join(lines)
 
 
