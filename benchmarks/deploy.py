@@ -65,6 +65,10 @@ def main() -> None:
     n = len(pairs)
     diff = max(abs(float(x["score"]) - float(y["score"])) for x, y in pairs)
     rel = max(abs(float(x["score"]) - float(y["score"])) / max(abs(float(x["score"])), 1e-9) for x, y in pairs)
+    # CLAD's scores cross zero (a discriminator's logit): a difference per score explodes there, so it is
+    # also given against the range of the scores (the scale on which thresholds sit)
+    span = max(float(x["score"]) for x, _ in pairs) - min(float(x["score"]) for x, _ in pairs)
+    range_rel = diff / max(span, 1e-9)
     verdicts = sum(x["verdict"] == y["verdict"] for x, y in pairs)
     m = json.loads((bundle / "manifest.json").read_text())
     rows = [{"path": "clad score (torch)", "images": n, "seconds": round(t_torch, 2), "img_per_s": round(n / t_torch, 2)},
@@ -73,9 +77,10 @@ def main() -> None:
     report(f"deploy-{a.tag or a.run}", rows, head=m["head_name"], bundle_mib=size_of(bundle) / 2**20,
            venv_mib=size_of(Path(a.venv)) / 2**20 if a.venv else None, export_s=t_export,
            runtime_start_s=start, verify_s=t_verify, max_score_diff=diff, max_score_rel_diff=rel,
+           max_score_diff_of_range=range_rel,
            verdicts_agree=f"{verdicts}/{n}", parity_at_export=m["parity"])
     print(f"bundle {size_of(bundle) / 2**20:.1f} MiB; clad-run start-up {start:.2f} s; max score difference "
-          f"{diff:.3g} (relative {rel:.3g}); verdicts agree {verdicts}/{n}")
+          f"{diff:.3g} (relative {rel:.3g}; {range_rel:.3g} of the score range); verdicts agree {verdicts}/{n}")
 
 
 if __name__ == "__main__":
