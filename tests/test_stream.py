@@ -164,3 +164,50 @@ def test_row_sample_is_uniform_over_training_rows_and_keeps_pairs(extracted):
     assert len(d["pair"]) == len(d["anomaly"]) == len(d["beta"]) and ((d["beta"] > 0) & (d["beta"] < 1)).all()
     again = cache.row_sample(held, 2000, 500, seed=0)
     assert np.array_equal(again["normal"], d["normal"])  # reproducible
+
+
+class _HandCache(TrainCache):
+    """A TrainCache over hand-built shards (no store): ``shards`` is a list of
+    ``(features [n, C], image [n])`` of normal rows."""
+
+    def __init__(self, shards, image_class, class_names):
+        self.shards = shards
+        self.class_names = class_names
+        self.image_class = np.asarray(image_class)
+        self.image_ids = [f"{class_names[c]}/{i}" for i, c in enumerate(self.image_class)]
+        self.n_shards = len(shards)
+        counts = [len(np.unique(img)) for _, img in shards]
+        self.image_offsets = np.cumsum([0] + counts)
+        self.embed_dim = shards[0][0].shape[1]
+
+    def load(self, shard, names=("features", "anomaly", "image")):
+        f, img = self.shards[shard]
+        return {"features": f, "anomaly": np.zeros(len(f), np.int64), "image": img}
+
+
+def test_class_radii_use_the_class_own_rows_even_in_a_shard_another_class_starts():
+    """Shards are cut by image count: shard 1 holds class a's images 4-5 and all of class b
+    (images 6-7), so b starts no shard (this failed: 'need at least one array'), and b's
+    training rows lie on a's held-out rows (a bank mixing them in gives a 0). Each class's
+    radius is the median distance of its held-out rows to its own training rows, by hand:
+    a 0.5, b 3.0 (a's rows would give 0.5), c 2.0."""
+    from stages.heads.clad import class_nn_distances
+
+    def image(x0):  # 4 rows on a line: x0, x0 + 10, x0 + 20, x0 + 30
+        return np.stack([[x0 + 10.0 * k, 0.0] for k in range(4)]).astype(np.float16)
+
+    maps = {0: image(0.5), **{i: image(float(i)) for i in range(1, 6)}}  # a: held 0.5 + 10k; training i + 10k
+    maps[6], maps[7] = image(3.5), image(0.5)  # b: held 3.5 + 10k; training on a's held rows
+    maps[8] = image(100.0)  # c: held
+    maps.update({i: image(102.0) for i in range(9, 12)})  # c: training, 2 away
+    classes = [0] * 6 + [1] * 2 + [2] * 4
+
+    def shard(lo, hi):
+        return (np.concatenate([maps[i] for i in range(lo, hi)]),
+                np.concatenate([np.full(4, i) for i in range(lo, hi)]))
+
+    cache = _HandCache([shard(0, 4), shard(4, 8), shard(8, 12)], classes, ["a", "b", "c"])
+    held = np.zeros(12, bool)
+    held[[0, 6, 8]] = True
+    assert np.allclose(class_nn_distances(cache, held, seed=0), [0.5, 3.0, 2.0], atol=1e-3)
+    assert np.allclose(class_nn_distances(cache, held, seed=0, stat="image_max"), [0.5, 3.0, 2.0], atol=1e-3)

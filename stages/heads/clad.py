@@ -171,22 +171,29 @@ def class_nn_distances(cache: TrainCache, held: np.ndarray, seed: int, stat: str
 
     GLASS sets its GAS radius per class; one radius for all classes puts the
     synthetic shell inside the normal spread of a coarse class and far
-    outside a fine one. Only the class's own shards are read.
+    outside a fine one. Only the shards holding the class's images are read,
+    and only the class's own training rows form the bank: shards are cut by
+    image count, so one shard may end one class and start the next (until
+    2026-12-04 the bank was every row of the shards a class starts, which
+    mixed in the next class's first images and failed for a class that starts
+    no shard, e.g. 8 images a class in 16-image shards).
     """
     from stages.train.labels import normal_maps
 
-    first = cache.image_class[cache.image_offsets[:-1]]
     out = np.full(len(cache.class_names), np.nan)
     for c in range(len(cache.class_names)):
         sel = held & (cache.image_class == c)
         if not sel.any():
             continue
         maps = normal_maps(cache, sel)
-        shards = seeded(seed, "nn-bank", c).permutation(np.nonzero(first == c)[0])
+        own = cache.image_class == c
+        holding = [s for s in range(cache.n_shards) if own[cache.image_offsets[s]:cache.image_offsets[s + 1]].any()]
+        shards = seeded(seed, "nn-bank", c).permutation(np.array(holding, dtype=np.int64))
+        excluded = held | ~own  # the bank: this class's training rows only
         if stat == "image_max":
-            out[c] = image_max_nn_distance(cache, held, maps, seed, shards)
+            out[c] = image_max_nn_distance(cache, excluded, maps, seed, shards)
         else:
-            out[c] = median_nn_distance(cache, held, np.concatenate(list(maps.values())), seed, shards=shards)
+            out[c] = median_nn_distance(cache, excluded, np.concatenate(list(maps.values())), seed, shards=shards)
     return out
 
 
