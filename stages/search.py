@@ -138,9 +138,12 @@ def principal_axes(sample: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarra
     entry of each axis is positive, for reproducible files). Projecting onto
     an orthonormal basis never lengthens a difference, so projected distances
     are lower bounds of true ones."""
-    x = sample.astype(np.float64)
-    mean = x.mean(0)
-    _, vectors = np.linalg.eigh(np.cov((x - mean).T))
+    mean = sample.mean(0, dtype=np.float64)
+    scatter = np.zeros((sample.shape[1], sample.shape[1]), np.float64)
+    for lo in range(0, len(sample), 8192):  # float64 a block at a time: 8192 x C, not n x C (x3 in np.cov)
+        block = sample[lo:lo + 8192].astype(np.float64) - mean
+        scatter += block.T @ block
+    _, vectors = np.linalg.eigh(scatter / max(len(sample) - 1, 1))
     basis = vectors[:, ::-1][:, :dims]
     basis = basis * np.sign(basis[np.abs(basis).argmax(0), np.arange(basis.shape[1])])
     return mean.astype(np.float32), np.ascontiguousarray(basis, dtype=np.float32)
