@@ -5,7 +5,8 @@ For each N: ``clad demo-data --n-classes N`` (the same images per class at every
 ``clad score`` of every test image. Each stage is a whole command run under
 ``/usr/bin/time -v``: wall time and peak resident memory of that process (process start
 included: ~3 s of interpreter and torch start-up). Also: cache size, scoring time per
-image, routing accuracy (the class a scored image is routed to against the class folder
+image (whole command over images; and the marginal rate beyond the smallest N's command,
+``add_marginal``), routing accuracy (the class a scored image is routed to against the class folder
 it came from). Extraction's rate is in backbone forwards per second of the stage itself
 (``cache/extract.json``: a training image is 1 + ``synthesis.variants`` forwards), beside the
 bare backbone forward rate on random input (``benchmarks/extract.py``'s measure, same
@@ -14,8 +15,8 @@ scoring again, each on a Dask LocalCluster of 2 workers (``--scheduler local``),
 scores compared to the in-process ones.
 
 Usage: python benchmarks/scale.py [--n 1,5,15,50] [--heads routed_knn,knn,clad]
-       [--clad-max-n 15] [--knn-max-n 100] [--train 8] [--test-good 2] [--test-defect 1] [--root DIR] [--dask-at N]
-Writes bench-results/scale.json and bench-results/scale.png.
+       [--clad-max-n 15] [--knn-max-n 100] [--train 8] [--test-good 2] [--test-defect 1] [--root DIR] [--dask-at N] [--tag T]
+Writes bench-results/scale.json and bench-results/scale.png (``--tag T``: scale-T.*).
 """
 
 from __future__ import annotations
@@ -141,6 +142,20 @@ def one_n(n: int, heads: list[str], max_n: dict[str, int], counts: list[str], ro
     return rows
 
 
+def add_marginal(rows: list[dict]) -> list[dict]:
+    """Each score row's seconds per image beyond the smallest N's whole command, per head:
+    ``(wall(N) - wall(N0)) / (images(N) - images(N0))``. A whole ``clad score`` carries a few
+    seconds of interpreter, torch and run loading that divide over few images at small N;
+    the marginal rate is what a long folder pays per image."""
+    first: dict[tuple[str, str], dict] = {}
+    for r in sorted((r for r in rows if r["stage"].startswith("score")), key=lambda r: r["N"]):
+        n_img = int(r["note"].split()[0]) if r["note"][:1].isdigit() else round(r["wall_s"] / r["score_s_per_img"])
+        base = first.setdefault((r["stage"], r["head"]), {**r, "n_img": n_img})
+        if base["N"] != r["N"] and n_img > base["n_img"]:
+            r["score_marginal_s_per_img"] = round((r["wall_s"] - base["wall_s"]) / (n_img - base["n_img"]), 3)
+    return rows
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -174,7 +189,9 @@ def main() -> None:
     ap.add_argument("--root", default="", help="where data and workspaces go (default: a temporary folder)")
     ap.add_argument("--dask-at", type=int, default=0, help="at this N, extraction and routed_knn scoring "
                     "again on a Dask LocalCluster of 2 workers")
+    ap.add_argument("--tag", default="", help="names the outputs: bench-results/scale-TAG.{json,png}")
     a = ap.parse_args()
+    name = f"scale-{a.tag}" if a.tag else "scale"
     bare = bare_forward_rate()
     print(f"bare backbone forward: {bare:.1f} images/s", file=sys.stderr)
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="scale-bench-"))
@@ -183,10 +200,10 @@ def main() -> None:
     rows: list[dict] = []
     for n in (int(x) for x in a.n.split(",")):
         rows += one_n(n, heads, {"clad": a.clad_max_n, "knn": a.knn_max_n}, counts, root, bare, n == a.dask_at)
-        report("scale", rows, images_per_class={"train": a.train, "test_good": a.test_good,
+        report(name, add_marginal(rows), images_per_class={"train": a.train, "test_good": a.test_good,
                                                 "test_defect_per_kind": a.test_defect}, root=str(root),
                bare_forward_per_s=round(bare, 1))
-        plot(rows, OUT_DIR / "scale.png")  # after every N: a killed benchmark keeps what it measured
+        plot(rows, OUT_DIR / f"{name}.png")  # after every N: a killed benchmark keeps what it measured
 
 
 if __name__ == "__main__":
