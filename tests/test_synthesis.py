@@ -162,3 +162,43 @@ def test_synthetic_rows_sit_where_the_mask_is_at_a_size_stride_does_not_divide(t
     got = {tuple(int(v) for v in yx) for yx in arrays["yx"][~normal]}
     assert got == cells
     assert (arrays["pair"][~normal] == np.array([38 * y + x for y, x in arrays["yx"][~normal]])).all()
+
+
+def test_shifted_copy_is_a_translation_with_reflected_border():
+    from stages.extract.synthesis import shifted_copy
+
+    img = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    rng, again = seeded(0, "shift"), seeded(0, "shift")
+    out = shifted_copy(img, 0.25, 0.25, rng)  # |dy| = |dx| = 8 px
+    dy = 8 * (1 if again.uniform(0.25, 0.25) and again.random() < 0.5 else -1)
+    dx = 8 * (1 if again.uniform(0.25, 0.25) and again.random() < 0.5 else -1)
+    assert out.shape == img.shape
+    ys, xs = slice(max(dy, 0), 32 + min(dy, 0)), slice(max(dx, 0), 32 + min(dx, 0))
+    src_y, src_x = slice(max(-dy, 0), 32 + min(-dy, 0)), slice(max(-dx, 0), 32 + min(-dx, 0))
+    assert np.array_equal(out[ys, xs], img[src_y, src_x])  # out[y, x] = img[y - dy, x - dx]
+    assert not np.array_equal(out, img)
+
+
+def test_self_source_pastes_the_image_itself_opaque_and_only_where_it_changes():
+    img = np.zeros((64, 64, 3), np.float32)
+    img[:, 28:36] = 1.0  # one bright vertical bar: a horizontal shift moves it, a vertical one does not
+    cfg = SynthesisConfig(self_source=True, self_shift=0.25)
+    syn = synthesize(img, np.ones((64, 64), np.float32), TextureSource(), cfg, 8, seeded(0, "self"),
+                     self_source=True)
+    m = syn.mask > 0
+    assert m.any() and 0 <= syn.beta <= cfg.beta_min  # opaque paste
+    # every masked pixel changed by the copy (a bar moved away or in); outside the mask nothing changed
+    assert (np.abs(syn.image - img).mean(2)[m] > 0.5).all()
+    assert np.array_equal(syn.image[~m], img[~m])
+    # only the bar's own columns and those it moved to (at most 16 px away) can be masked
+    cols = np.nonzero(m.any(0))[0]
+    assert cols.min() >= 28 - 16 and cols.max() < 36 + 16
+
+
+def test_self_source_on_a_plain_image_falls_back_to_a_texture():
+    img = np.full((64, 64, 3), 0.5, np.float32)
+    cfg = SynthesisConfig(self_source=True)
+    syn = synthesize(img, np.ones((64, 64), np.float32), TextureSource(), cfg, 8, seeded(0, "plain"),
+                     self_source=True)
+    assert syn.mask.any() and cfg.beta_min <= syn.beta <= cfg.beta_max  # the texture path
+    assert not np.allclose(syn.image, img)
