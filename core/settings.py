@@ -105,13 +105,6 @@ class SynthesisConfig(Settings):
     perlin_threshold: float = setting(0.5, above=0, below=1)
     max_tries: int = setting(50, low=1)
     seed: int = setting(0, low=0)
-    self_source: bool = setting(False, added=False,
-                                help="every second variant of an object image is filled with a shifted copy of "
-                                     "the image itself instead of a texture (a structural anomaly: parts "
-                                     "missing or moved); texture classes always take textures")
-    self_shift: float = setting(0.25, above=0, below=1, added=0.25,
-                                help="with self_source: the copy's largest shift per axis, a fraction of the "
-                                     "side (each axis shifted by shift/4 .. shift, sign at random)")
 
 
 PROFILE_NAMES = ("fast", "long", "paper")

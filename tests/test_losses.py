@@ -185,18 +185,3 @@ def test_jitter_rows_adds_noise_of_the_asked_norm_per_row_radius():
     assert norms[:2000].pow(2).mean().sqrt() == pytest.approx(5.0, rel=0.01)
     assert norms[2000:].pow(2).mean().sqrt() == pytest.approx(20.0, rel=0.01)
     assert torch.equal(jitter_rows(x, 3.0, 0.0), x)
-
-
-def test_residual_shape_is_the_per_dimension_rms_at_a_mean_square_of_one():
-    from stages.heads.clad import residual_shape
-
-    # dimension 0 differs by +-2, dimension 1 by +-1, dimension 2 not at all
-    diff = torch.tensor([[2.0, 1.0, 0.0], [-2.0, -1.0, 0.0], [2.0, -1.0, 0.0], [-2.0, 1.0, 0.0]])
-    shape = residual_shape(diff)
-    scale = math.sqrt((4 + 1 + 0) / 3)  # root mean square of the per-dimension rms (2, 1, 0)
-    assert torch.allclose(shape, torch.tensor([2.0, 1.0, 0.0]) / scale)
-    assert torch.allclose(shape.pow(2).mean(), torch.tensor(1.0))
-    # noise of that shape keeps the isotropic noise's expected squared norm: C sigma^2
-    torch.manual_seed(0)
-    noise = 0.5 * shape * torch.randn(200000, 3)
-    assert abs(float(noise.pow(2).sum(1).mean()) - 3 * 0.25) < 0.01

@@ -103,11 +103,9 @@ class ShardExtractor:
             if split == "train":
                 t0 = time.perf_counter()
                 fg = self._foreground(s, img)
-                structural = self.cfg.synthesis.self_source and s.class_name not in self.texture_classes
                 for v in range(self.cfg.synthesis.variants):
                     syn = synthesize(img, fg, self.textures, self.cfg.synthesis, self.stride,
-                                     seeded(self.cfg.synthesis.seed, s.image_id, v),
-                                     self_source=structural and v % 2 == 1)
+                                     seeded(self.cfg.synthesis.seed, s.image_id, v))
                     images.append(syn.image)
                     pmasks.append(syn.patch_mask)
                     betas.append(syn.beta)

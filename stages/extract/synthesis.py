@@ -24,9 +24,6 @@ from core.settings import SynthesisConfig
 from stages.extract.data import IMAGE_SUFFIXES, load_rgb
 
 
-SELF_MIN_CHANGE = 0.1  # mean absolute RGB change (of 1) below which a self-pasted pixel counts as unchanged
-
-
 # -- Perlin noise -----------------------------------------------------------
 def perlin_2d(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Gradient noise ``[H, W]`` with ``res`` periods per axis (GLASS perlin.py).
@@ -192,23 +189,6 @@ def augment_texture(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-def shifted_copy(image: np.ndarray, low: float, high: float, rng: np.random.Generator) -> np.ndarray:
-    """``image`` ``[S, S, 3]`` translated by a random offset per axis of ``low .. high``
-    times the side (sign at random), the uncovered border filled by reflection.
-
-    Pasted through a Perlin mask it gives a structural anomaly made of the
-    object's own material: a part missing (background shifted in), doubled or
-    moved (a neighbouring part shifted in), with no foreign texture. The
-    probe's CutPaste / Scar move a rectangle or a thin stripe, opaque; this
-    moves a Perlin-shaped region, blended with beta like the textures.
-    """
-    s = image.shape[0]
-    dy, dx = (int(round(rng.uniform(low, high) * s)) * (1 if rng.random() < 0.5 else -1) for _ in range(2))
-    pad = max(abs(dy), abs(dx))
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect") if pad else image
-    return padded[pad - dy:pad - dy + s, pad - dx:pad - dx + image.shape[1]]
-
-
 def blend(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
     """Eq. 3: ``x (1-m) + (1-beta) tex m + beta x m``; beta is the original's share."""
     m = mask[..., None]
@@ -227,25 +207,14 @@ class Synthetic:
 
 
 def synthesize(image: np.ndarray, fg: np.ndarray, textures: TextureSource, cfg: SynthesisConfig,
-               stride: int, rng: np.random.Generator, self_source: bool = False) -> Synthetic:
+               stride: int, rng: np.random.Generator) -> Synthetic:
     """One anomalous version of ``image``; redraws until a patch is covered.
-
-    The masked region is filled with an augmented texture (GLASS), or with
-    ``self_source`` with a shifted copy of the image itself (``shifted_copy``).
 
     After ``cfg.max_tries`` empty draws (a tiny foreground), the foreground is
     ignored for this image (reported via ``used_foreground=False``).
     """
     size = image.shape[0]
     used_fg = True
-    copy = None
-    if self_source:  # only pixels the copy changes can be anomalous: a shifted plain region is no defect
-        copy = shifted_copy(image, cfg.self_shift / 4, cfg.self_shift, rng).astype(np.float32)
-        changed = ndimage.binary_opening(np.abs(copy - image).mean(axis=2) > SELF_MIN_CHANGE, iterations=1)
-        if changed.any():
-            fg = fg * changed
-        else:  # a plain image: no shift changes it, so a texture fills the mask instead
-            copy = None
     for attempt in range(2 * cfg.max_tries):
         if attempt == cfg.max_tries:
             used_fg, fg = False, np.ones_like(fg)
@@ -255,9 +224,6 @@ def synthesize(image: np.ndarray, fg: np.ndarray, textures: TextureSource, cfg: 
             break
     else:  # pragma: no cover - Perlin masks with fg=1 are never empty this often
         raise RuntimeError("anomaly synthesis produced only empty masks")
-    if copy is not None:  # opaque, as a missing or moved part is: beta (the original's share) in [0, beta_min]
-        beta = float(rng.uniform(0, cfg.beta_min))
-        return Synthetic(blend(image, copy, m, beta).astype(np.float32), m, pm, beta, used_fg)
     tex = np.asarray(augment_texture(textures.draw(size, rng), rng), np.float32) / 255.0
     beta = float(np.clip(rng.normal(cfg.beta_mean, cfg.beta_std), cfg.beta_min, cfg.beta_max))
     return Synthetic(blend(image, tex, m, beta).astype(np.float32), m, pm, beta, used_fg)

@@ -73,10 +73,6 @@ class CladSettings(Settings):
                                help="with gas_radius = class: r1 per class = factor x this statistic of held-out "
                                     "normal NN distances: median (over patches) | image_max (median over held-out "
                                     "images of each image's largest patch distance)")
-    gas_noise_shape: str = setting("isotropic", choices=("isotropic", "residual"), added="isotropic",
-                                   help="GAS noise: isotropic (GLASS) | residual: each dimension's standard deviation "
-                                        "in proportion to how much unseen normal rows differ from their nearest "
-                                        "training row there (same expected norm)")
     use_contrastive: bool = setting(True)
     use_gas: bool = setting(True)
     use_las: bool = setting(True)
@@ -136,41 +132,17 @@ def _bank(cache: TrainCache, held: np.ndarray, order: Any, n_bank: int) -> torch
     return torch.from_numpy(np.concatenate(bank, dtype=np.float32)[:n_bank])
 
 
-def _nearest_training_rows(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int, n_probe: int,
-                           n_bank: int, shards: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``n_probe`` of the held-out normal rows ``probe`` (seeded choice) ``[n, C]`` and their
-    differences to the nearest of up to ``n_bank`` training normal rows (of ``shards`` only,
-    default all, in a seeded order) ``[n, C]`` (float32)."""
+def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
+                       n_probe: int = 2000, n_bank: int = 50000, shards: np.ndarray | None = None) -> float:
+    """Median distance of held-out normal rows ``probe`` to their nearest
+    training normal row (of ``shards`` only, default all, in a seeded order)."""
     from stages.search import nearest_rows
 
     order = seeded(seed, "nn-bank").permutation(cache.n_shards) if shards is None else shards
     x = _bank(cache, held, order, n_bank)
     q = torch.from_numpy(probe[seeded(seed, "nn-probe").permutation(len(probe))[:n_probe]].astype(np.float32))
-    _, idx = nearest_rows(q, x, (x * x).sum(1))
-    return q, q - x[idx[:, 0]]
-
-
-def median_nn_distance(cache: TrainCache, held: np.ndarray, probe: np.ndarray, seed: int,
-                       n_probe: int = 2000, n_bank: int = 50000, shards: np.ndarray | None = None) -> float:
-    """Median distance of held-out normal rows ``probe`` to their nearest
-    training normal row (of ``shards`` only, default all, in a seeded order)."""
-    _, diff = _nearest_training_rows(cache, held, probe, seed, n_probe, n_bank, shards)
-    return float(diff.norm(dim=1).median())
-
-
-def residual_shape(diff: torch.Tensor) -> torch.Tensor:
-    """``[n, C]`` differences of held-out normal rows to their nearest training row ->
-    ``[C]``: each dimension's root mean square, scaled to a mean square of 1.
-
-    Noise of per-dimension standard deviation ``sigma * shape`` has the expected
-    squared norm of isotropic noise of ``sigma`` (``C sigma^2``), spread over the
-    dimensions as unseen normal patches differ from the training ones: on lite0
-    the stride-16 level's dimensions (the second half) vary 0.55x as much as the
-    stride-8 level's, so isotropic noise is 1.5x their natural spread there and
-    0.8x in the first half.
-    """
-    rms = diff.pow(2).mean(0).sqrt()
-    return rms / rms.pow(2).mean().sqrt().clamp_min(1e-12)
+    dist, _ = nearest_rows(q, x, (x * x).sum(1))
+    return float(dist[:, 0].median())
 
 
 def image_max_statistic(per_image: list[np.ndarray]) -> float:
@@ -266,8 +238,6 @@ class _Trainer:
         self.schedule = Schedule(t.lr, t.lr_schedule, t.ema)
         self.val = held_out_rows(ctx.cache, ctx.held, VAL_ROWS, ctx.seed)
         self.r1, self.noise, self.eta = distributed.on_main(self._gas_scale)
-        shape = distributed.on_main(self._noise_shape)
-        self.noise_shape = None if shape is None else shape.to(self.device)
         self.r2 = 2 * self.r1
         self.class_of_image = torch.from_numpy(ctx.cache.image_class.astype(np.int64))
         self.class_r1 = distributed.on_main(self._class_radii)
@@ -300,7 +270,7 @@ class _Trainer:
             if self.t.use_gas:
                 g = xn[: len(xn) // 2]
                 r1, noise, _ = self.gas_radii(img[: len(g)])
-                r1, noise = (v.cpu() if torch.is_tensor(v) else v for v in (r1, noise))
+                r1, noise = (r1.cpu(), noise.cpu()) if torch.is_tensor(r1) else (r1, noise)
                 parts.append(project_shell(g + noise * torch.randn_like(g), g, r1, 2 * r1))
             chunks.append(_mine(torch.cat(parts)).to(self.device))  # a distributed run: this rank's rows
         precise_batch_norm(model, chunks)
@@ -315,16 +285,6 @@ class _Trainer:
         self.ctx.log("train: GAS radius r1 per class: " + ", ".join(
             f"{n} {v:.3g}" for n, v in zip(self.ctx.cache.class_names, r1, strict=True)))
         return torch.tensor(r1, dtype=torch.float32)
-
-    def _noise_shape(self) -> torch.Tensor | None:
-        """``[C]`` per-dimension scale of the GAS noise (``residual_shape``), or None (isotropic)."""
-        if self.t.gas_noise_shape != "residual" or not len(self.val[0]):
-            return None
-        _, diff = _nearest_training_rows(self.ctx.cache, self.ctx.held, self.val[0], self.ctx.seed, 2000, 50000, None)
-        shape = residual_shape(diff)
-        self.ctx.log(f"train: GAS noise per dimension from held-out residuals: {float(shape.min()):.2f} .. "
-                     f"{float(shape.max()):.2f} x isotropic")
-        return shape
 
     def _gas_scale(self) -> tuple[float, float, float]:
         """GAS radius r1, per-dimension noise and ascent step.
@@ -356,15 +316,12 @@ class _Trainer:
     # -- one step ------------------------------------------------------------------
     def gas_radii(self, image: torch.Tensor) -> tuple[Any, Any, Any]:
         """(r1, noise, eta) for rows of global images ``image`` ``[n]``: floats, or
-        ``[n, 1]`` tensors with per-class radii (noise and step scale with r1); with a
-        noise shape the noise is per dimension (``[C]`` or ``[n, C]``)."""
+        ``[n, 1]`` tensors with per-class radii (noise and step scale with r1)."""
         if self.class_r1 is None:
-            r1, noise, eta = self.r1, self.noise, self.eta
-        else:
-            r1 = self.class_r1[self.class_of_image[image.cpu()]].to(self.device)[:, None]
-            scale = r1 / self.r1
-            r1, noise, eta = r1, self.noise * scale, self.eta * scale
-        return r1, noise if self.noise_shape is None else noise * self.noise_shape, eta
+            return self.r1, self.noise, self.eta
+        r1 = self.class_r1[self.class_of_image[image.cpu()]].to(self.device)[:, None]
+        scale = r1 / self.r1
+        return r1, self.noise * scale, self.eta * scale
 
     def gas(self, x: torch.Tensor, image: torch.Tensor, pool: torch.Tensor | None = None,
             pool_image: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
