@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from core.devices import resolve_device
 from core.files import write_atomic
+from core.settings import Config
 from pipeline.progress import progress, say
 from pipeline.workspace import Workspace
+
+if TYPE_CHECKING:
+    import torch
 
 
 def extract_run(ws: Workspace, scheduler: str, device: str, rebuild: bool) -> None:
@@ -27,8 +32,8 @@ def extract_run(ws: Workspace, scheduler: str, device: str, rebuild: bool) -> No
         for i, why in store.incomplete().items():
             say(f"extract: {sp}.zarr shard {i:05d} is incomplete ({why}); re-extracting it")
     if not units:
-        say(f"extract: already done ({n_units} shards, {sum(len(v) for v in plan.samples.values())} images); "
-            "nothing to do")
+        say(f"extract: already done ({n_units} shards, {sum(len(v) for v in plan.samples.values())} images)")
+        _probe(cfg, ws, dev)
         return
     n_images = sum(len(plan.shards[sp][i]) for sp, i in units)
     say(f"extract: {len(units)}/{n_units} shards to do ({n_images} images) on {dev.type}"
@@ -53,3 +58,13 @@ def extract_run(ws: Workspace, scheduler: str, device: str, rebuild: bool) -> No
         indent=2))
     say(f"extract: done in {dt:.1f} s ({n_images / dt:.1f} img/s, {timings.rows} rows); "
         f"cache {size / 2**20:.1f} MiB in {ws.cache_dir}")
+    _probe(cfg, ws, dev)
+
+
+def _probe(cfg: Config, ws: Workspace, dev: torch.device) -> None:
+    """The held-out probe of config.toml's split, part of the cache (encoded once)."""
+    from stages.train.probe import extract_probe
+
+    path = extract_probe(cfg, ws.cache_dir, dev, say)
+    if path is not None:
+        say(f"extract: held-out probe in {path}")

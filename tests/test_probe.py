@@ -82,3 +82,24 @@ def test_missing_held_out_images_leave_training_unvalidated_not_failed(tmp_path)
                                 lines.append)
     assert probe is None
     assert "training without the probe" in lines[-1] and "gone.png" in lines[-1]
+
+
+def test_extract_encodes_the_probe_and_training_only_reads_it(extracted):
+    """``clad extract`` leaves the probe of config.toml's split in WORK/cache/probe/; a
+    second extract finds it; a run with that split encodes nothing and leaves the
+    cache folder as it was, while a run with another split encodes its own."""
+    from tests.conftest import TINY_TRAIN, clad
+
+    probes = sorted((extracted / "cache" / "probe").glob("*.pt"))
+    assert len(probes) == 1
+    again = clad("extract", str(extracted))
+    assert f"held-out probe in {probes[0]}" in again.stdout + again.stderr
+    assert "encoding" not in again.stdout + again.stderr
+    before = {p: p.stat().st_mtime_ns for p in (extracted / "cache").rglob("*")}
+    out = clad("train", str(extracted), "--run", "probe-read", *TINY_TRAIN, "--set", "epochs_contrastive=0",
+               "--set", "epochs_finetune=1")
+    assert "probe: encoding" not in out.stdout + out.stderr
+    assert {p: p.stat().st_mtime_ns for p in (extracted / "cache").rglob("*")} == before
+    other = clad("train", str(extracted), "--run", "probe-other", *TINY_TRAIN, "--set", "epochs_contrastive=0",
+                 "--set", "epochs_finetune=1", "--set", "seed=5")
+    assert "probe: encoding" in other.stdout + other.stderr

@@ -42,12 +42,15 @@ def legacy_run_key(cfg: Config) -> str | None:
     """The pre-registry key of a clad or knn run with these settings (None for other heads)."""
     if cfg.train.head not in ("clad", "knn"):
         return None
-    train = legacy_flat_train(cfg)
-    if train is None:
-        return None
-    if cfg.train.head == "knn":
-        settings: dict[str, Any] = {"code": TRAIN_CODE_VERSION, "train": {k: train[k] for k in _KNN_SETTINGS}}
+    if cfg.train.head == "knn":  # hashed knn's settings alone: CLAD's (newer ones included) never mattered
+        t, knn = cfg.train, dataclasses.asdict(cfg.train.head_settings("knn"))
+        flat = {"head": t.head, "holdout": t.holdout, "threshold_quantile": cfg.calibrate.quantile, "seed": t.seed,
+                "knn_coreset": knn["knn_coreset"], "knn_k": knn["knn_k"]}
+        settings: dict[str, Any] = {"code": TRAIN_CODE_VERSION, "train": {k: flat[k] for k in _KNN_SETTINGS}}
     else:
+        train = legacy_flat_train(cfg)
+        if train is None:
+            return None
         train = {k: v for k, v in train.items() if _ADDED.get(k, object()) != v}
         settings = {"code": TRAIN_CODE_VERSION, "labels": cfg.data.labels, "train": train}
     return settings_hash({"extract": cfg.extract_key(), **settings})

@@ -93,6 +93,7 @@ class Trainable(Protocol):
     def step(self, batch: Any, phase: Phase, epoch: int, index: int) -> dict[str, torch.Tensor]: ...
     def size(self, batch: Any) -> int: ...  # rows (or images) the batch trained on
     def end_epoch(self, phase: Phase, scored: nn.Module) -> dict[str, Any]: ...
+    # optional: restore(history) on resuming, for state a head keeps in its epoch records
 
 
 def backward(losses: dict[str, torch.Tensor]) -> None:
@@ -173,18 +174,20 @@ class EpochLoop:
             if average is not None:  # a later phase starts from the average
                 tr.model.load_state_dict(average.state_dict())
 
-        history = self.run(holder, tr.optimizer, run_epoch, on_phase, next_phase)
+        history = self.run(holder, tr.optimizer, run_epoch, on_phase, next_phase, getattr(tr, "restore", None))
         return scored, history
 
     def run(self, model: torch.nn.Module, make_optimizer: Callable[[Phase], torch.optim.Optimizer],
             run_epoch: RunEpoch, on_phase: Callable[[Phase, int], None] | None = None,
-            next_phase: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+            next_phase: Callable[[], None] | None = None,
+            on_resume: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
         """Train to the end; returns the history (one record per epoch).
 
         ``run_epoch(phase_index, phase, epoch, optimizer)`` trains one epoch and
         returns its record (with ``phase.select_by`` where the phase selects);
         ``on_phase(phase, first_epoch)`` is called when a phase (re)starts;
-        ``next_phase()`` after a phase's selected model is loaded, before the next one starts.
+        ``next_phase()`` after a phase's selected model is loaded, before the next one starts;
+        ``on_resume(history)`` when a checkpoint is resumed (state a head derives from its records).
         """
         ctx, files = self.ctx, self.ctx.files
         main = distributed.is_main()
@@ -197,6 +200,8 @@ class EpochLoop:
             opt = make_optimizer(self.phases[min(phase, len(self.phases) - 1)])
             opt.load_state_dict(ck["optimizer"])
             ctx.log(f"train: resuming at {self.phases[min(phase, len(self.phases) - 1)].name} epoch {epoch}")
+            if on_resume is not None:
+                on_resume(history)
         while phase < len(self.phases):
             ph = self.phases[phase]
             if on_phase is not None and epoch < ph.epochs:
@@ -216,7 +221,8 @@ class EpochLoop:
                 if main:
                     save_torch_atomic(self._state(model, opt, phase, epoch, best, history), files.latest)
                 distributed.barrier()  # no rank starts the next epoch before this one's checkpoint is whole
-                bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items() if k not in ("phase", "epoch")})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in rec.items()
+                                 if k not in ("phase", "epoch") and isinstance(v, (int, float))})
                 bar.update(1)
             bar.close()
             phase, epoch = phase + 1, 0

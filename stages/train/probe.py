@@ -5,10 +5,12 @@ that learned it: held-out LAS rows ranked CLAD runs backwards (docs/RESULTS.md).
 The probe makes anomalies of a kind no head trains on: CutPaste and
 CutPaste-Scar (a piece of the same image moved onto its foreground;
 ``stages.extract.synthesis.cut_paste``) on the run's held-out training images, which
-are themselves the probe's normal images. Its features are computed once per
-held-out split with the extraction backbone and kept beside the cache
-(``WORK/cache/probe/<key>.pt``), so a second run or head with the same split
-never encodes them again. A head scores the probe exactly as ``clad
+are themselves the probe's normal images. Its features belong to stage 1:
+``clad extract`` encodes them for config.toml's held-out split
+(``extract_probe``) and keeps them beside the cache
+(``WORK/cache/probe/<key>.pt``), so training only reads them; a run with
+another split (``--set holdout=...`` or ``seed``) encodes its own on first
+use, once, with the extraction backbone. A head scores the probe exactly as ``clad
 evaluate`` scores the test set (maps, image score = max, pixel metrics);
 ``probe_pixel`` (mean of pixel AUROC and AUPRO) is the selector: on the
 heads table the probe's pixel metrics ranked runs as the test set did
@@ -99,7 +101,8 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
                             {k: v.numpy() for k, v in d["masks"].items()})
         except Exception:  # noqa: BLE001 - a damaged file is rebuilt
             log(f"probe: {path} unreadable; building it again")
-    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS} CutPaste/Scar versions of each")
+    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS} CutPaste/Scar versions of each "
+        f"into {path.parent}")
     try:
         probe = build_probe(cfg, cache, held, device)
     except (OSError, CladError) as exc:  # the images moved since extraction: train on, unvalidated
@@ -130,3 +133,19 @@ def probe_metrics(probe: ProbeSet | None, score_maps: ScoreMaps, size: int, sigm
     out = {f"probe_{k}": float(np.mean([c[k] for c in per_class])) for k in keys}
     out["probe_pixel"] = (out["probe_pixel_auroc"] + out["probe_aupro"]) / 2
     return out
+
+
+def extract_probe(cfg: Config, cache_dir: Path, device: torch.device, log: Callable[[str], None]) -> Path | None:
+    """Stage 1's part of the probe: the probe of config.toml's held-out split
+    (``train.holdout``, ``train.seed``) for the train cache in ``cache_dir``, encoded
+    unless it is there already; its path (None without held-out images)."""
+    from cache.store import FeatureStore
+    from stages.train.labels import holdout_images
+
+    store = FeatureStore(cache_dir / "train.zarr")
+    cache = TrainCache(store)
+    held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
+    if load_or_build_probe(cfg, cache, held, store.info().key, device, log) is None:
+        return None
+    ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
+    return cache_dir / "probe" / f"{probe_key(store.info().key, ids, cfg.train.seed)}.pt"
