@@ -57,7 +57,7 @@ def test_unknown_keys_are_errors():
 def test_profile_then_explicit_values_then_set():
     cfg = config_from_dict({"train": {"profile": "fast", "head": "clad", "lr": 1e-3}})
     clad = cfg.train.head_settings()
-    assert clad.epochs_contrastive == 2 and clad.lr == 1e-3
+    assert clad.epochs_contrastive == 1 and clad.epochs_finetune == 8 and clad.lr == 1e-3  # fast, then the table
     cfg = apply_sets(cfg, ["margin=2", "evaluate.sigma=2.5", "use_gas=false"])
     clad = cfg.train.head_settings()
     assert clad.margin == 2.0 and cfg.evaluate.sigma == 2.5 and clad.use_gas is False

@@ -78,11 +78,14 @@ class CladSettings(Settings):
     gas_shell: str = setting("fixed", choices=("fixed", "adaptive"), added="fixed",
                              help="fixed | adaptive (with gas_radius = class and gas_scale = nn): after every "
                                   "epoch each class's r1 shrinks while the held-out GAS rows are separated "
-                                  "(AUROC >= gas_shell_target), grows when they are not, within 0.5 .. 1 x its "
-                                  "configured r1 (stages/heads/clad_shell.py)")
+                                  "(AUROC >= gas_shell_target), grows when they are not, within gas_shell_min "
+                                  ".. 1 x its configured r1 (stages/heads/clad_shell.py)")
     gas_shell_target: float = setting(0.95, above=0.5, below=1, added=0.95,
                                       help="with gas_shell = adaptive: the held-out GAS AUROC a class's shell "
                                            "must reach before it is tightened")
+    gas_shell_min: float = setting(0.5, above=0, high=1, added=0.5,
+                                   help="with gas_shell = adaptive: the tightest shell, a fraction of each "
+                                        "class's configured r1")
     use_contrastive: bool = setting(True)
     use_gas: bool = setting(True)
     use_las: bool = setting(True)
@@ -284,7 +287,7 @@ class _Trainer:
             return auc.tolist()
 
         auc = np.array(distributed.on_main(measure), dtype=np.float64)  # every rank updates alike
-        self.shell = update_shell(self.shell, auc, self.t.gas_shell_target)
+        self.shell = update_shell(self.shell, auc, self.t.gas_shell_target, low=self.t.gas_shell_min)
         self.ctx.log("train: GAS shell per class (held-out GAS AUROC -> next r1 factor): " + ", ".join(
             f"{n} {a:.3f} -> {f:.2f}" for n, a, f in zip(self.ctx.cache.class_names, auc, self.shell, strict=True)))
         return {"gas_auroc": auc.tolist(), "gas_shell": self.shell.tolist()}
