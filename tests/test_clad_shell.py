@@ -16,6 +16,9 @@ def test_update_shell_tightens_separated_classes_loosens_the_others_within_bound
     assert np.allclose(got, [0.8, 1.0, SHELL_MIN, SHELL_MIN, 0.8, 1.0])
     assert np.isclose(update_shell(np.array([0.64]), np.array([0.95 - LOOSEN_BELOW - 0.01]), 0.95, 0.8)[0], 0.8)
     assert update_shell(np.array([0.64]), np.array([0.95 - LOOSEN_BELOW]), 0.95, 0.8)[0] == 0.64
+    # gas_shell_min: another floor
+    assert np.isclose(update_shell(np.array([0.4]), np.array([0.99]), 0.95, 0.8, low=0.3)[0], 0.32)
+    assert update_shell(np.array([0.4]), np.array([0.99]), 0.95, 0.8, low=0.35)[0] == 0.35
 
 
 def test_class_gas_auroc_is_one_for_a_distance_score_and_one_half_for_a_blind_one():

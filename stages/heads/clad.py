@@ -256,6 +256,9 @@ class _Trainer:
         self.class_nn_r1 = distributed.on_main(self._class_radii)  # r1 per class at the configured factor
         n_classes = len(ctx.cache.class_names)
         adaptive = t.gas_shell == "adaptive" and self.class_nn_r1 is not None
+        if t.gas_shell == "adaptive" and not adaptive:
+            ctx.log("train: gas_shell = adaptive needs a radius per class (gas_radius = class, gas_scale = nn); "
+                    "the shell stays fixed")
         self.shell = np.ones(n_classes) if adaptive else None  # factor of each class's r1 (gas_shell)
         self.shell_rows = (rows_per_class(self.val[2], ctx.cache.image_class, n_classes, SHELL_ROWS,
                                           seeded(ctx.seed, "shell-rows")) if adaptive else {})
