@@ -43,6 +43,7 @@ from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from core.files import read_json, seeded  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from stages import metrics  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
@@ -63,11 +64,8 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    if not len(neg) or not len(pos):
-        return float("nan")
-    return float(roc_auc_score(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos]))
+    """AUROC of ``pos`` (anomalous) against ``neg`` scores (``stages.metrics.auroc``; NaN if either is empty)."""
+    return metrics.auroc(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
 
 
 def brightness(path: str, cfg: Any, hw: int) -> np.ndarray:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import BatchStream, TrainCache  # noqa: E402
-from stages.heads.clad import CladModel  # noqa: E402
+from stages.heads.clad_model import CladModel  # noqa: E402
 from stages.train.labels import holdout_images  # noqa: E402
 from stages.train.losses import (  # noqa: E402
     classification_loss,

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import progress_row, report  # noqa: E402
@@ -32,6 +31,7 @@ from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
+from stages.metrics import auroc  # noqa: E402
 from stages.train.labels import holdout_images  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main(work: Path, runs: list[str]) -> None:
         for name, x in sets.items():
             s = head.score_maps(torch.as_tensor(x)[None].float())[0].numpy()
             y = np.r_[np.zeros(len(s_normal)), np.ones(len(s))]
-            row[name] = round(float(roc_auc_score(y, np.r_[s_normal, s])), 4)
+            row[name] = round(auroc(y, np.r_[s_normal, s]), 4)
         rows.append(row)
         progress_row(row)
     print(f"\n{work.name}: {int(held.sum())} held-out images, {len(normal)} normal rows, "

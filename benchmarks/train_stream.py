@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import table, write_result  # noqa: E402
 from cache.store import FeatureStore, compressors  # noqa: E402
 from cache.stream import BatchStream, TrainCache  # noqa: E402
-from stages.heads.clad import CladModel  # noqa: E402
+from stages.heads.clad_model import CladModel  # noqa: E402
 from stages.train.losses import classification_loss, hinge_loss  # noqa: E402
 
 ROWS_PER_IMAGE = 784

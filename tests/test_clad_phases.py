@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from core.errors import CladError
-from stages.heads.clad import CladSettings, phase_batches
+from stages.heads.clad import CladSettings
+from stages.heads.clad_train import phase_batches
 
 
 def _kept(select: str, **kw) -> dict[str, bool]:
@@ -36,7 +37,7 @@ def test_an_unknown_keep_epoch_word_is_refused_in_one_line():
 
 
 def test_image_max_statistic_is_the_median_of_each_images_largest_distance():
-    from stages.heads.clad import image_max_statistic
+    from stages.heads.clad_shell import image_max_statistic
 
     per_image = [np.array([1.0, 5.0, 2.0]), np.array([3.0]), np.array([0.5, 9.0]), np.array([4.0, 4.0])]
     assert image_max_statistic(per_image) == 4.5  # maxima 5, 3, 9, 4 -> median 4.5

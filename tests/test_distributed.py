@@ -175,7 +175,7 @@ def _one_step(work: str, sets: list[str], run_dir: str) -> dict[str, torch.Tenso
     from core.layout import RunFiles
     from pipeline.runs import run_config
     from pipeline.workspace import Workspace
-    from stages.heads.clad import _Trainer
+    from stages.heads.clad_train import CladTrainer
     from stages.train.epochs import backward
     from stages.train.stage import train_context
 
@@ -184,7 +184,7 @@ def _one_step(work: str, sets: list[str], run_dir: str) -> dict[str, torch.Tenso
     store = FeatureStore(ws.cache_dir / "train.zarr")
     ctx = train_context(cfg, TrainCache(store), RunFiles(Path(run_dir)), torch.device("cpu"), store.info().key,
                         lambda _m: None, lambda *_a: None)
-    tr = _Trainer(cfg.train.head_settings(), ctx)
+    tr = CladTrainer(cfg.train.head_settings(), ctx)
     ph = tr.phases()[0]
     for batch in tr.batches(ph, 0):
         break

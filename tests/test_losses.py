@@ -99,7 +99,7 @@ def test_project_shell_takes_a_radius_per_row():
 
 
 def test_global_synthesis_keeps_the_shell_and_leaves_batch_norm_alone_in_eval_mode():
-    from stages.heads.clad import CladModel
+    from stages.heads.clad_model import CladModel
     from stages.train.losses import global_synthesis
 
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def test_global_synthesis_keeps_the_shell_and_leaves_batch_norm_alone_in_eval_mo
 
 
 def test_precise_batch_norm_is_the_average_of_the_chunks_batch_statistics():
-    from stages.heads.clad import precise_batch_norm
+    from stages.heads.clad_model import precise_batch_norm
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
@@ -157,7 +157,7 @@ def test_partner_differences_point_to_a_row_of_the_same_class():
 
 
 def test_global_synthesis_from_a_start_direction_keeps_its_direction_on_the_shell():
-    from stages.heads.clad import CladModel
+    from stages.heads.clad_model import CladModel
     from stages.train.losses import global_synthesis
 
     torch.manual_seed(0)

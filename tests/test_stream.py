@@ -117,7 +117,7 @@ def test_mixed_stream_batches_hold_several_classes(extracted):
 
 
 def test_class_nn_distances_equal_brute_force_per_class(extracted):
-    from stages.heads.clad import class_nn_distances
+    from stages.heads.clad_shell import class_nn_distances
     from stages.train.labels import normal_maps
 
     cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
@@ -135,7 +135,7 @@ def test_class_nn_distances_equal_brute_force_per_class(extracted):
 
 def test_class_image_max_distances_equal_brute_force_per_class(extracted):
     """gas_nn_stat = image_max: the median over held-out images of each one's largest patch NN distance."""
-    from stages.heads.clad import class_nn_distances
+    from stages.heads.clad_shell import class_nn_distances
     from stages.train.labels import normal_maps
 
     cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
@@ -191,7 +191,7 @@ def test_class_radii_use_the_class_own_rows_even_in_a_shard_another_class_starts
     training rows lie on a's held-out rows (a bank mixing them in gives a 0). Each class's
     radius is the median distance of its held-out rows to its own training rows, by hand:
     a 0.5, b 3.0 (a's rows would give 0.5), c 2.0."""
-    from stages.heads.clad import class_nn_distances
+    from stages.heads.clad_shell import class_nn_distances
 
     def image(x0):  # 4 rows on a line: x0, x0 + 10, x0 + 20, x0 + 30
         return np.stack([[x0 + 10.0 * k, 0.0] for k in range(4)]).astype(np.float16)

@@ -6,10 +6,15 @@ re-estimated on a sample (``precise_batch_norm``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from core import distributed
+
+if TYPE_CHECKING:
+    from stages.heads.clad_settings import CladSettings
 
 
 class BatchNorm1d(nn.BatchNorm1d):
@@ -162,3 +167,8 @@ def precise_batch_norm(model: nn.Module, chunks: list[torch.Tensor]) -> None:
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
     model.train(was_training)
+
+
+def build_model(in_dim: int, n_labels: int, t: CladSettings) -> CladModel:
+    """The network ``t`` describes, for ``in_dim`` features and ``n_labels`` labels (random weights)."""
+    return CladModel(in_dim, n_labels, t.adaptor_dims, t.disc_hidden, t.score_heads)
