@@ -10,9 +10,9 @@ from PIL import Image
 
 from core.errors import CladError
 from core.layout import RunFiles
-from core.settings import CalibrateConfig
+from core.settings import CalibrateConfig, Config
 from stages.metrics import verdict_metrics
-from stages.train.calibrate import class_threshold, normalized_score, verdicts_in_force
+from stages.train.calibrate import calibration_key, class_threshold, normalized_score, seen_shifts, verdicts_in_force
 from stages.train.routing import Router
 from tests.conftest import clad
 
@@ -28,6 +28,36 @@ def test_a_small_class_gets_a_wider_threshold():
     ev = class_threshold(np.array([1.0, 2.0, 3.0]), quantile=0.99, min_images=8)
     assert ev["threshold"] == pytest.approx(3 + math.sqrt(2 / 3))  # max + population std
     assert "fewer than 8" in ev["rule"]
+
+
+def test_seen_scores_are_raised_by_the_gap_the_unseen_ones_show():
+    r2 = math.sqrt(2)  # population std of 0, 1, 2, 3, 4
+    seen = {0: np.arange(5.0), 1: np.array([10.0, 12.0]), 2: np.array([5.0, 5.0])}
+    unseen = {0: 2 + r2 * np.array([1.0, 2, 3, 1, 2]),  # z = 1, 2, 3, 1, 2: its own median, 2
+              1: np.array([6.0]),  # z = -5, one image: the median of every class's z instead
+              2: np.array([9.0])}  # no spread among the seen scores: no z, no shift
+    got = seen_shifts(seen, unseen, min_unseen=5)
+    assert got[0] == pytest.approx(2 * r2) and got[2] == 0.0
+    assert got[1] == pytest.approx(1.5)  # pooled z: median of 1, 2, 3, 1, 2, -5 = 1.5, times class 1's spread 1
+    # a class with fewer unseen images than asked takes the pooled z too
+    assert seen_shifts(seen, unseen, min_unseen=6)[0] == pytest.approx(1.5 * r2)
+    # unseen images scored lower than the seen ones: never shifted down
+    assert seen_shifts({3: np.arange(5.0)}, {3: np.zeros(5)}, 5) == {3: 0.0}
+    # nothing unseen anywhere (a head without held-out images): nothing to measure, no shift
+    assert seen_shifts(seen, {}, 5) == dict.fromkeys(seen, 0.0)
+
+
+def test_seen_shift_moves_the_key_only_where_some_images_are_seen():
+    from dataclasses import replace
+
+    def key(head: str, **cal) -> str:
+        base = Config()
+        return calibration_key(replace(base, train=replace(base.train, head=head),
+                                       calibrate=replace(base.calibrate, **cal)), "k")
+
+    assert key("clad", seen_shift="gap") != key("clad", seen_shift="none")
+    assert key("knn", seen_shift="gap") == key("knn", seen_shift="none")  # cross-fitted: every image unseen
+    assert key("knn", seen_shift="gap", folds=1) != key("knn", seen_shift="none", folds=1)  # no cross-fitting
 
 
 def test_normalised_score_puts_every_threshold_at_the_fixed_value():

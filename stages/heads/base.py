@@ -73,6 +73,7 @@ class Head(ABC):
     # another name: {old meta key: setting} (the same name needs no entry)
     older_meta: ClassVar[dict[str, str]] = {}
     distributed: ClassVar[bool] = False  # can it train on several processes (torchrun; core.distributed)?
+    cross_fits: ClassVar[bool] = False  # calibration_scores scores every image unseen (with folds >= 2)?
     summary: str = ""  # one line for --help
     settings: Any  # the head's settings (an instance of settings_class)
     meta: dict[str, Any]  # what checkpoint() stores besides the state: head, embed_dim, class_names, keys, ...

@@ -72,6 +72,7 @@ class KnnHead(Head):
     """Nearest-neighbour distance to a bank of normal training patches (PatchCore-style)."""
 
     name = "knn"
+    cross_fits = True  # calibration_scores: each image scored by a bank without it
     settings_class = KnnSettings
     summary = "nearest-neighbour memory bank (PatchCore-style baseline)"
     reads = ("holdout", "seed")

@@ -116,6 +116,7 @@ class RoutedKnnHead(Head):
     highest-scoring patches refined over the whole class (module docstring)."""
 
     name = "routed_knn"
+    cross_fits = True  # calibration_scores: each image scored by a bank without it
     settings_class = RoutedKnnSettings
     summary = "knn among the nearest training images of the image's own class (the recommended head)"
     reads = ("holdout", "seed")

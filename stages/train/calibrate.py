@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the heads are trained above this module; it only calls Head
     from stages.heads.base import Head
 
 CALIBRATE_CODE_VERSION = 1
+MIN_CLASS_UNSEEN = 5  # unseen images a class needs before its own seen-to-unseen gap is trusted (seen_shifts)
 
 
 # -- the mathematics (pure) -------------------------------------------------------
@@ -60,6 +61,43 @@ def class_threshold(scores: np.ndarray, quantile: float, min_images: int) -> dic
     scale = max(std, 1e-3 * max(abs(thr), 1e-6))
     return {"threshold": thr, "n_images": int(len(s)), "rule": rule, "mean": float(s.mean()), "std": std,
             "min": float(s.min()), "max": float(s.max()), "scale": scale}
+
+
+def seen_shifts(seen: dict[int, np.ndarray], unseen: dict[int, np.ndarray], min_unseen: int = MIN_CLASS_UNSEEN
+                ) -> dict[int, float]:
+    """How far to raise each class's scores of images the model trained on, so
+    that they stand in for unseen normals (``{class: shift >= 0}``).
+
+    A learned head scores its own training images lower than new normal ones
+    (transistor, CLAD: held-out images 0.89 above the trained-on ones, 2.3 of
+    their standard deviations), so a quantile of training scores puts the
+    threshold inside the unseen normals' spread and flags good parts. Each
+    unseen image's gap is measured in its class's spread of seen scores:
+    ``z = (s - median(seen_c)) / std(seen_c)``. A class with at least
+    ``min_unseen`` unseen images takes the median of its own z; a class with
+    fewer, the median over every class's unseen images (one held-out image
+    says little about its class alone). Shift = max(z, 0) x std(seen_c): a
+    location shift of the seen scores, never downwards (a head that scores
+    unseen normals no higher than seen ones needs none).
+    ``seen``/``unseen``: ``{class: [image scores]}``; a class with fewer than two
+    seen scores or no spread gets 0.
+    """
+    z: dict[int, np.ndarray] = {}
+    for c, s in seen.items():
+        s = np.asarray(s, np.float64)
+        u = np.asarray(unseen.get(c, []), np.float64)
+        if len(s) >= 2 and s.std() > 0 and len(u):
+            z[c] = (u - np.median(s)) / s.std()
+    pooled = float(np.median(np.concatenate(list(z.values())))) if z else 0.0
+    out = {}
+    for c, s in seen.items():
+        s = np.asarray(s, np.float64)
+        if len(s) < 2 or not s.std() > 0:
+            out[c] = 0.0
+            continue
+        zc = float(np.median(z[c])) if c in z and len(z[c]) >= min_unseen else pooled
+        out[c] = max(zc, 0.0) * float(s.std())
+    return out
 
 
 def normalized_score(score: float | np.ndarray, threshold: float, scale: float, at: float = 0.5
@@ -140,8 +178,12 @@ def verdicts_in_force(cal: dict[str, Any], files: RunFiles, cfg: CalibrateConfig
 # -- the stage ----------------------------------------------------------------------
 def calibration_key(cfg: Config, train_key: str) -> str:
     """What a calibration depends on: the trained run, map settings, calibration settings."""
+    from stages.heads.registry import head_class  # lazily: the heads are built above this module
+
     cal = keyed(cfg.calibrate)  # a setting at its added value is left out (core.schema)
     cal.pop("overrides")  # read when verdicts are made, never baked in
+    if head_class(cfg.train.head).cross_fits and cfg.calibrate.folds >= 2:
+        cal.pop("seen_shift", None)  # every image unseen: the shift cannot apply, so it moves no key
     size = cfg.features.output_size
     return settings_hash({"code": CALIBRATE_CODE_VERSION, "train": train_key, "calibrate": cal,
                           "maps": {"sigma": cfg.evaluate.sigma, "size": size}})
@@ -167,17 +209,20 @@ def calibrate_run(cfg: Config, head: Head, ctx: TrainContext, train_key: str) ->
     patch, unseen = head.calibration_scores(ctx, c.folds)
     scores = image_scores_of(patch, size, cfg.evaluate.sigma)
     names = ctx.cache.class_names
+    of_class = {k: [i for i in scores if ctx.cache.image_class[i] == k] for k in range(len(names))}
+    seen = {k: np.array([scores[i] for i in ids if i not in unseen]) for k, ids in of_class.items()}
+    fresh = {k: np.array([scores[i] for i in ids if i in unseen]) for k, ids in of_class.items()}
+    shift = seen_shifts(seen, fresh) if c.seen_shift == "gap" else dict.fromkeys(seen, 0.0)
     per_class: dict[str, Any] = {}
     for k, name in enumerate(names):
-        ids = [i for i in scores if ctx.cache.image_class[i] == k]
-        ev = class_threshold(np.array([scores[i] for i in ids]), c.quantile, c.min_images)
-        seen = [scores[i] for i in ids if i not in unseen]
-        fresh = [scores[i] for i in ids if i in unseen]
-        ev["n_unseen"] = len(fresh)
-        ev["unseen_minus_seen_mean"] = float(np.mean(fresh) - np.mean(seen)) if seen and fresh else None
+        ev = class_threshold(np.concatenate([seen[k] + shift[k], fresh[k]]), c.quantile, c.min_images)
+        ev["n_unseen"] = len(fresh[k])
+        ev["unseen_minus_seen_mean"] = (float(fresh[k].mean() - seen[k].mean()) if len(seen[k]) and len(fresh[k])
+                                        else None)
+        ev["seen_shift"] = shift[k]
         per_class[name] = ev
         ctx.log(f"calibrate: {name}: threshold {ev['threshold']:.4g} from {ev['n_images']} normal images "
-                f"({len(fresh)} unseen), {ev['rule']}")
+                f"({len(fresh[k])} unseen; seen ones raised by {shift[k]:.3g}), {ev['rule']}")
     router = Router(image_means(ctx.cache), ctx.cache.image_class, names, c.route_quantile)
     save_torch_atomic(router.state(), ctx.files.routing)
     cal = {"key": calibration_key(cfg, train_key), "train_key": train_key,
