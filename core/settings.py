@@ -152,10 +152,11 @@ class CalibrateConfig(Settings):
     route_quantile: float = setting(0.99, above=0, high=1,
                                     help="out-of-distribution: farther from every class than this quantile")
     overrides: str = setting("", help="optional TOML file of per-class thresholds set by the user")
-    seen_shift: str = setting("gap", choices=("gap", "none"), added="none",
-                              help="gap: scores of images a learned head trained on are raised by the gap its "
-                                   "held-out images show (stages/train/calibrate.py seen_shifts) | none; "
-                                   "cross-fitted heads (knn) have no seen images")
+    seen_shift: str = setting("gap_spread", choices=("gap_spread", "gap", "none"), added="none",
+                              help="gap_spread: scores of images a learned head trained on are moved onto its "
+                                   "held-out images' scores, location and spread (stages/train/calibrate.py "
+                                   "seen_fit) | gap: location only | none; cross-fitted heads (knn) have no "
+                                   "seen images")
 
 
 @dataclass(frozen=True)

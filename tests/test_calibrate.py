@@ -12,7 +12,7 @@ from core.errors import CladError
 from core.layout import RunFiles
 from core.settings import CalibrateConfig, Config
 from stages.metrics import verdict_metrics
-from stages.train.calibrate import calibration_key, class_threshold, normalized_score, seen_shifts, verdicts_in_force
+from stages.train.calibrate import calibration_key, class_threshold, fitted_seen, normalized_score, seen_fit, verdicts_in_force
 from stages.train.routing import Router
 from tests.conftest import clad
 
@@ -36,15 +36,32 @@ def test_seen_scores_are_raised_by_the_gap_the_unseen_ones_show():
     unseen = {0: 2 + r2 * np.array([1.0, 2, 3, 1, 2]),  # z = 1, 2, 3, 1, 2: its own median, 2
               1: np.array([6.0]),  # z = -5, one image: the median of every class's z instead
               2: np.array([9.0])}  # no spread among the seen scores: no z, no shift
-    got = seen_shifts(seen, unseen, min_unseen=5)
-    assert got[0] == pytest.approx(2 * r2) and got[2] == 0.0
-    assert got[1] == pytest.approx(1.5)  # pooled z: median of 1, 2, 3, 1, 2, -5 = 1.5, times class 1's spread 1
+    got = seen_fit(seen, unseen, min_unseen=5, spread=False)
+    assert got[0] == pytest.approx((2 * r2, 1.0)) and got[2] == (0.0, 1.0)
+    assert got[1] == pytest.approx((1.5, 1.0))  # pooled z: median of 1, 2, 3, 1, 2, -5 = 1.5, times class 1's spread 1
     # a class with fewer unseen images than asked takes the pooled z too
-    assert seen_shifts(seen, unseen, min_unseen=6)[0] == pytest.approx(1.5 * r2)
+    assert seen_fit(seen, unseen, min_unseen=6, spread=False)[0] == pytest.approx((1.5 * r2, 1.0))
     # unseen images scored lower than the seen ones: never shifted down
-    assert seen_shifts({3: np.arange(5.0)}, {3: np.zeros(5)}, 5) == {3: 0.0}
+    assert seen_fit({3: np.arange(5.0)}, {3: np.zeros(5)}, 5, spread=False) == {3: (0.0, 1.0)}
     # nothing unseen anywhere (a head without held-out images): nothing to measure, no shift
-    assert seen_shifts(seen, {}, 5) == dict.fromkeys(seen, 0.0)
+    assert seen_fit(seen, {}, 5) == dict.fromkeys(seen, (0.0, 1.0))
+
+
+def test_the_spread_of_the_unseen_scores_stretches_the_seen_ones():
+    r2 = math.sqrt(2)
+    seen = {0: np.arange(5.0), 1: np.array([10.0, 12.0])}
+    unseen = {0: 2 + r2 * np.array([1.0, 2, 3, 1, 2]), 1: np.array([6.0])}
+    got = seen_fit(seen, unseen, min_unseen=5)
+    # class 0: its own z 1, 2, 3, 1, 2 have sample std sqrt(0.7) < 1: never tightened
+    assert got[0] == pytest.approx((2 * r2, 1.0))
+    # class 1 pools z = 1, 2, 3, 1, 2, -5: its stretch is their sample std (z is in seen-spread units)
+    pooled = np.array([1.0, 2, 3, 1, 2, -5])
+    assert got[1] == pytest.approx((1.5, pooled.std(ddof=1)))
+    assert pooled.std(ddof=1) == pytest.approx(math.sqrt(124 / 3 / 5))  # mean 2/3, squared deviations 124/3
+    # applied around the seen median: 10, 12 (median 11) -> 11 + 1.5 + (-1, 1) x stretch
+    moved = fitted_seen(seen[1], *got[1])
+    assert moved == pytest.approx(12.5 + np.array([-1.0, 1.0]) * pooled.std(ddof=1))
+    assert fitted_seen(np.zeros(0), 1.0, 2.0).shape == (0,)
 
 
 def test_seen_shift_moves_the_key_only_where_some_images_are_seen():
@@ -55,7 +72,7 @@ def test_seen_shift_moves_the_key_only_where_some_images_are_seen():
         return calibration_key(replace(base, train=replace(base.train, head=head),
                                        calibrate=replace(base.calibrate, **cal)), "k")
 
-    assert key("clad", seen_shift="gap") != key("clad", seen_shift="none")
+    assert key("clad", seen_shift="gap") != key("clad", seen_shift="none") != key("clad", seen_shift="gap_spread")
     assert key("knn", seen_shift="gap") == key("knn", seen_shift="none")  # cross-fitted: every image unseen
     assert key("knn", seen_shift="gap", folds=1) != key("knn", seen_shift="none", folds=1)  # no cross-fitting
 
