@@ -12,7 +12,14 @@ from core.errors import CladError
 from core.layout import RunFiles
 from core.settings import CalibrateConfig, Config
 from stages.metrics import verdict_metrics
-from stages.train.calibrate import calibration_key, class_threshold, fitted_seen, normalized_score, seen_fit, verdicts_in_force
+from stages.train.calibrate import (
+    calibration_key,
+    class_threshold,
+    fitted_seen,
+    normalized_score,
+    seen_fit,
+    verdicts_in_force,
+)
 from stages.train.routing import Router
 from tests.conftest import clad
 
