@@ -7,7 +7,11 @@ outputs of the normal training rows, held-out images excluded), and the
 nearest-neighbour distance in the raw feature space (the knn head). Nothing is
 chosen from these numbers; they say where the gap to the knn head sits.
 
-Usage: python benchmarks/adaptor_knn.py WORK RUN
+With ``--probe`` it scores the run's held-out probe instead (held-out normal
+training images and their CutPaste/Scar versions, ``stages.train.probe``):
+training-side evidence, the kind a change of scorer may be chosen on.
+
+Usage: python benchmarks/adaptor_knn.py WORK RUN [--probe]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
 from stages.search import MemoryBank  # noqa: E402
 from stages.train.labels import holdout_images  # noqa: E402
+from stages.train.probe import load_or_build_probe  # noqa: E402
 
 
 class AdaptorKnn:
@@ -48,34 +53,57 @@ class AdaptorKnn:
         return self.knn.score(self._embed(x))
 
 
-def main(work: Path, run: str) -> None:
+def test_items(work: Path):
+    """Per class of the test set: features [n, H*W, C], masks, image labels."""
+    for name, items in iter_classes(FeatureStore(work / "cache" / "test.zarr")):
+        yield (name, np.stack([it["features"] for it in items]), np.stack([it["mask"] for it in items]),
+               np.array([it["label"] for it in items]))
+
+
+def probe_items(cfg, cache: TrainCache, held: np.ndarray):
+    """Per class of the held-out probe: features, masks, image labels (synthetic = 1)."""
+    probe = load_or_build_probe(cfg, cache, held, cache.store.info().key, torch.device("cpu"), print)
+    if probe is None:
+        sys.exit("adaptor_knn: this run has no held-out images, so no probe")
+    for name, x in probe.features.items():
+        m = probe.masks[name]
+        yield name, x, m, (m.reshape(len(m), -1).max(1) > 0).astype(int)
+
+
+def main(work: Path, run: str, on_probe: bool = False) -> None:
     cfg = load_config(work / "runs" / run / "config.toml")
     device = torch.device("cpu")
     head, _ = load_trained_head(work / "runs" / run / "checkpoints" / "final.pt", device)
     head = head.model  # the CLAD model: adaptor + discriminator
     cache = TrainCache(FeatureStore(work / "cache" / "train.zarr"))
-    bank = cache.normal_rows(holdout_images(cache, cfg.train.holdout, cfg.train.seed))
+    held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
+    bank = cache.normal_rows(held)
     scorers = {"discriminator s": head, "knn in adaptor space z": AdaptorKnn(head, bank),
                "knn in feature space": MemoryBank(bank)}
     size = cfg.features.output_size
     rows = []
-    for name, items in iter_classes(FeatureStore(work / "cache" / "test.zarr")):
-        x = torch.from_numpy(np.stack([it["features"] for it in items]).astype(np.float32))
-        masks = np.stack([it["mask"] for it in items])
-        labels = np.array([it["label"] for it in items])
+    for name, feats, masks, labels in (probe_items(cfg, cache, held) if on_probe else test_items(work)):
+        x = torch.from_numpy(feats.astype(np.float32))
         for label, scorer in scorers.items():
             t0 = time.perf_counter()
-            s = score_in_chunks(scorer.score, x.reshape(-1, x.shape[-1]), device).reshape(len(items), -1)
+            s = score_in_chunks(scorer.score, x.reshape(-1, x.shape[-1]), device).reshape(len(feats), -1)
             maps = anomaly_maps(s, size, cfg.evaluate.sigma)
             m = class_metrics(labels, image_scores(maps), maps, masks, cfg.evaluate.aupro_fpr)
             rows.append({"class": name, "scorer": label, "image_auroc": round(100 * m["image_auroc"], 1),
                          "pixel_auroc": round(100 * m["pixel_auroc"], 1), "aupro": round(100 * m["aupro"], 1),
                          "seconds": round(time.perf_counter() - t0, 1)})
             progress_row(rows[-1])
-    report(f"adaptor_knn_{work.name}_{run}", rows, work=str(work), run=run)
+    for label in scorers:
+        own = [r for r in rows if r["scorer"] == label]
+        rows.append({"class": "mean", "scorer": label, **{k: round(float(np.mean([r[k] for r in own])), 1)
+                                                         for k in ("image_auroc", "pixel_auroc", "aupro")},
+                     "seconds": round(sum(r["seconds"] for r in own), 1)})
+    report(f"adaptor_knn_{work.name}_{run}{'_probe' if on_probe else ''}", rows, work=str(work), run=run,
+           on="held-out probe" if on_probe else "test set")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    args = [a for a in sys.argv[1:] if a != "--probe"]
+    if len(args) != 2:
         sys.exit(__doc__)
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(args[0]), args[1], on_probe="--probe" in sys.argv[1:])
