@@ -27,3 +27,10 @@ for w in transistor seven bottle demo; do
   $CLAD train "$S/$w" --run routed-knn --head routed_knn
   $PY benchmarks/verdicts.py "$S/$w" routed-knn "$w-routed-knn"
 done
+
+# RLR on the built-in set: a learned head whose held-out images score like its seen ones
+$CLAD train "$S/demo" --run rlr-fast --head rlr --profile fast
+for rule in none gap_spread; do
+  sed -i "s/^seen_shift = .*/seen_shift = \"$rule\"/" "$S/demo/config.toml"
+  $PY benchmarks/verdicts.py "$S/demo" rlr-fast "demo-rlr-fast-$rule"
+done
