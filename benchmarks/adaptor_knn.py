@@ -9,7 +9,8 @@ chosen from these numbers; they say where the gap to the knn head sits.
 
 With ``--probe`` it scores the run's held-out probe instead (held-out normal
 training images and their CutPaste/Scar versions, ``stages.train.probe``):
-training-side evidence, the kind a change of scorer may be chosen on.
+training-side evidence, the kind a change of scorer may be chosen on; there
+a fourth scorer adds s and z, each standardised on the probe's normal patches.
 
 Usage: python benchmarks/adaptor_knn.py WORK RUN [--probe]
 """
@@ -53,6 +54,12 @@ class AdaptorKnn:
         return self.knn.score(self._embed(x))
 
 
+def _standardised(s: torch.Tensor, normal: np.ndarray) -> torch.Tensor:
+    """Patch scores ``[n, H*W]`` in units of the normal images' patch scores (mean 0, std 1)."""
+    ref = s[torch.from_numpy(normal)]
+    return (s - ref.mean()) / ref.std()
+
+
 def test_items(work: Path):
     """Per class of the test set: features [n, H*W, C], masks, image labels."""
     for name, items in iter_classes(FeatureStore(work / "cache" / "test.zarr")):
@@ -84,16 +91,23 @@ def main(work: Path, run: str, on_probe: bool = False) -> None:
     rows = []
     for name, feats, masks, labels in (probe_items(cfg, cache, held) if on_probe else test_items(work)):
         x = torch.from_numpy(feats.astype(np.float32))
-        for label, scorer in scorers.items():
+        patch = {}
+        for label, scorer in [*scorers.items(), ("blend of s and z", None)]:
             t0 = time.perf_counter()
-            s = score_in_chunks(scorer.score, x.reshape(-1, x.shape[-1]), device).reshape(len(feats), -1)
+            if scorer is None:  # the probe only: each score in units of its held-out normal patches
+                if not on_probe:
+                    continue
+                s = sum(_standardised(patch[k], labels == 0) for k in ("discriminator s", "knn in adaptor space z"))
+            else:
+                s = score_in_chunks(scorer.score, x.reshape(-1, x.shape[-1]), device).reshape(len(feats), -1)
+                patch[label] = s
             maps = anomaly_maps(s, size, cfg.evaluate.sigma)
             m = class_metrics(labels, image_scores(maps), maps, masks, cfg.evaluate.aupro_fpr)
             rows.append({"class": name, "scorer": label, "image_auroc": round(100 * m["image_auroc"], 1),
                          "pixel_auroc": round(100 * m["pixel_auroc"], 1), "aupro": round(100 * m["aupro"], 1),
                          "seconds": round(time.perf_counter() - t0, 1)})
             progress_row(rows[-1])
-    for label in scorers:
+    for label in dict.fromkeys(r["scorer"] for r in rows):
         own = [r for r in rows if r["scorer"] == label]
         rows.append({"class": "mean", "scorer": label, **{k: round(float(np.mean([r[k] for r in own])), 1)
                                                          for k in ("image_auroc", "pixel_auroc", "aupro")},
