@@ -61,8 +61,7 @@ class CladHead(Head):
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "n_labels": ctx.n_labels,
                 "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         summary = {"history": history, "n_labels": ctx.n_labels,
-                   "gas": {"r1": tr.r1, "r2": tr.r2, "noise": tr.noise, "eta": tr.eta,
-                           "class_r1": None if tr.class_r1 is None else tr.class_r1.tolist()}}
+                   "gas": tr.gas_rows.summary()}
         return cls(model, settings, meta, ctx.device), summary
 
     def checkpoint(self) -> dict[str, Any]:

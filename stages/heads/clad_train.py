@@ -3,14 +3,13 @@
 ``CladTrainer`` is what ``stages.train.epochs.EpochLoop`` drives for the CLAD
 head (``stages.heads.clad``): the batch stream, the losses of one step (L_c +
 L_d, plus L_contrast + L_var in the contrastive phase), the GAS rows with
-their per-class radii and adaptive shell (``clad_shell``), batch norm's
+their per-class radii and adaptive shell (``clad_gas``), batch norm's
 statistics refreshed after every epoch, and the held-out validation and probe
 that choose the epoch each phase keeps. The networks are in ``clad_model``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,33 +20,17 @@ from cache.stream import BatchStream
 from core import distributed
 from core.files import seed_from, seeded
 from stages.heads.base import TrainContext
+from stages.heads.clad_gas import GasRows
 from stages.heads.clad_model import CladModel, build_model, precise_batch_norm
-from stages.heads.clad_shell import (
-    class_gas_auroc,
-    class_nn_distances,
-    median_nn_distance,
-    rows_per_class,
-    update_shell,
-)
 from stages.heads.rows import score_in_chunks, score_maps_in_chunks
 from stages.train.epochs import Phase, Schedule
 from stages.train.labels import held_out_rows
-from stages.train.losses import (
-    classification_loss,
-    contrastive_loss,
-    global_synthesis,
-    jitter_rows,
-    partner_differences,
-    project_shell,
-    score_loss,
-    variance_loss,
-)
+from stages.train.losses import classification_loss, contrastive_loss, project_shell, score_loss, variance_loss
 
 if TYPE_CHECKING:
     from stages.heads.clad_settings import CladSettings
 
 VAL_ROWS = 20000  # held-out rows per kind used for the per-epoch validation AUROC
-SHELL_ROWS = 2000  # held-out normal rows per class that measure an adaptive GAS shell
 
 
 def fuse_las(xa: torch.Tensor, pair: torch.Tensor, beta: torch.Tensor, fuse: torch.Tensor) -> torch.Tensor:
@@ -96,57 +79,14 @@ class CladTrainer:
             self.net = distributed.wrap(self.model, self.device)
         self.schedule = Schedule(t.lr, t.lr_schedule, t.ema)
         self.val = held_out_rows(ctx.cache, ctx.held, VAL_ROWS, ctx.seed)
-        self.r1, self.noise, self.eta = distributed.on_main(self._gas_scale)
-        self.r2 = 2 * self.r1
-        self.class_of_image = torch.from_numpy(ctx.cache.image_class.astype(np.int64))
-        self.class_nn_r1 = distributed.on_main(self._class_radii)  # r1 per class at the configured factor
-        n_classes = len(ctx.cache.class_names)
-        adaptive = t.gas_shell == "adaptive" and self.class_nn_r1 is not None
-        if t.gas_shell == "adaptive" and not adaptive:
-            ctx.log("train: gas_shell = adaptive needs a radius per class (gas_radius = class, gas_scale = nn); "
-                    "the shell stays fixed")
-        self.shell = np.ones(n_classes) if adaptive else None  # factor of each class's r1 (gas_shell)
-        self.shell_rows = (rows_per_class(self.val[2], ctx.cache.image_class, n_classes, SHELL_ROWS,
-                                          seeded(ctx.seed, "shell-rows")) if adaptive else {})
+        self.gas_rows = GasRows(t, ctx, self.val)
         self.streams: dict[str, BatchStream] = {}
         self.bn_sample = (ctx.cache.row_sample(ctx.held, t.bn_rows, t.bn_rows // 2 if t.use_las else 0, ctx.seed)
                           if t.bn_refresh else None)
 
-    @property
-    def class_r1(self) -> torch.Tensor | None:
-        """``[n_classes]`` r1 per class (None with one radius for all): the configured
-        radius, times the class's adaptive shell factor (``gas_shell = adaptive``)."""
-        if self.class_nn_r1 is None or self.shell is None:
-            return self.class_nn_r1
-        return self.class_nn_r1 * torch.from_numpy(self.shell).float()
-
-    def adapt_shell(self, scored: CladModel) -> dict[str, Any]:
-        """``gas_shell = adaptive``: each class's held-out GAS AUROC under ``scored`` (the same
-        noise every epoch), and the shell factors it gives the next epoch
-        (``clad_shell.update_shell``); {} when fixed."""
-        if self.shell is None:
-            return {}
-        r1 = self.class_r1
-
-        def measure() -> list[float]:
-            scored.eval()
-            auc = class_gas_auroc(lambda x: score_in_chunks(scored.score, x, self.device), self.shell_rows,
-                                  r1, len(self.shell), seed_from(self.ctx.seed, "shell"))
-            scored.train()
-            return auc.tolist()
-
-        auc = np.array(distributed.on_main(measure), dtype=np.float64)  # every rank updates alike
-        self.shell = update_shell(self.shell, auc, self.t.gas_shell_target, low=self.t.gas_shell_min)
-        self.ctx.log("train: GAS shell per class (held-out GAS AUROC -> next r1 factor): " + ", ".join(
-            f"{n} {a:.3f} -> {f:.2f}" for n, a, f in zip(self.ctx.cache.class_names, auc, self.shell, strict=True)))
-        return {"gas_auroc": auc.tolist(), "gas_shell": self.shell.tolist()}
-
     def restore(self, history: list[dict[str, Any]]) -> None:
-        """A resumed run: the shell factors the last finished epoch left."""
-        for rec in reversed(history):
-            if self.shell is not None and "gas_shell" in rec:
-                self.shell = np.array(rec["gas_shell"], dtype=np.float64)
-                return
+        """A resumed run: the GAS shell the last finished epoch left."""
+        self.gas_rows.restore(history)
 
     def refresh_batch_norm(self, batch: int, model: CladModel) -> None:
         """``precise_batch_norm`` on the fixed row sample, cut into training-sized
@@ -172,38 +112,11 @@ class CladTrainer:
                 parts.append(fuse_las(xa_all[sel], pair_all[sel], beta, fuse))
             if self.t.use_gas:
                 g = xn[: len(xn) // 2]
-                r1, noise, _ = self.gas_radii(img[: len(g)])
+                r1, noise, _ = self.gas_rows.radii(img[: len(g)])
                 r1, noise = (r1.cpu(), noise.cpu()) if torch.is_tensor(r1) else (r1, noise)
                 parts.append(project_shell(g + noise * torch.randn_like(g), g, r1, 2 * r1))
             chunks.append(_mine(torch.cat(parts)).to(self.device))  # a distributed run: this rank's rows
         precise_batch_norm(model, chunks)
-
-    def _class_radii(self) -> torch.Tensor | None:
-        """``[n_classes]`` r1 per class (``gas_radius = class`` with ``gas_scale = nn``), else None;
-        a class without held-out images takes the global r1."""
-        if self.t.gas_radius != "class" or self.t.gas_scale != "nn" or not len(self.val[0]):
-            return None
-        d = class_nn_distances(self.ctx.cache, self.ctx.held, self.ctx.seed, self.t.gas_nn_stat)
-        r1 = np.where(np.isfinite(d), self.t.gas_nn_factor * d, self.r1)
-        self.ctx.log("train: GAS radius r1 per class: " + ", ".join(
-            f"{n} {v:.3g}" for n, v in zip(self.ctx.cache.class_names, r1, strict=True)))
-        return torch.tensor(r1, dtype=torch.float32)
-
-    def _gas_scale(self) -> tuple[float, float, float]:
-        """GAS radius r1, per-dimension noise and ascent step.
-
-        ``absolute``: docs/METHOD.md's constants (noise 0.015, r1 = 0.85 * noise *
-        sqrt(C_d), i.e. [0.5, 1.0] at 1536). ``nn``: the same geometry in units
-        of this cache's data: r1 = factor x the median distance of held-out
-        normal patches to their nearest training patch, noise = r1 / sqrt(C_d),
-        and the step keeps GLASS' step-to-radius ratio (0.001 / 0.5).
-        """
-        c, t = self.ctx.cache.embed_dim, self.t
-        if t.gas_scale == "absolute" or not len(self.val[0]):
-            return 0.85 * t.gas_noise * math.sqrt(c), t.gas_noise, t.gas_eta
-        d = median_nn_distance(self.ctx.cache, self.ctx.held, self.val[0], self.ctx.seed)
-        r1 = t.gas_nn_factor * d
-        return r1, r1 / math.sqrt(c), t.gas_eta * r1 / 0.5
 
     def phase_batches(self) -> list[tuple[Phase, int]]:
         return phase_batches(self.t)
@@ -217,46 +130,14 @@ class CladTrainer:
                            self.device, mix_classes=self.t.mix_classes)
 
     # -- one step ------------------------------------------------------------------
-    def gas_radii(self, image: torch.Tensor) -> tuple[Any, Any, Any]:
-        """(r1, noise, eta) for rows of global images ``image`` ``[n]``: floats, or
-        ``[n, 1]`` tensors with per-class radii (noise and step scale with r1)."""
-        if self.class_r1 is None:
-            return self.r1, self.noise, self.eta
-        r1 = self.class_r1[self.class_of_image[image.cpu()]].to(self.device)[:, None]
-        scale = r1 / self.r1
-        return r1, self.noise * scale, self.eta * scale
-
-    def gas(self, x: torch.Tensor, image: torch.Tensor, pool: torch.Tensor | None = None,
-            pool_image: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
-            label: torch.Tensor | None = None) -> torch.Tensor:
-        """Global anomaly synthesis of normal rows ``x`` of images ``image`` (``losses.global_synthesis``);
-        with ``gas_direction = rows`` displaced along differences to rows of ``pool`` of the same class.
-        ``rows``: only those rows of ``x`` are synthesised (the randomness is drawn for all).
-        ``label`` ``[n]``: the rows' labels, which a score per class ascends on."""
-        r1, noise, eta = self.gas_radii(image)
-        start = None
-        if self.t.gas_direction == "rows":
-            cls = self.class_of_image.to(x.device)
-            pool, pool_image = (x, image) if pool is None else (pool, pool_image)
-            start = partner_differences(x, cls[image], pool, cls[pool_image])
-            r1, eta = r1 * self.t.gas_rows_scale, eta * self.t.gas_rows_scale
-        return global_synthesis(self.model, x, r1, noise, eta, self.t.gas_steps, self.t.gas_project_every,
-                                self.t.gas_bn, start, rows, label if self.t.score_heads == "class" else None)
-
-    def jittered(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """Normal rows ``x`` ``[B, C]`` plus Gaussian noise of expected norm ``normal_jitter`` x
-        their class's r1 (``x`` itself when off; GAS starts from the rows without it)."""
-        if not self.t.normal_jitter:
-            return x
-        return jitter_rows(x, self.gas_radii(image)[0], self.t.normal_jitter)
-
     def step(self, batch: Any, phase: Phase, _epoch: int, _index: int) -> dict[str, torch.Tensor]:
         """The losses of one batch: L_c + L_d, and in the contrastive phase L_contrast + L_var."""
         t, n = self.t, self.n_labels
         contrastive = phase.name == "contrastive"
         xn = batch.normal
         yn = self.labels_t[batch.normal_image.cpu()].to(self.device)
-        parts_x, parts_y, parts_label = [_mine(self.jittered(xn, batch.normal_image))], [_mine(yn)], [_mine(yn)]
+        xj = self.gas_rows.jittered(xn, batch.normal_image)
+        parts_x, parts_y, parts_label = [_mine(xj)], [_mine(yn)], [_mine(yn)]
         sizes = [len(xn)]  # rows of each part of the global batch
         if len(batch.anomaly):
             xa = batch.anomaly
@@ -271,8 +152,8 @@ class CladTrainer:
         if t.use_gas:
             n_gas = len(xn) // 2
             rows = distributed.share(n_gas) if distributed.active() else None
-            parts_x.append(self.gas(xn[:n_gas], batch.normal_image[:n_gas], xn, batch.normal_image, rows,
-                                    yn[:n_gas]))
+            parts_x.append(self.gas_rows.synthesise(self.model, xn[:n_gas], batch.normal_image[:n_gas], xn,
+                                                    batch.normal_image, rows, yn[:n_gas]))
             parts_y.append(_mine(torch.full((n_gas,), n, device=self.device)))
             parts_label.append(_mine(yn[:n_gas]))
             sizes.append(n_gas)
@@ -359,7 +240,7 @@ class CladTrainer:
 
         # rank 0 alone (a distributed run); every rank gets the record, so all select alike
         rec = distributed.on_main(lambda: {"val_auroc": self.validate(scored), **self.ctx.probe(probe_scores)})
-        return {**rec, **self.adapt_shell(scored)}
+        return {**rec, **self.gas_rows.adapt_shell(scored)}
 
 
 def _mine(v: torch.Tensor) -> torch.Tensor:
