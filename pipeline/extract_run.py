@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from core.devices import resolve_device
 from core.files import write_atomic
@@ -26,6 +26,9 @@ def extract_run(ws: Workspace, scheduler: str, device: str, rebuild: bool) -> No
     dev = resolve_device(device)
     plan = make_plan(cfg)
     st = open_stores(cfg, ws.cache_dir, plan, rebuild)
+    if st["train"].info().settings["dataset"] not in (plan.fingerprint, plan.legacy_fingerprint):
+        say("extract: the data set's files have new modification times but the content the cache was "
+            "extracted from (a copy): the cache and its runs are kept")
     units = pending_units(plan, st)
     n_units = len(plan.units())
     for sp, store in st.items():
@@ -33,6 +36,7 @@ def extract_run(ws: Workspace, scheduler: str, device: str, rebuild: bool) -> No
             say(f"extract: {sp}.zarr shard {i:05d} is incomplete ({why}); re-extracting it")
     if not units:
         say(f"extract: already done ({n_units} shards, {sum(len(v) for v in plan.samples.values())} images)")
+        _record(cfg, ws, plan, st)
         _probe(cfg, ws, dev)
         return
     n_images = sum(len(plan.shards[sp][i]) for sp, i in units)
@@ -58,7 +62,16 @@ def extract_run(ws: Workspace, scheduler: str, device: str, rebuild: bool) -> No
         indent=2))
     say(f"extract: done in {dt:.1f} s ({n_images / dt:.1f} img/s, {timings.rows} rows); "
         f"cache {size / 2**20:.1f} MiB in {ws.cache_dir}")
+    _record(cfg, ws, plan, st)
     _probe(cfg, ws, dev)
+
+
+def _record(cfg: Config, ws: Workspace, plan: Any, st: dict[str, Any]) -> None:
+    """The content of the data set the cache's key was computed for (``cache/dataset.json``),
+    so that a copy of it with new mtimes keeps the cache (``stages.extract.plan.same_data``)."""
+    from stages.extract.plan import record_content
+
+    record_content(cfg, ws.cache_dir, st["train"].info().settings["dataset"], plan.listed)
 
 
 def _probe(cfg: Config, ws: Workspace, dev: torch.device) -> None:

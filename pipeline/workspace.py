@@ -84,7 +84,7 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
         done += len(s.committed())
         total += len(info.plan)
         broken += [f"{s.shard_path(i).relative_to(ws.cache_dir)}: {why}" for i, why in s.incomplete().items()]
-    changed = _data_changes(cfg, infos)
+    changed = _data_changes(cfg, infos, ws.cache_dir)
     if changed:
         return StageState("extract", "stale", changed, extra={"changes": [changed]})
     pid = extraction_running(ws.root) if (broken or done < total) else ""
@@ -101,15 +101,16 @@ def extract_state(ws: Workspace, cfg: Config) -> StageState:
     return StageState("extract", "done", f"{total} shards", (done, total))
 
 
-def _data_changes(cfg: Config, infos: list[Any]) -> str:
+def _data_changes(cfg: Config, infos: list[Any], cache_dir: Path) -> str:
     """Why the cache no longer matches the data set on disk ("" when it does):
-    images added or removed since extraction, or files modified."""
+    images added or removed since extraction, or files modified (a copy with the
+    recorded content is the same data set: ``stages.extract.plan.same_data``)."""
     from stages.extract.plan import dataset_changes
 
     recorded = infos[0].settings.get("dataset", "")
     cached = {i for info in infos for shard in info.plan for i in shard}
     try:
-        what = dataset_changes(cfg, recorded, cached)
+        what = dataset_changes(cfg, recorded, cached, cache_dir)
     except CladError as exc:
         return f"the data set cannot be read: {exc}"
     if not what:

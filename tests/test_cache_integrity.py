@@ -137,3 +137,35 @@ def test_cache_keyed_by_sizes_only_stays_valid(tiny_data, tmp_path):
     key = old["train"].info().key
     new = open_stores(cfg, tmp_path / "cache", make_plan(cfg))
     assert new["train"].info().key == key and new["test"].info().settings["dataset"] == plan.legacy_fingerprint
+
+
+def test_a_data_set_copied_anew_keeps_its_cache_and_a_changed_one_does_not(tiny_data, tmp_path):
+    """Same bytes with new mtimes (a fresh copy) is the same data set: recognised by the
+    content recorded at extraction; an image changed in the copy still makes the cache stale."""
+    import json
+    import time
+
+    from tests.conftest import set_config
+
+    data, work = tmp_path / "data", tmp_path / "work"
+    shutil.copytree(tiny_data, data)
+    clad("init", str(work), "--data", str(data))
+    set_config(work, features={"shard_images": 8})
+    clad("extract", str(work))
+    rec = json.loads((work / "cache" / "dataset.json").read_text())
+    assert rec["fingerprint"] == FeatureStore(work / "cache" / "train.zarr").info().settings["dataset"]
+    key = FeatureStore(work / "cache" / "train.zarr").info().key
+    time.sleep(0.05)
+    shutil.rmtree(data)
+    shutil.copytree(tiny_data, data, copy_function=shutil.copyfile)  # new mtimes, same bytes
+    assert json.loads(clad("status", str(work), "--json").stdout)[0]["state"] == "done"
+    out = clad("extract", str(work))
+    assert "already done" in out.stdout + out.stderr and "(a copy)" in out.stdout + out.stderr
+    assert FeatureStore(work / "cache" / "train.zarr").info().key == key
+    assert len(json.loads((work / "cache" / "dataset.json").read_text())["same_content"]) == 1
+    image = sorted((data / "weave" / "train" / "good").glob("*.png"))[0]
+    _resave(image, invert=True)  # another picture in the copy
+    stale = json.loads(clad("status", str(work), "--json").stdout)[0]
+    assert stale["state"] == "stale" and "data set changed" in stale["detail"]
+    res = clad("extract", str(work), check=False)
+    assert res.returncode != 0 and "--rebuild" in res.stderr

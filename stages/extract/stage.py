@@ -18,9 +18,8 @@ import torch
 
 from cache.store import FeatureStore
 from core.devices import resolve_device
-from core.errors import CladError
 from core.settings import Config
-from stages.extract.plan import Plan, ShardTask, store_settings
+from stages.extract.plan import Plan, ShardTask, same_data, store_settings
 from stages.extract.shards import Prepared, ShardExtractor, Timings
 
 EXTRACT_THREADS = 1  # intra-op threads of the backbone in every process (see run_local)
@@ -39,11 +38,13 @@ def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False)
         if rebuild:
             store.delete()
         settings = store_settings(cfg, plan)
-        if (store.exists() and plan.legacy_fingerprint
-                and store.info().settings.get("dataset") == plan.legacy_fingerprint):
+        recorded = store.info().settings.get("dataset") if store.exists() else None
+        if recorded and plan.legacy_fingerprint and recorded == plan.legacy_fingerprint:
             # extracted before mtimes were fingerprinted: its key stays valid
             # (a same-size replacement made before this upgrade goes unseen)
             settings["dataset"] = plan.legacy_fingerprint
+        elif recorded and recorded != plan.fingerprint and same_data(cfg, cache_dir, recorded, plan.listed, True):
+            settings["dataset"] = recorded  # the same files copied anew (new mtimes): the cache holds them
         if store.exists() and store.is_empty() and store.info().key != settings_hash(settings):
             store.delete()  # an extraction with other settings that stopped before its first shard: nothing to keep
         store.create_or_validate(settings_hash(settings), settings, plan.image_ids(split), plan.class_names)
