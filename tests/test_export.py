@@ -55,8 +55,9 @@ def bundles(extracted, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-# every head, and variants that export another graph: CLAD with a score per class scores whole maps
-VARIANTS = {"clad+class": ["score_heads=class"]}
+# every head, and variants that export another graph: CLAD with a score per class scores whole maps;
+# CLAD with a score mix (clad_mix) adds adaptor-space banks
+VARIANTS = {"clad+class": ["score_heads=class"], "clad+mix": ["score_mix=distance"]}
 BUNDLED = [*head_names(), *VARIANTS]
 
 

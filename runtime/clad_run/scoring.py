@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from clad_run.bundle import Bundle, BundleError
-from clad_run.knn import KnnBank, RoutedKnn, pairwise
+from clad_run.knn import KnnBank, RoutedKnn, k_nearest, pairwise
 from clad_run.maps import anomaly_maps, image_scores
 from clad_run.preprocess import to_network_input
 
@@ -74,7 +74,39 @@ class OnnxMaps:
         return np.concatenate(out).astype(np.float32)
 
 
-RULES = {"onnx_rows": OnnxRows, "onnx_maps": OnnxMaps, "knn_bank": KnnBank, "routed_knn": RoutedKnn}
+class CladMix:
+    """Rule ``clad_mix`` (CLAD with a score mix): a graph ``[n, H*W, C] -> [n, H*W, D + 1 + N]``
+    (adaptor outputs, s, class probabilities); each image's class is the highest mean
+    probability, and its score ``a s + b d + c`` with d the distance to the class's
+    adaptor-space bank (only classes with b != 0 have one)."""
+
+    def __init__(self, bundle: Bundle, spec: dict[str, Any]):
+        self.sess, self.io = session(bundle.path(spec["files"]["graph"])), spec["settings"]
+        self.classes, self.dim = list(spec["classes"]), int(self.io["dim"])
+        self.coef = np.array([self.io["coefficients"][c] for c in self.classes], np.float64)  # [N, 3]
+        self.banks = {}
+        for name, rel in spec["files"]["bank"].items():
+            rows = np.ascontiguousarray(bundle.array(rel), np.float32)
+            self.banks[self.classes.index(name)] = (rows, (rows * rows).sum(1))
+
+    def score_maps(self, maps: np.ndarray, class_hint: list[str] | None = None) -> np.ndarray:
+        out = []
+        for s in range(0, len(maps), 16):
+            parts = self.sess.run([self.io["output"]], {self.io["input"]: maps[s:s + 16].astype(np.float32)})[0]
+            z, score = parts[..., :self.dim], parts[..., self.dim].astype(np.float64)
+            cls = parts[..., self.dim + 1:].mean(1).argmax(1)
+            for i, k in enumerate(cls):
+                if int(k) in self.banks:
+                    rows, sq = self.banks[int(k)]
+                    d = k_nearest(np.ascontiguousarray(z[i], np.float32), rows, sq, 1)[:, 0]
+                    a, b, c = self.coef[int(k)]
+                    score[i] = a * score[i] + b * d + c
+            out.append(score.astype(np.float32))
+        return np.concatenate(out)
+
+
+RULES = {"onnx_rows": OnnxRows, "onnx_maps": OnnxMaps, "knn_bank": KnnBank, "routed_knn": RoutedKnn,
+         "clad_mix": CladMix}
 
 
 def head_rule(bundle: Bundle) -> Any:

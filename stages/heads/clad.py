@@ -12,12 +12,18 @@ its training, ``clad_model`` its networks, ``clad_shell`` the GAS shell's radii.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from cache.stream import TrainCache
+from core import distributed
+from core.errors import CladError
 from stages.heads.base import ExportContext, Head, TrainContext
+from stages.heads.clad_mix import ScoreMix, cross_fitted_scores, fit_mix, mixed_scores, restore_banks
 from stages.heads.clad_model import CladModel, build_model
 from stages.heads.clad_settings import CladSettings
 from stages.heads.clad_train import CladTrainer
@@ -45,14 +51,21 @@ class CladHead(Head):
         # round 5 (docs/RESULTS.md): one contrastive epoch, then fine-tuning chosen by the probe's history;
         # no GAS ascent (it moved rows 0.6 % of r1 for 36 % of a fine-tuning step); each class's GAS shell
         # tightened while its held-out GAS rows stay separable (stages/heads/clad_shell.py)
+        # round 7: each class with >= 5 held-out images scored by s, s + d or d, whichever its probe prefers
+        # (stages/heads/clad_mix.py)
         "fast": {"epochs_contrastive": 1, "epochs_finetune": 8, "batch_contrastive": 2000, "batch_finetune": 4000,
-                 "gas_steps": 0, "gas_shell": "adaptive"},
+                 "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe"},
         "long": {"epochs_contrastive": 1, "epochs_finetune": 16, "batch_contrastive": 2000, "batch_finetune": 4000,
-                 "gas_steps": 0, "gas_shell": "adaptive"},
+                 "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe"},
     }
 
-    def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device):
+    def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device,
+                 mix: ScoreMix | None = None, banks: dict[int, Any] | None = None):
+        # mix: how each class's score is composed (clad_mix); banks: the adaptor-space banks of the
+        # classes that use them, built from the training cache on first use (attach_cache)
         self.model, self.settings, self.meta, self.device = model.to(device).eval(), settings, meta, device
+        self.mix, self._banks = mix, banks
+        self._cache: Callable[[], TrainCache] | None = None
 
     @classmethod
     def fit(cls, settings: CladSettings, ctx: TrainContext) -> tuple[CladHead, dict[str, Any]]:
@@ -62,10 +75,30 @@ class CladHead(Head):
                 "class_names": ctx.cache.class_names, "cache_key": ctx.cache_key, "train_key": ctx.run_key}
         summary = {"history": history, "n_labels": ctx.n_labels,
                    "gas": tr.gas_rows.summary()}
-        return cls(model, settings, meta, ctx.device), summary
+        mix, banks = None, {}
+        if settings.score_mix != "discriminator" and distributed.is_main():  # rank 0 saves and scores
+            mix, banks = fit_mix(model, settings.score_mix, settings.score_mix_min_images, ctx)
+            summary["score_mix"] = mix.choices if mix is not None else []
+        return cls(model, settings, meta, ctx.device, mix, banks), summary
 
     def checkpoint(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "meta": self.checkpoint_meta()}
+        out = {"model": self.model.state_dict(), "meta": self.checkpoint_meta()}
+        if self.mix is not None:
+            out["mix"] = self.mix.state()
+        return out
+
+    def attach_cache(self, cache: Callable[[], TrainCache]) -> None:
+        self._cache = cache
+
+    @property
+    def banks(self) -> dict[int, Any]:
+        """The adaptor-space banks of the classes whose score uses them (read from the cache once)."""
+        if self._banks is None:
+            if self._cache is None:
+                raise CladError("clad: this run reads its adaptor-space banks from the training cache; "
+                                "load it with stages.heads.load_trained_head")
+            self._banks = restore_banks(self.model, self.mix, self._cache(), self.device)
+        return self._banks
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], device: torch.device) -> CladHead:
@@ -73,16 +106,29 @@ class CladHead(Head):
         t = cls.settings_from_meta(meta)
         model = build_model(int(meta["embed_dim"]), int(meta["n_labels"]), t)
         model.load_state_dict(ckpt["model"])
-        return cls(model, t, meta, device)
+        mix = ScoreMix.from_state(ckpt["mix"]) if "mix" in ckpt else None
+        return cls(model, t, meta, device, mix, None if mix is not None and mix.mixed else {})
 
     def score_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.mix is not None and self.mix.mixed:
+            return mixed_scores(self.model, self.mix, self.banks, maps)
         return score_maps_in_chunks(self.model.score_images, maps, self.device)
+
+    def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
+        """The default (every training image by the trained model; the held-out ones unseen), with
+        the classes whose score uses d cross-fitted in d (``clad_mix.cross_fitted_scores``)."""
+        scores, unseen = super().calibration_scores(ctx, folds)
+        if self.mix is not None and self.mix.mixed and folds >= 2:
+            scores = cross_fitted_scores(self.model, self.mix, ctx, folds, scores)
+        return scores, unseen
 
     def export(self, ctx: ExportContext) -> dict[str, Any]:
         """Adaptor + the discriminator's score column as one ONNX graph on patch rows
         ``[N, C_d] -> [N]``; with a score per class, on whole maps ``[n, H*W, C_d] -> [n, H*W]``
         (an image's class is chosen from all its patches)."""
         c = int(self.meta["embed_dim"])
+        if self.mix is not None and self.mix.mixed:
+            return self._export_mix(ctx, c)
         if self.model.disc.n_scores == 1:
             rel, info = ctx.onnx(CladScoreGraph(self.model).cpu().eval(), torch.zeros(4, c), "clad_score",
                                  {0: "rows"})
@@ -90,6 +136,41 @@ class CladHead(Head):
         rel, info = ctx.onnx(CladImageScoreGraph(self.model).cpu().eval(), torch.zeros(2, 16, c), "clad_score",
                              {0: "images", 1: "rows"})
         return {"rule": "onnx_maps", "settings": info, "files": {"graph": rel}}
+
+
+    def _export_mix(self, ctx: ExportContext, c: int) -> dict[str, Any]:
+        """Rule ``clad_mix``: a graph ``[n, H*W, C_d] -> [n, H*W, D + 1 + N]`` (adaptor outputs, s,
+        the N normal-class probabilities), each mixed class's adaptor-space bank ``[M, D]``, and
+        every class's coefficients of ``a s + b d + c`` (``clad_mix``)."""
+        rel, info = ctx.onnx(CladPartsGraph(self.model).cpu().eval(), torch.zeros(2, 16, c), "clad_parts",
+                             {0: "images", 1: "rows"})
+        names, mix = ctx.class_names, self.mix
+        banks = {names[k]: ctx.save(f"bank_{names[k]}", self.banks[k].rows) for k in mix.mixed}
+        coef = {names[k]: [float(mix.a[k]), float(mix.b[k]), float(mix.c[k])] for k in range(len(names))}
+        return {"rule": "clad_mix", "settings": {**info, "dim": int(self.model.adaptor.out_dim),
+                                                 "coefficients": coef, "distance": "euclidean, exact"},
+                "files": {"graph": rel, "bank": banks}}
+
+
+class CladPartsGraph(nn.Module):
+    """``[n, H*W, C_d]`` -> ``[n, H*W, D + 1 + N]``: what ``clad_mix.model_parts`` computes (eval
+    mode), with the class probabilities in place of the image's class (the runtime averages them)."""
+
+    def __init__(self, model: CladModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, hw = x.shape[0], x.shape[1]
+        z, logits, scores = (t.reshape(n, hw, -1) for t in self.model._outputs(x.reshape(n * hw, -1)))
+        n_classes = logits.shape[-1] - 1
+        probs = torch.softmax(logits[..., :n_classes], dim=-1)
+        if self.model.disc.n_scores == 1:
+            s = scores[..., :1]
+        else:
+            cls = probs.mean(1).argmax(1)
+            s = scores.gather(2, cls[:, None, None].expand(n, hw, 1))
+        return torch.cat([z, s, probs], dim=-1)
 
 
 class CladScoreGraph(nn.Module):

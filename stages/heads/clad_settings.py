@@ -86,3 +86,14 @@ class CladSettings(Settings):
                               help="which epoch each phase keeps: probe = its best probe_pixel; paper = the "
                                    "contrastive phase's best (the paper fine-tunes 'the best' phase-1 model) and the "
                                    "fine-tuning's last epoch; last = every phase's last")
+    score_mix: str = setting("discriminator", choices=("discriminator", "probe", "blend", "distance"),
+                             added="discriminator",
+                             help="how a patch is scored: discriminator = its score s (the paper) | probe = per "
+                                  "class, s, s + d or d (d: nearest-neighbour distance in the adaptor space, each "
+                                  "in units of held-out normal patches), whichever scores the class's held-out "
+                                  "probe best; classes with fewer than score_mix_min_images held-out images "
+                                  "choose one together on their pooled probe (stages/heads/clad_mix.py) | "
+                                  "blend = s + d, distance = d, for every class")
+    score_mix_min_images: int = setting(5, low=1, added=5,
+                                        help="with score_mix = probe: held-out images a class needs for its "
+                                             "own choice (and the classes below it together for theirs)")

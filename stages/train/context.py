@@ -39,6 +39,10 @@ class TrainContext:
     make_bar: MakeBar
     # the held-out probe (stages.train.probe): score_maps -> probe metrics; NaN metrics where there is none
     probe: Callable[[Callable[[torch.Tensor], torch.Tensor]], dict[str, float]] = lambda _score: {}
+    # the probe itself (per class: features, masks; None without held-out images) and one class's
+    # metrics from its patch scores [n, H*W] and masks (stages.train.probe.class_probe_metrics)
+    probe_set: Callable[[], Any] = lambda: None
+    probe_class: Callable[[torch.Tensor, np.ndarray], dict[str, float]] = lambda _s, _m: {}
 
     @property
     def seed(self) -> int:

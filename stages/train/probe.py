@@ -114,6 +114,17 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
     return probe
 
 
+def class_probe_metrics(scores: torch.Tensor, masks: np.ndarray, size: int, sigma: float,
+                        fpr_limit: float) -> dict[str, float]:
+    """One class's probe metrics from its patch scores ``[n, H*W]`` and masks
+    ``[n, S, S]`` (an image is anomalous where its mask has a pixel): image
+    AUROC, pixel AUROC, AUPRO and ``pixel`` (the mean of the two pixel metrics)."""
+    maps = anomaly_maps(scores, size, sigma)
+    labels = (masks.reshape(len(masks), -1).max(1) > 0).astype(int)
+    m = class_metrics(labels, image_scores(maps), maps, masks, fpr_limit)
+    return {**m, "pixel": (m["pixel_auroc"] + m["aupro"]) / 2}
+
+
 def probe_metrics(probe: ProbeSet | None, score_maps: ScoreMaps, size: int, sigma: float,
                   fpr_limit: float) -> dict[str, float]:
     """Mean over classes of the probe's image AUROC, pixel AUROC and AUPRO for
@@ -126,10 +137,7 @@ def probe_metrics(probe: ProbeSet | None, score_maps: ScoreMaps, size: int, sigm
     for name, x in probe.features.items():
         with torch.no_grad():
             s = score_maps(torch.from_numpy(x.astype(np.float32)))
-        maps = anomaly_maps(s, size, sigma)
-        m = probe.masks[name]
-        labels = (m.reshape(len(m), -1).max(1) > 0).astype(int)
-        per_class.append(class_metrics(labels, image_scores(maps), maps, m, fpr_limit))
+        per_class.append(class_probe_metrics(s, probe.masks[name], size, sigma, fpr_limit))
     out = {f"probe_{k}": float(np.mean([c[k] for c in per_class])) for k in keys}
     out["probe_pixel"] = (out["probe_pixel_auroc"] + out["probe_aupro"]) / 2
     return out

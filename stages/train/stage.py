@@ -21,7 +21,7 @@ from core.settings import Config
 from stages.heads import Head, TrainContext, accepted_run_keys, head_class, run_key
 from stages.train.context import Log, MakeBar
 from stages.train.labels import holdout_images, image_labels
-from stages.train.probe import ProbeSet, ScoreMaps, load_or_build_probe, probe_metrics
+from stages.train.probe import ProbeSet, ScoreMaps, class_probe_metrics, load_or_build_probe, probe_metrics
 
 
 def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch.device, cache_key: str,
@@ -41,8 +41,11 @@ def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch
         size = cfg.features.output_size
         return probe_metrics(probe_set(), score_maps, size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
 
+    def probe_class(scores: torch.Tensor, masks: Any) -> dict[str, float]:
+        return class_probe_metrics(scores, masks, cfg.features.output_size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
+
     return TrainContext(cache, held, labels, n_labels, t, cfg.features, device, files, cache_key, run_key(cfg),
-                        accepted_run_keys(cfg), log, make_bar, probe)
+                        accepted_run_keys(cfg), log, make_bar, probe, probe_set, probe_class)
 
 
 def train_head(cfg: Config, ctx: TrainContext) -> tuple[Head, dict[str, Any]]:

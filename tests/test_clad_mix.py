@@ -1,0 +1,137 @@
+"""CLAD's score mix (``stages.heads.clad_mix``): the coefficients, the per-class choice,
+how an image is scored, and a trained run that chooses on its probe and scores
+the same after being saved and loaded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages.heads.clad_mix import ScoreMix, _choose, choose_weight, mix_coefficients, mixed_scores, reference
+from stages.heads.clad_model import CladModel
+from stages.search import MemoryBank
+from tests.conftest import clad
+
+TINY_CLAD = ["epochs_contrastive=1", "epochs_finetune=1", "batch_contrastive=1200", "batch_finetune=2000",
+             "gas_steps=1", "gas_project_every=1"]
+
+
+def test_weight_zero_keeps_s_itself_and_a_blend_is_in_units_of_held_out_normals():
+    assert mix_coefficients(0.0, (2.0, 4.0), (1.0, 0.5)) == (1.0, 0.0, 0.0)
+    a, b, c = mix_coefficients(0.5, (2.0, 4.0), (1.0, 0.5))
+    assert (a, b, c) == (0.125, 1.0, -1.25)
+    assert a * 2.0 + b * 1.0 + c == 0.0  # a normal patch of mean s and mean d scores 0
+    assert a * 6.0 + b * 1.5 + c == pytest.approx(0.5 * 1 + 0.5 * 1)  # one std above in both
+    a, b, c = mix_coefficients(1.0, (2.0, 4.0), (1.0, 0.5))
+    assert (a, b, c) == (0.0, 2.0, -2.0)
+
+
+def test_the_best_probe_metric_wins_and_ties_go_to_the_discriminator():
+    assert choose_weight({0.0: 0.90, 0.5: 0.93, 1.0: 0.92}) == 0.5
+    assert choose_weight({0.0: 0.90, 0.5: 0.92, 1.0: 0.92}) == 0.5
+    assert choose_weight({0.0: 0.90, 0.5: 0.90, 1.0: 0.90}) == 0.0
+    assert choose_weight({0.0: 0.80, 0.5: 0.81, 1.0: 0.95}) == 1.0
+    assert reference(torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx((2.5, 1.2909944))
+
+
+def test_classes_with_enough_held_out_images_choose_alone_and_the_others_together():
+    def m(held, p0, p5, p1):
+        return {"held": held, "pixel": {0.0: p0, 0.5: p5, 1.0: p1}}
+
+    measured = {0: m(10, 0.90, 0.92, 0.95), 1: m(11, 0.95, 0.96, 0.90),  # own: d, blend
+                2: m(2, 0.80, 0.70, 0.70), 3: m(2, 0.80, 0.95, 0.70), 4: m(1, 0.80, 0.80, 0.99)}
+    # pooled means: w=0 0.800, w=0.5 0.817, w=1 0.797 -> the blend for classes 2-4 (5 held-out images)
+    assert _choose(measured, "probe", 5) == {0: (1.0, "own"), 1: (0.5, "own"), 2: (0.5, "pooled"),
+                                             3: (0.5, "pooled"), 4: (0.5, "pooled")}
+    del measured[4]  # 4 held-out images between them: too few, they keep s
+    assert _choose(measured, "probe", 5)[2] == (0.0, "too few")
+    assert _choose(measured, "distance", 5) == {k: (1.0, "forced") for k in measured}
+
+
+def test_each_image_is_scored_by_its_classs_coefficients_and_bank():
+    torch.manual_seed(0)
+    model = CladModel(6, 2, (8, 4), 10).eval()
+    maps = torch.randn(5, 9, 6)
+    with torch.no_grad():
+        z = model.adaptor(maps.reshape(-1, 6)).reshape(5, 9, -1)
+        logits = model.disc(z.reshape(-1, 4))[0].reshape(5, 9, -1)
+    cls = torch.softmax(logits[..., :2], -1).mean(1).argmax(1)
+    k = int(cls[0])  # the class of image 0 gets a bank; the other keeps s
+    bank_rows = torch.randn(30, 4).numpy()
+    mix = ScoreMix(np.array([1.0, 1.0]), np.zeros(2), np.zeros(2), np.arange(3))
+    mix.a[k], mix.b[k], mix.c[k] = 0.25, 2.0, -1.0
+    got = mixed_scores(model, mix, {k: MemoryBank(bank_rows)}, maps, chunk=18)  # two images per call
+    s = model.score_images(maps)
+    d = torch.cdist(z.reshape(-1, 4).double(), torch.from_numpy(bank_rows).double()).min(1).values.reshape(5, 9)
+    for i in range(5):
+        want = 0.25 * s[i] + 2.0 * d[i].float() - 1.0 if int(cls[i]) == k else s[i]
+        assert torch.allclose(got[i], want, atol=1e-5), i
+    assert mix.mixed == [k]
+
+
+def test_a_run_chooses_per_class_on_its_probe_and_scores_alike_after_loading(extracted):
+    from stages.heads import load_trained_head
+
+    run = "mix_probe"
+    sets = [a for s in [*TINY_CLAD, "score_mix=probe", "score_mix_min_images=1"] for a in ("--set", s)]
+    res = clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
+    summary = json.loads((extracted / "runs" / run / "train.json").read_text())
+    choices = {c["class"]: c for c in summary["score_mix"]}
+    assert set(choices) == {"washer", "weave"}
+    for c in choices.values():
+        assert set(c["probe_pixel"]) == {"0.0", "0.5", "1.0"}
+        assert c["chosen_on"] == "own"  # score_mix_min_images = 1: every class alone
+        assert c["weight"] == choose_weight({float(w): v for w, v in c["probe_pixel"].items()})
+        assert f"{c['class']} ({c['held_out']} held-out images)" in res.stderr + res.stdout
+    head, _ = load_trained_head(extracted / "runs" / run / "checkpoints" / "final.pt", torch.device("cpu"))
+    names = head.meta["class_names"]
+    assert [names[k] for k in head.mix.mixed] == [n for n in names if choices[n]["weight"] > 0]
+    maps = torch.randn(2, 16, int(head.meta["embed_dim"]))
+    assert head.score_maps(maps).shape == (2, 16)
+    # a class that keeps s scores exactly as the discriminator does; one that mixes does not
+    s = head.model.score_images(maps)
+    if not head.mix.mixed:
+        assert torch.equal(head.score_maps(maps), s)
+
+
+def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_their_fold(extracted):
+    """In the deployed bank a training image's own rows are at distance 0; its calibration score
+    takes d from a bank without its fold (exactly: recomputed here for one image)."""
+    from cache.store import FeatureStore
+    from cache.stream import TrainCache
+    from core.layout import RunFiles
+    from pipeline.config import load_config
+    from stages.heads import load_trained_head
+    from stages.heads.clad_mix import embed, model_parts
+    from stages.heads.knn import bank_rows
+    from stages.train.labels import calibration_folds, normal_maps
+    from stages.train.stage import train_context
+
+    run = "mix_distance"
+    sets = [a for s in [*TINY_CLAD, "score_mix=distance"] for a in ("--set", s)]
+    clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
+    files = RunFiles(extracted / "runs" / run)
+    head, _ = load_trained_head(files.final, torch.device("cpu"))
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    ctx = train_context(load_config(files.root / "config.toml"), cache, files, torch.device("cpu"),
+                        cache.store.info().key, lambda _m: None, lambda *_: None)
+    scores, unseen = head.calibration_scores(ctx, folds=2)
+    assert unseen == {int(i) for i in np.nonzero(ctx.held)[0]}
+    k = head.mix.mixed[0]
+    assert head.mix.a[k] == 0.0  # distance: the score is b d + c
+    fold = calibration_folds(cache, ctx.held, ctx.seed, 2)
+    image = int(np.nonzero((cache.image_class == k) & (fold == 0))[0][0])
+    rows, row_image = bank_rows(cache, (cache.image_class == k) & ~ctx.held)
+    bank = torch.from_numpy(embed(head.model, rows[fold[row_image] != 0], torch.device("cpu"))).double()
+    z, _, _ = model_parts(head.model, torch.from_numpy(normal_maps(cache, np.arange(len(fold)) == image)[image]
+                                                       [None].astype(np.float32)))
+    d = torch.cdist(z[0].double(), bank).min(1).values
+    want = head.mix.b[k] * d + head.mix.c[k]
+    assert np.allclose(scores[image], want.numpy(), rtol=1e-4, atol=1e-4)
+    assert (d > 0).all()  # the deployed bank holds the image's own rows: d would be 0
+    x = torch.from_numpy(normal_maps(cache, np.arange(len(fold)) == image)[image][None].astype(np.float32))
+    if int(model_parts(head.model, x)[2][0]) == k:  # routed to its class: the deployed bank has its rows
+        assert torch.allclose(head.score_maps(x)[0], torch.full((x.shape[1],), float(head.mix.c[k])), atol=1e-3)
