@@ -30,6 +30,7 @@ from stages.heads.clad_train import CladTrainer
 from stages.heads.registry import register_head
 from stages.heads.rows import score_maps_in_chunks
 from stages.train.epochs import EpochLoop
+from stages.train.labels import normal_maps
 
 
 @register_head
@@ -117,10 +118,13 @@ class CladHead(Head):
     def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
         """The default (every training image by the trained model; the held-out ones unseen), with
         the classes whose score uses d cross-fitted in d (``clad_mix.cross_fitted_scores``)."""
-        scores, unseen = super().calibration_scores(ctx, folds)
-        if self.mix is not None and self.mix.mixed and folds >= 2:
-            scores = cross_fitted_scores(self.model, self.mix, ctx, folds, scores)
-        return scores, unseen
+        if self.mix is None or not self.mix.mixed or folds < 2:
+            return super().calibration_scores(ctx, folds)
+        crossed = np.isin(ctx.cache.image_class, self.mix.mixed) & ~ctx.held
+        scores = {i: self.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
+                  for i, m in normal_maps(ctx.cache, ~crossed).items()}
+        return {**scores, **cross_fitted_scores(self.model, self.mix, ctx, folds)}, \
+            {int(i) for i in np.nonzero(ctx.held)[0]}
 
     def export(self, ctx: ExportContext) -> dict[str, Any]:
         """Adaptor + the discriminator's score column as one ONNX graph on patch rows

@@ -210,18 +210,17 @@ def restore_banks(model: CladModel, mix: ScoreMix, cache: Any, device: torch.dev
 
 
 @torch.no_grad()
-def cross_fitted_scores(model: CladModel, mix: ScoreMix, ctx: Any, folds: int,
-                        scores: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """``scores`` (``{image: [H*W]}`` of normal training images) with every not-held-out image of
-    a mixed class re-scored with d from a bank without its own fold's images
-    (``stages.train.labels.calibration_folds``): in the deployed bank an image's own rows lie at
-    distance 0, which would make the seen scores of a class that uses d a constant."""
+def cross_fitted_scores(model: CladModel, mix: ScoreMix, ctx: Any, folds: int) -> dict[int, np.ndarray]:
+    """``{image: [H*W]}`` scores of every not-held-out training image of a mixed class, with d
+    from a bank without its own fold's images (``stages.train.labels.calibration_folds``): in
+    the deployed bank an image's own rows lie at distance 0, which would make the seen scores
+    of a class that uses d a constant."""
     from stages.heads.knn import bank_rows
     from stages.train.labels import calibration_folds, normal_maps
 
     cache = ctx.cache
     fold = calibration_folds(cache, ctx.held, ctx.seed, folds)
-    out = dict(scores)
+    out: dict[int, np.ndarray] = {}
     for k in mix.mixed:
         own = (cache.image_class == k) & ~ctx.held
         rows, row_image = bank_rows(cache, own)
