@@ -117,14 +117,17 @@ class CladHead(Head):
 
     def calibration_scores(self, ctx: TrainContext, folds: int = 5) -> tuple[dict[int, np.ndarray], set[int]]:
         """The default (every training image by the trained model; the held-out ones unseen), with
-        the classes whose score uses d cross-fitted in d (``clad_mix.cross_fitted_scores``)."""
+        the classes whose score uses d cross-fitted in d (``clad_mix.cross_fitted_scores``); where
+        a class's score is d alone, all its images count as unseen (nothing of them is seen)."""
         if self.mix is None or not self.mix.mixed or folds < 2:
             return super().calibration_scores(ctx, folds)
         crossed = np.isin(ctx.cache.image_class, self.mix.mixed) & ~ctx.held
         scores = {i: self.score_maps(torch.from_numpy(m[None].astype(np.float32)))[0].numpy()
                   for i, m in normal_maps(ctx.cache, ~crossed).items()}
+        # a class scored by d alone (a = 0) is scored cross-fitted like the knn head: every image unseen
+        alone = np.isin(ctx.cache.image_class, [k for k in self.mix.mixed if self.mix.a[k] == 0])
         return {**scores, **cross_fitted_scores(self.model, self.mix, ctx, folds)}, \
-            {int(i) for i in np.nonzero(ctx.held)[0]}
+            {int(i) for i in np.nonzero(ctx.held | alone)[0]}
 
     def export(self, ctx: ExportContext) -> dict[str, Any]:
         """Adaptor + the discriminator's score column as one ONNX graph on patch rows
