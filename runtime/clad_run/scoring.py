@@ -29,7 +29,8 @@ def session(path: Any) -> Any:
 
 
 class FeatureExtractor:
-    """``[n, S, S, 3]`` float32 in [0, 1] -> ``[n, H*W, C]`` float32 patch features (rounded as the cache stores them)."""
+    """``[n, S, S, 3]`` float32 in [0, 1] -> ``[n, H*W, C]`` float32 patch features
+    (rounded as the cache stores them)."""
 
     def __init__(self, bundle: Bundle):
         m = bundle.manifest
