@@ -31,6 +31,7 @@ from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.evaluate.stage import iter_classes  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
+from stages.heads.clad_mix import embed  # noqa: E402
 from stages.heads.rows import score_in_chunks  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
@@ -43,15 +44,11 @@ class AdaptorKnn:
     """Nearest-neighbour distance after the run's adaptor."""
 
     def __init__(self, head: torch.nn.Module, bank: np.ndarray):
-        self.adaptor = head.adaptor.eval()
-        self.knn = MemoryBank(self._embed(torch.from_numpy(bank)).numpy())
-
-    @torch.no_grad()
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.adaptor(x[s:s + 65536].float()) for s in range(0, len(x), 65536)])
+        self.model = head
+        self.knn = MemoryBank(embed(head, bank, torch.device("cpu")))
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
-        return self.knn.score(self._embed(x))
+        return self.knn.score(torch.from_numpy(embed(self.model, x, torch.device("cpu"))))
 
 
 def _standardised(s: torch.Tensor, normal: np.ndarray) -> torch.Tensor:

@@ -168,16 +168,8 @@ class CladPartsGraph(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, hw = x.shape[0], x.shape[1]
-        z, logits, scores = (t.reshape(n, hw, -1) for t in self.model._outputs(x.reshape(n * hw, -1)))
-        n_classes = logits.shape[-1] - 1
-        probs = torch.softmax(logits[..., :n_classes], dim=-1)
-        if self.model.disc.n_scores == 1:
-            s = scores[..., :1]
-        else:
-            cls = probs.mean(1).argmax(1)
-            s = scores.gather(2, cls[:, None, None].expand(n, hw, 1))
-        return torch.cat([z, s, probs], dim=-1)
+        z, s, probs = self.model.image_parts(x)
+        return torch.cat([z, s[..., None], probs], dim=-1)
 
 
 class CladScoreGraph(nn.Module):

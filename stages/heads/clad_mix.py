@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.heads.clad_model import CladModel, image_classes
+from stages.heads.clad_model import CladModel
 from stages.search import MemoryBank
 
 WEIGHTS = (0.0, 0.5, 1.0)  # the candidates: s alone, the blend, d alone
@@ -96,12 +96,8 @@ def model_parts(model: CladModel, maps: torch.Tensor) -> tuple[torch.Tensor, tor
     """``[n, H*W, C_d]`` -> (adaptor outputs ``[n, H*W, D]``, s ``[n, H*W]`` as
     ``CladModel.score_images`` gives it, each image's class ``[n]``)."""
     model.eval()
-    n, hw = maps.shape[0], maps.shape[1]
-    z, logits, scores = (t.reshape(n, hw, -1) for t in model._outputs(maps.reshape(n * hw, -1)))
-    cls = image_classes(logits)
-    if model.disc.n_scores == 1:
-        return z, scores[..., 0], cls
-    return z, scores.gather(2, cls[:, None, None].expand(n, hw, 1))[..., 0], cls
+    z, s, probs = model.image_parts(maps)
+    return z, s, probs.mean(1).argmax(1)
 
 
 @torch.no_grad()
@@ -124,8 +120,11 @@ def mixed_scores(model: CladModel, mix: ScoreMix, banks: dict[int, MemoryBank], 
 
 
 def class_bank(model: CladModel, cache: Any, images: np.ndarray, device: torch.device) -> MemoryBank:
-    """The adaptor-space bank of the normal rows of ``images`` (bool ``[n_images]``)."""
-    return MemoryBank(embed(model, cache.normal_rows(~images), device))
+    """The adaptor-space bank of the normal rows of ``images`` (bool ``[n_images]``; only
+    the shards that hold them are read)."""
+    from stages.heads.knn import bank_rows
+
+    return MemoryBank(embed(model, bank_rows(cache, images)[0], device))
 
 
 def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any) -> tuple[ScoreMix | None, dict[int, MemoryBank]]:

@@ -131,12 +131,19 @@ class CladModel(nn.Module):
     def score_images(self, maps: torch.Tensor) -> torch.Tensor:
         """``[n, H*W, C_d]`` -> ``[n, H*W]`` anomaly scores (eval mode): every
         patch of an image scored by the column of the image's class."""
+        return self.image_parts(maps)[1]
+
+    def image_parts(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[n, H*W, C_d]`` -> (adaptor outputs ``[n, H*W, D]``, scores ``[n, H*W]`` by the
+        column of each image's class (``image_classes``), normal-class probabilities
+        ``[n, H*W, N]``): what whole-map scoring and the score mix (``clad_mix``) read."""
         n, hw = maps.shape[0], maps.shape[1]  # sizes the ONNX tracer keeps symbolic
-        _, logits, scores = (t.reshape(n, hw, -1) for t in self._outputs(maps.reshape(n * hw, -1)))
+        z, logits, scores = (t.reshape(n, hw, -1) for t in self._outputs(maps.reshape(n * hw, -1)))
+        probs = torch.softmax(logits[..., :logits.shape[-1] - 1], dim=-1)
         if self.disc.n_scores == 1:
-            return scores[..., 0]
-        cls = image_classes(logits)  # [n]
-        return scores.gather(2, cls[:, None, None].expand(n, hw, 1))[..., 0]
+            return z, scores[..., 0], probs
+        cls = probs.mean(1).argmax(1)  # image_classes
+        return z, scores.gather(2, cls[:, None, None].expand(n, hw, 1))[..., 0], probs
 
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self.adaptor(x)
