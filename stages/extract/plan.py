@@ -136,10 +136,11 @@ def record_content(cfg: Config, cache_dir: Path, fingerprint: str, samples: list
                                    "same_content": []}, indent=1))
 
 
-def same_data(cfg: Config, cache_dir: Path, recorded: str, samples: list[Sample], remember: bool = False) -> bool:
-    """Is the data set on disk the one the cache recorded as ``recorded``, though its
-    fingerprint differs (copied anew: same bytes, new mtimes)? Decided by content, once per
-    new fingerprint where ``remember`` (stage 1 writes; later stages only read)."""
+def same_data(cfg: Config, cache_dir: Path, recorded: str, samples: list[Sample], now: str,
+              remember: bool = False) -> bool:
+    """Is the data set on disk (``samples``, fingerprint ``now``) the one the cache recorded as
+    ``recorded``, though its fingerprint differs (copied anew: same bytes, new mtimes)? Decided
+    by content, once per new fingerprint where ``remember`` (stage 1 writes; later stages only read)."""
     path = _record_path(cache_dir)
     try:
         rec = json.loads(path.read_text())
@@ -147,7 +148,6 @@ def same_data(cfg: Config, cache_dir: Path, recorded: str, samples: list[Sample]
         return False
     if rec.get("fingerprint") != recorded or not rec.get("content"):
         return False
-    now = dataset_fingerprint(cfg, samples)
     if now in rec.get("same_content", []):
         return True
     if dataset_content(cfg, samples) != rec["content"]:
@@ -172,9 +172,10 @@ def dataset_changes(cfg: Config, recorded: str, cached_ids: set[str], cache_dir:
     unless the fingerprint differs: then a data set with the content that
     ``cache_dir/dataset.json`` recorded is the same data set, copied."""
     samples = index_dataset(cfg.data, check_masks=False)
-    if recorded in (dataset_fingerprint(cfg, samples), _legacy_fingerprint(samples)):
+    now = dataset_fingerprint(cfg, samples)
+    if recorded in (now, _legacy_fingerprint(samples)):
         return ""
-    if cache_dir is not None and same_data(cfg, cache_dir, recorded, samples):
+    if cache_dir is not None and same_data(cfg, cache_dir, recorded, samples, now):
         return ""
     now = {s.image_id for s in samples}
     added, removed = len(now - cached_ids), len(cached_ids - now)

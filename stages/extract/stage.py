@@ -43,7 +43,8 @@ def open_stores(cfg: Config, cache_dir: Path, plan: Plan, rebuild: bool = False)
             # extracted before mtimes were fingerprinted: its key stays valid
             # (a same-size replacement made before this upgrade goes unseen)
             settings["dataset"] = plan.legacy_fingerprint
-        elif recorded and recorded != plan.fingerprint and same_data(cfg, cache_dir, recorded, plan.listed, True):
+        elif (recorded and recorded != plan.fingerprint
+              and same_data(cfg, cache_dir, recorded, plan.listed, plan.fingerprint, remember=True)):
             settings["dataset"] = recorded  # the same files copied anew (new mtimes): the cache holds them
         if store.exists() and store.is_empty() and store.info().key != settings_hash(settings):
             store.delete()  # an extraction with other settings that stopped before its first shard: nothing to keep
