@@ -48,7 +48,8 @@ def main(work: Path, run: str) -> None:
     rows, chosen = [], {}
     for mode in MODES:
         t0 = time.perf_counter()
-        head.mix, head._banks = fit_mix(head.model, mode, min_images, ctx) if mode != "discriminator" else (None, {})
+        head.mix, head._banks = (fit_mix(head.model, mode, min_images, ctx, head.settings.score_mix_pool)
+                                 if mode != "discriminator" else (None, {}))
         fit_s = time.perf_counter() - t0
         if head.mix is not None:
             chosen[mode] = {c["class"]: (c["weight"], c["chosen_on"]) for c in head.mix.choices}

@@ -53,11 +53,13 @@ class CladHead(Head):
         # no GAS ascent (it moved rows 0.6 % of r1 for 36 % of a fine-tuning step); each class's GAS shell
         # tightened while its held-out GAS rows stay separable (stages/heads/clad_shell.py)
         # round 7: each class with >= 5 held-out images scored by s, s + d or d, whichever its probe prefers
-        # (stages/heads/clad_mix.py)
+        # (stages/heads/clad_mix.py); round 8: the small classes choose together by rank, one vote each
         "fast": {"epochs_contrastive": 1, "epochs_finetune": 8, "batch_contrastive": 2000, "batch_finetune": 4000,
-                 "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe"},
+                 "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
+                 "score_mix_pool": "rank"},
         "long": {"epochs_contrastive": 1, "epochs_finetune": 16, "batch_contrastive": 2000, "batch_finetune": 4000,
-                 "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe"},
+                 "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
+                 "score_mix_pool": "rank"},
     }
 
     def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device,
@@ -78,7 +80,8 @@ class CladHead(Head):
                    "gas": tr.gas_rows.summary()}
         mix, banks = None, {}
         if settings.score_mix != "discriminator" and distributed.is_main():  # rank 0 saves and scores
-            mix, banks = fit_mix(model, settings.score_mix, settings.score_mix_min_images, ctx)
+            mix, banks = fit_mix(model, settings.score_mix, settings.score_mix_min_images, ctx,
+                                 settings.score_mix_pool)
             summary["score_mix"] = mix.choices if mix is not None else []
         return cls(model, settings, meta, ctx.device, mix, banks), summary
 

@@ -50,6 +50,21 @@ def choose_weight(pixel: dict[float, float]) -> float:
     return max(sorted(pixel), key=lambda w: (pixel[w], -w))
 
 
+def mean_ranks(pixel: list[dict[float, float]]) -> dict[float, float]:
+    """Per weight, its mean rank over classes (1 = the class's best probe metric; tied
+    metrics share the mean of their ranks): each class one vote, whatever its metric's scale.
+
+    Why not the mean metric: a class whose probe sees nothing moves its metric far and at
+    random (speckle in the seven-class model: 0.333 / 0.267 / 0.218 around chance, 0.325),
+    and outweighs four classes whose probes agree within 0.01 to 0.03 of each other."""
+    ranks: dict[float, list[float]] = {w: [] for w in pixel[0]}
+    for p in pixel:
+        for w, v in p.items():
+            above = sum(x > v for x in p.values())
+            ranks[w].append(above + (sum(x == v for x in p.values()) + 1) / 2)
+    return {w: float(np.mean(r)) for w, r in ranks.items()}
+
+
 def reference(values: torch.Tensor) -> tuple[float, float]:
     """(mean, sample std) of patch scores: the unit a class's scores are measured in."""
     v = values.double().reshape(-1)
@@ -127,15 +142,16 @@ def class_bank(model: CladModel, cache: Any, images: np.ndarray, device: torch.d
     return MemoryBank(embed(model, bank_rows(cache, images)[0], device))
 
 
-def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any) -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
+def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any,
+            pool: str = "mean") -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
     """Choose each class's weight on the probe (``mode`` probe) or give every class with a probe
     ``FORCED[mode]``; the mix (``mixed`` empty where every class keeps s) and the banks of the
     classes that use d; ``(None, {})`` without a probe or class labels.
 
     With ``probe``, as the verdict calibration fits its shift (``stages.train.calibrate.seen_fit``):
     a class with at least ``min_images`` held-out images chooses on its own probe; the other
-    classes choose one weight together, on the mean of their probe metrics, where they hold that
-    many held-out images between them, and keep s otherwise.
+    classes choose one weight together where they hold that many held-out images between them (``pool``:
+    on the mean of their probe metrics, or on their mean rank, each class one vote), and keep s otherwise.
     ``ctx``: the run's ``TrainContext``.
     """
     cache, probe = ctx.cache, ctx.probe_set()
@@ -160,7 +176,7 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any) -> tuple[Sco
         pixel = {w: ctx.probe_class(_combined(w, refs, s, d), masks)["pixel"] for w in weights}
         measured[k] = {"held": int((ctx.held & (cache.image_class == k)).sum()), "refs": refs, "pixel": pixel,
                        "bank": bank}
-    chosen = _choose(measured, mode, min_images)
+    chosen = _choose(measured, mode, min_images, pool)
     n = ctx.n_labels
     a, b, c = np.ones(n), np.zeros(n), np.zeros(n)
     banks: dict[int, MemoryBank] = {}
@@ -185,15 +201,21 @@ def _combined(w: float, refs: tuple[tuple[float, float], tuple[float, float]], s
     return ca * s + cb * d + cc
 
 
-def _choose(measured: dict[int, dict[str, Any]], mode: str, min_images: int) -> dict[int, tuple[float, str]]:
+def _choose(measured: dict[int, dict[str, Any]], mode: str, min_images: int,
+            pool: str = "mean") -> dict[int, tuple[float, str]]:
     """(weight, what chose it) per class: ``own`` probe, the ``pooled`` probe of the classes
-    with fewer than ``min_images`` held-out images, ``too few`` (s), or the ``forced`` weight."""
+    with fewer than ``min_images`` held-out images (``pool`` = mean: their mean metric; rank: their
+    mean rank, the lowest wins, ties to the smaller weight), ``too few`` (s), or the ``forced`` weight."""
     if mode != "probe":
         return {k: (FORCED[mode], "forced") for k in measured}
     small = [k for k, m in measured.items() if m["held"] < min_images]
     pooled, basis = 0.0, "too few"
     if small and sum(measured[k]["held"] for k in small) >= min_images:
-        pooled = choose_weight({w: float(np.mean([measured[k]["pixel"][w] for k in small])) for w in WEIGHTS})
+        if pool == "rank":
+            ranks = mean_ranks([measured[k]["pixel"] for k in small])
+            pooled = choose_weight({w: -r for w, r in ranks.items()})
+        else:
+            pooled = choose_weight({w: float(np.mean([measured[k]["pixel"][w] for k in small])) for w in WEIGHTS})
         basis = "pooled"
     return {k: (choose_weight(m["pixel"]), "own") if k not in small else (pooled, basis) for k, m in measured.items()}
 

@@ -97,3 +97,8 @@ class CladSettings(Settings):
     score_mix_min_images: int = setting(5, low=1, added=5,
                                         help="with score_mix = probe: held-out images a class needs for its "
                                              "own choice (and the classes below it together for theirs)")
+    score_mix_pool: str = setting("mean", choices=("mean", "rank"), added="mean",
+                                  help="with score_mix = probe: how the classes with too few held-out images "
+                                       "choose together: mean = the best mean probe metric | rank = the best "
+                                       "mean rank, each class one vote (a class whose probe sees nothing, at "
+                                       "or below chance for every candidate, cannot outweigh the others)")
