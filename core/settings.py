@@ -157,6 +157,10 @@ class CalibrateConfig(Settings):
                                    "held-out images' scores, location and spread (stages/train/calibrate.py "
                                    "seen_fit) | gap: location only | none; cross-fitted heads (knn) have no "
                                    "seen images")
+    seen_own_floor: bool = setting(True, added=False,
+                                   help="a class with too few held-out images for its own seen-to-unseen fit takes "
+                                        "the pooled one, but is shifted at least as far as its own held-out "
+                                        "images' median (stages/train/calibrate.py seen_fit)")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,22 @@ def test_seen_scores_are_raised_by_the_gap_the_unseen_ones_show():
     assert seen_fit(seen, {}, 5) == dict.fromkeys(seen, (0.0, 1.0))
 
 
+def test_a_small_class_is_shifted_at_least_as_far_as_its_own_held_out_image():
+    r2 = math.sqrt(2)
+    seen = {0: np.arange(5.0), 1: np.array([10.0, 12.0]), 3: np.array([0.0, 2.0])}
+    unseen = {0: 2 + r2 * np.array([1.0, 2, 3, 1, 2]),  # z 1, 2, 3, 1, 2: its own fit
+              1: np.array([31.0]),  # z = (31 - 11) / 1 = 20: far above the pool
+              3: np.array([0.0])}  # z = -1: below the pool, which it keeps
+    pooled = np.array([1.0, 2, 3, 1, 2, 20, -1])  # median 2
+    plain = seen_fit(seen, unseen, min_unseen=5)
+    got = seen_fit(seen, unseen, min_unseen=5, own_floor=True)
+    assert plain[1] == pytest.approx((2.0, pooled.std(ddof=1)))
+    assert got[1] == pytest.approx((20.0, pooled.std(ddof=1)))  # its own z 20 x its seen spread 1
+    assert got[0] == plain[0] == pytest.approx((2 * r2, 1.0))  # a class with its own fit: untouched
+    assert got[3] == plain[3] == pytest.approx((2.0, pooled.std(ddof=1)))
+    assert fitted_seen(seen[1], *got[1])[0] < 31.0 < fitted_seen(seen[1], *got[1])[1]  # the image sits inside
+
+
 def test_the_spread_of_the_unseen_scores_stretches_the_seen_ones():
     r2 = math.sqrt(2)
     seen = {0: np.arange(5.0), 1: np.array([10.0, 12.0])}

@@ -64,7 +64,7 @@ def class_threshold(scores: np.ndarray, quantile: float, min_images: int) -> dic
 
 
 def seen_fit(seen: dict[int, np.ndarray], unseen: dict[int, np.ndarray], min_unseen: int = MIN_CLASS_UNSEEN,
-             spread: bool = True) -> dict[int, tuple[float, float]]:
+             spread: bool = True, own_floor: bool = False) -> dict[int, tuple[float, float]]:
     """How to map each class's scores of images the model trained on onto
     the scores unseen normals get: ``{class: (shift, stretch)}``, applied by
     ``fitted_seen`` as ``median + shift + (s - median) x stretch``.
@@ -82,6 +82,14 @@ def seen_fit(seen: dict[int, np.ndarray], unseen: dict[int, np.ndarray], min_uns
     = max(sample std of z, 1) when ``spread`` (a location-scale fit), else 1
     (location only). Neither ever tightens or lowers the seen scores: a
     head that scores unseen normals like seen ones needs no correction.
+    ``own_floor``: a class on the pooled fit is shifted at least to the median
+    of its own unseen z. Why: the pooled z is that of the classes with many
+    held-out images, and a scorer can open a far wider gap in a small class
+    (the seven-class CLAD model scoring capsule by s + d: its one held-out
+    image 13.7 seen standard deviations above the seen median, the pool's
+    median 1.0; the test's good capsules scored where that image did, and the
+    pooled fit flagged all of them). One image cannot give the spread, but a
+    good part that far above the fit is one the fit would flag.
     ``seen``/``unseen``: ``{class: [image scores]}``; a class with fewer than two
     seen scores or no spread among them gets (0, 1).
     """
@@ -100,7 +108,8 @@ def seen_fit(seen: dict[int, np.ndarray], unseen: dict[int, np.ndarray], min_uns
             out[c] = (0.0, 1.0)
             continue
         stretch = max(float(np.std(zc, ddof=1)), 1.0) if spread and len(zc) >= 2 else 1.0
-        out[c] = (max(float(np.median(zc)), 0.0) * float(s.std()), stretch)
+        floor = float(np.median(z[c])) if own_floor and c in z and zc is pooled else 0.0
+        out[c] = (max(float(np.median(zc)), floor, 0.0) * float(s.std()), stretch)
     return out
 
 
@@ -197,6 +206,7 @@ def calibration_key(cfg: Config, train_key: str) -> str:
     cal.pop("overrides")  # read when verdicts are made, never baked in
     if head_class(cfg.train.head).cross_fits and cfg.calibrate.folds >= 2:
         cal.pop("seen_shift", None)  # every image unseen: the shift cannot apply, so it moves no key
+        cal.pop("seen_own_floor", None)
     size = cfg.features.output_size
     return settings_hash({"code": CALIBRATE_CODE_VERSION, "train": train_key, "calibrate": cal,
                           "maps": {"sigma": cfg.evaluate.sigma, "size": size}})
@@ -225,7 +235,8 @@ def calibrate_run(cfg: Config, head: Head, ctx: TrainContext, train_key: str) ->
     of_class = {k: [i for i in scores if ctx.cache.image_class[i] == k] for k in range(len(names))}
     seen = {k: np.array([scores[i] for i in ids if i not in unseen]) for k, ids in of_class.items()}
     fresh = {k: np.array([scores[i] for i in ids if i in unseen]) for k, ids in of_class.items()}
-    fit = (seen_fit(seen, fresh, spread=c.seen_shift == "gap_spread") if c.seen_shift != "none"
+    fit = (seen_fit(seen, fresh, spread=c.seen_shift == "gap_spread", own_floor=c.seen_own_floor)
+           if c.seen_shift != "none"
            else dict.fromkeys(seen, (0.0, 1.0)))
     per_class: dict[str, Any] = {}
     for k, name in enumerate(names):
