@@ -87,7 +87,7 @@ def test_the_spread_of_the_unseen_scores_stretches_the_seen_ones():
     assert fitted_seen(np.zeros(0), 1.0, 2.0).shape == (0,)
 
 
-def test_seen_shift_moves_the_key_only_where_some_images_are_seen():
+def test_seen_shift_and_its_floor_move_the_key_only_where_some_images_are_seen():
     from dataclasses import replace
 
     def key(head: str, **cal) -> str:
@@ -98,6 +98,8 @@ def test_seen_shift_moves_the_key_only_where_some_images_are_seen():
     assert key("clad", seen_shift="gap") != key("clad", seen_shift="none") != key("clad", seen_shift="gap_spread")
     assert key("knn", seen_shift="gap") == key("knn", seen_shift="none")  # cross-fitted: every image unseen
     assert key("knn", seen_shift="gap", folds=1) != key("knn", seen_shift="none", folds=1)  # no cross-fitting
+    assert key("clad", seen_own_floor=True) != key("clad", seen_own_floor=False)
+    assert key("knn", seen_own_floor=True) == key("knn", seen_own_floor=False)
 
 
 def test_normalised_score_puts_every_threshold_at_the_fixed_value():
