@@ -96,7 +96,8 @@ _OLD_CLAD = ("epochs_contrastive", "epochs_finetune", "batch_contrastive", "batc
              "gas_scale", "gas_nn_factor", "use_contrastive", "use_gas", "use_las", "window_shards")
 # CLAD's later settings at the behaviour runs had before them (2026-12-02 changed these defaults)
 _CLAD_BEFORE = {"mix_classes": False, "gas_bn": "train", "gas_radius": "global", "fusion_beta": "stored",
-                "bn_refresh": False, "gas_shell": "fixed", "score_mix": "discriminator"}
+                "bn_refresh": False, "gas_shell": "fixed", "score_mix": "discriminator",
+                "score_mix_pool": "mean"}
 
 
 def _make_old(run_dir):
