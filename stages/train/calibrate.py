@@ -103,12 +103,13 @@ def seen_fit(seen: dict[int, np.ndarray], unseen: dict[int, np.ndarray], min_uns
     out = {}
     for c, s in seen.items():
         s = np.asarray(s, np.float64)
-        zc = z[c] if c in z and len(z[c]) >= min_unseen else pooled
+        own = c in z and len(z[c]) >= min_unseen
+        zc = z[c] if own else pooled
         if len(s) < 2 or not s.std() > 0 or not len(zc):
             out[c] = (0.0, 1.0)
             continue
         stretch = max(float(np.std(zc, ddof=1)), 1.0) if spread and len(zc) >= 2 else 1.0
-        floor = float(np.median(z[c])) if own_floor and c in z and zc is pooled else 0.0
+        floor = float(np.median(z[c])) if own_floor and not own and c in z else 0.0
         out[c] = (max(float(np.median(zc)), floor, 0.0) * float(s.std()), stretch)
     return out
 
