@@ -6,8 +6,10 @@ test set with each: ``discriminator`` (s alone, the paper), ``probe`` (the
 per-class choice, the fast profile's default), ``blend`` and ``distance``
 (every class forced to s + d or d). The network is the same in every row, so
 the rows differ only by how a patch is scored. Test labels only measure.
+``--space`` says where d is measured (``score_mix_space``: final, contrastive,
+probe; the run's own setting without it).
 
-Usage: python benchmarks/score_mix.py WORK RUN
+Usage: python benchmarks/score_mix.py WORK RUN [--space final|contrastive|probe]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from cache.stream import TrainCache  # noqa: E402
 from core.layout import RunFiles  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
-from stages.heads.clad_mix import fit_mix  # noqa: E402
+from stages.heads.clad_mix import contrastive_space, fit_mix  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402
 from stages.train.stage import train_context  # noqa: E402
@@ -35,7 +37,7 @@ from stages.train.stage import train_context  # noqa: E402
 MODES = ("discriminator", "probe", "blend", "distance")
 
 
-def main(work: Path, run: str) -> None:
+def main(work: Path, run: str, space: str | None = None) -> None:
     files = RunFiles(work / "runs" / run)
     cfg = load_config(files.root / "config.toml")
     device = torch.device("cpu")
@@ -43,16 +45,20 @@ def main(work: Path, run: str) -> None:
     cache = TrainCache(FeatureStore(work / "cache" / "train.zarr"))
     ctx = train_context(cfg, cache, files, device, cache.store.info().key, print, lambda *_: None)
     min_images = head.settings.score_mix_min_images
+    space = space or head.settings.score_mix_space
+    second = contrastive_space(head.model, ctx) if space != "final" else None
     tests = list(test_items(work))
     size = cfg.features.output_size
     rows, chosen = [], {}
     for mode in MODES:
         t0 = time.perf_counter()
-        head.mix, head._banks = (fit_mix(head.model, mode, min_images, ctx, head.settings.score_mix_pool)
+        head.model.set_space(second)  # fit_mix keeps it for the classes that choose it
+        head.mix, head._banks = (fit_mix(head.model, mode, min_images, ctx, head.settings.score_mix_pool, space)
                                  if mode != "discriminator" else (None, {}))
         fit_s = time.perf_counter() - t0
         if head.mix is not None:
-            chosen[mode] = {c["class"]: (c["weight"], c["chosen_on"]) for c in head.mix.choices}
+            chosen[mode] = {c["class"]: (f"{c['weight']}{'@c' * (c['space'] == 'contrastive')}", c["chosen_on"])
+                            for c in head.mix.choices}
         for name, feats, masks, labels in tests:
             t0 = time.perf_counter()
             s = head.score_maps(torch.from_numpy(feats.astype(np.float32)))
@@ -71,11 +77,17 @@ def main(work: Path, run: str) -> None:
                      **{k: round(float(np.mean([r[k] for r in own])), 1)
                         for k in ("image_auroc", "pixel_auroc", "aupro", "ms_per_image")},
                      "fit_s": own[0]["fit_s"]})
-    report(f"score_mix_{work.name}_{run}", rows, work=str(work), run=run, on="test set",
-           note="mix fitted on the held-out probe (training data); test labels only measure")
+    report(f"score_mix_{work.name}_{run}_{space}", rows, work=str(work), run=run, on="test set", space=space,
+           note="mix fitted on the held-out probe (training data); test labels only measure; weight@c: d "
+                "after the contrastive phase's adaptor")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    where = None
+    if "--space" in args:
+        i = args.index("--space")
+        where, args = args[i + 1], args[:i] + args[i + 2:]
+    if len(args) != 2 or where not in (None, "final", "contrastive", "probe"):
         sys.exit(__doc__)
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(args[0]), args[1], where)

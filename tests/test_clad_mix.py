@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.heads.clad_mix import (
-    ScoreMix,
-    _choose,
-    choose_weight,
-    mean_ranks,
-    mix_coefficients,
-    mixed_scores,
-    reference,
-)
+from stages.heads.clad_choice import choose_per_class, choose_weight, mean_ranks, mix_coefficients, reference
+from stages.heads.clad_mix import ScoreMix, mixed_scores
 from stages.heads.clad_model import CladModel
 from stages.search import MemoryBank
 from tests.conftest import clad
@@ -52,11 +45,19 @@ def test_classes_with_enough_held_out_images_choose_alone_and_the_others_togethe
     measured = {0: m(10, 0.90, 0.92, 0.95), 1: m(11, 0.95, 0.96, 0.90),  # own: d, blend
                 2: m(2, 0.80, 0.70, 0.70), 3: m(2, 0.80, 0.95, 0.70), 4: m(1, 0.80, 0.80, 0.99)}
     # pooled means: w=0 0.800, w=0.5 0.817, w=1 0.797 -> the blend for classes 2-4 (5 held-out images)
-    assert _choose(measured, "probe", 5) == {0: (1.0, "own"), 1: (0.5, "own"), 2: (0.5, "pooled"),
+    assert choose_per_class(measured, "probe", 5) == {0: (1.0, "own"), 1: (0.5, "own"), 2: (0.5, "pooled"),
                                              3: (0.5, "pooled"), 4: (0.5, "pooled")}
     del measured[4]  # 4 held-out images between them: too few, they keep s
-    assert _choose(measured, "probe", 5)[2] == (0.0, "too few")
-    assert _choose(measured, "distance", 5) == {k: (1.0, "forced") for k in measured}
+    assert choose_per_class(measured, "probe", 5)[2] == (0.0, "too few")
+    forced = {k: {"held": m["held"], "pixel": {1.0: m["pixel"][1.0]}} for k, m in measured.items()}
+    assert choose_per_class(forced, "distance", 5) == {k: (1.0, "forced") for k in measured}
+    # candidates are any keys, in order of preference: (weight, space) pairs with two spaces
+    two = {k: {"held": m["held"], "pixel": {(0.0, 0): m["pixel"][0.0], (1.0, 0): m["pixel"][1.0],
+                                            (1.0, 1): m["pixel"][1.0]}} for k, m in measured.items()}
+    got = choose_per_class(two, "probe", 5)
+    assert got[0] == ((1.0, 0), "own")  # d ties across the spaces: the first (final) space
+    assert got[1] == ((0.0, 0), "own")
+    assert choose_per_class({}, "probe", 5) == {}
 
 
 def test_pooled_by_rank_each_class_votes_once_whatever_its_metrics_scale():
@@ -71,12 +72,12 @@ def test_pooled_by_rank_each_class_votes_once_whatever_its_metrics_scale():
     measured = {0: m(0.8958, 0.9244, 0.9437), 1: m(0.9591, 0.9637, 0.9557), 2: m(0.3327, 0.2671, 0.2179),
                 3: m(0.9536, 0.9579, 0.9522), 4: m(0.6421, 0.6307, 0.6649)}
     assert mean_ranks([x["pixel"] for x in measured.values()]) == pytest.approx({0.0: 2.0, 0.5: 1.8, 1.0: 2.2})
-    assert _choose(measured, "probe", 5, "mean")[0] == (0.0, "pooled")
-    assert _choose(measured, "probe", 5, "rank") == {k: (0.5, "pooled") for k in measured}
+    assert choose_per_class(measured, "probe", 5, "mean")[0] == (0.0, "pooled")
+    assert choose_per_class(measured, "probe", 5, "rank") == {k: (0.5, "pooled") for k in measured}
     # ties in mean rank go to the smaller weight: all three, then the blend and d
-    assert _choose({0: m(0.9, 0.8, 0.7), 1: m(0.7, 0.8, 0.9), 2: m(0.5, 0.5, 0.5),
+    assert choose_per_class({0: m(0.9, 0.8, 0.7), 1: m(0.7, 0.8, 0.9), 2: m(0.5, 0.5, 0.5),
                     3: m(0.5, 0.5, 0.5), 4: m(0.5, 0.5, 0.5)}, "probe", 5, "rank")[0] == (0.0, "pooled")
-    assert _choose({0: m(0.5, 0.9, 0.8), 1: m(0.5, 0.8, 0.9), 2: m(0.5, 0.5, 0.5),
+    assert choose_per_class({0: m(0.5, 0.9, 0.8), 1: m(0.5, 0.8, 0.9), 2: m(0.5, 0.5, 0.5),
                     3: m(0.5, 0.5, 0.5), 4: m(0.5, 0.5, 0.5)}, "probe", 5, "rank")[0] == (0.5, "pooled")
 
 
@@ -101,23 +102,118 @@ def test_each_image_is_scored_by_its_classs_coefficients_and_bank():
     assert mix.mixed == [k]
 
 
+def test_a_d_space_changes_d_alone_for_its_classes_and_travels_with_the_checkpoint():
+    """With a second space set for some classes, their images' d is measured after it (the image's
+    class decides, as for the bank), s is not touched, the banks follow the class, and a checkpoint
+    restores space and classes; without one, d is measured after the adaptor."""
+    from stages.heads.clad import CladHead
+    from stages.heads.clad_mix import embed, model_parts
+    from stages.heads.clad_model import Adaptor
+    from stages.heads.clad_settings import CladSettings
+
+    torch.manual_seed(0)
+    t = CladSettings(adaptor_dims=(8, 4), disc_hidden=10)
+    model = CladModel(6, 2, (8, 4), 10).eval()
+    maps, rows = torch.randn(6, 9, 6), torch.randn(20, 6)
+    maps[:3] += 2  # two groups of images that the random discriminator assigns to the two classes
+    maps[3:] -= 2
+    s_before = model.score_images(maps)
+    z_before = model_parts(model, maps)[0]
+    cls = model_parts(model, maps)[2]
+    assert set(cls.tolist()) == {0, 1}, "the hand-built case needs images of both classes"
+    space = Adaptor(6, (8, 4)).eval()
+    model.set_space(space, [1])  # class 1 measures d after the second adaptor, class 0 after the adaptor
+    assert not any(p.requires_grad for p in model.space.parameters())
+    assert model.space_classes.tolist() == [0, 1]
+    with torch.no_grad():
+        in_space = space(maps.reshape(-1, 6)).reshape(6, 9, 4)
+        z = model_parts(model, maps)[0]
+        for i, k in enumerate(cls.tolist()):
+            assert torch.allclose(z[i], in_space[i] if k == 1 else z_before[i]), (i, k)
+        assert torch.equal(model.score_images(maps), s_before)  # s is the adaptor's, as before
+        assert np.allclose(embed(model, rows, torch.device("cpu"), 1), space(rows).numpy(), atol=1e-6)
+        assert np.allclose(embed(model, rows, torch.device("cpu"), 0), model.adaptor(rows).numpy(), atol=1e-6)
+    mix = ScoreMix(np.zeros(2), np.ones(2), np.zeros(2), np.arange(3))  # d alone, both classes
+    banks = {k: MemoryBank(embed(model, rows, torch.device("cpu"), k)) for k in (0, 1)}
+    got = mixed_scores(model, mix, banks, maps)
+    for i, k in enumerate(cls.tolist()):
+        d = torch.cdist(z[i].double(), torch.from_numpy(banks[k].rows).double()).min(1).values
+        assert torch.allclose(got[i].double(), d, atol=1e-5), i
+    meta = {"head": "clad", "embed_dim": 6, "n_labels": 2, "class_names": ["a", "b"]}
+    loaded = CladHead.from_checkpoint(CladHead(model, t, meta, torch.device("cpu"), mix, banks).checkpoint(),
+                                      torch.device("cpu"))
+    assert torch.equal(loaded.model.space.net[0].weight, space.net[0].weight)
+    assert loaded.model.space_classes.tolist() == [0, 1]
+    assert torch.allclose(mixed_scores(loaded.model, loaded.mix, banks, maps), got)
+    model.set_space(None)
+    assert not any(k.startswith("space") for k in model.state_dict())
+    assert torch.allclose(model_parts(model, maps)[0], z_before)
+
+
+def test_a_run_measures_d_in_the_contrastive_phases_adaptor(extracted):
+    """score_mix_space = contrastive: every class's d is measured after best_contrastive.pt's
+    adaptor (the final adaptor was moved by fine-tuning), and a loaded run keeps it."""
+    from stages.heads import load_trained_head
+    from stages.heads.clad_mix import model_parts
+
+    run = "mix_space"
+    sets = [a for s in [*TINY_CLAD, "score_mix=distance", "score_mix_space=contrastive"] for a in ("--set", s)]
+    res = clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
+    assert "d in the adaptor space of the contrastive phase" in res.stderr + res.stdout
+    summary = json.loads((extracted / "runs" / run / "train.json").read_text())
+    assert {c["space"] for c in summary["score_mix"]} == {"contrastive"}
+    assert all(set(c["probe_pixel"]) == {"1.0@contrastive"} for c in summary["score_mix"])
+    ckpts = extracted / "runs" / run / "checkpoints"
+    phase1 = torch.load(ckpts / "best_contrastive.pt", map_location="cpu", weights_only=True)["model"]
+    head, _ = load_trained_head(ckpts / "final.pt", torch.device("cpu"))
+    kept = head.model.state_dict()
+    adaptor = {k: v for k, v in phase1.items() if k.startswith("adaptor.")}
+    assert adaptor
+    for k, v in adaptor.items():
+        assert torch.equal(kept["space." + k[len("adaptor."):]], v), k
+    assert not torch.equal(kept["adaptor.net.0.weight"], kept["space.net.0.weight"])  # fine-tuning moved it
+    assert head.model.space_classes.tolist() == [1] * len(head.meta["class_names"])
+    maps = torch.randn(2, 16, int(head.meta["embed_dim"]))
+    with torch.no_grad():
+        want = head.model.space(maps.reshape(-1, maps.shape[-1])).reshape(2, 16, -1)
+        assert torch.allclose(model_parts(head.model, maps)[0], want)
+    # the banks a loaded run rebuilds from the cache are its classes' rows in that space
+    from cache.store import FeatureStore
+    from cache.stream import TrainCache
+    from stages.heads.knn import bank_rows
+
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    for k in head.mix.mixed:
+        images = np.zeros(len(cache.image_ids), bool)
+        images[head.mix.bank_images] = True
+        rows = torch.from_numpy(bank_rows(cache, images & (cache.image_class == k))[0])
+        with torch.no_grad():
+            assert torch.allclose(torch.from_numpy(head.banks[k].rows), head.model.space(rows), atol=1e-5)
+
+
 def test_a_run_chooses_per_class_on_its_probe_and_scores_alike_after_loading(extracted):
     from stages.heads import load_trained_head
 
-    run = "mix_probe"
-    sets = [a for s in [*TINY_CLAD, "score_mix=probe", "score_mix_min_images=1"] for a in ("--set", s)]
+    run = "mix_probe"  # as the fast profile: weights and spaces chosen on the probe
+    sets = [a for s in [*TINY_CLAD, "score_mix=probe", "score_mix_min_images=1", "score_mix_space=probe"]
+            for a in ("--set", s)]
     res = clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
     summary = json.loads((extracted / "runs" / run / "train.json").read_text())
     choices = {c["class"]: c for c in summary["score_mix"]}
     assert set(choices) == {"washer", "weave"}
     for c in choices.values():
-        assert set(c["probe_pixel"]) == {"0.0", "0.5", "1.0"}
+        assert list(c["probe_pixel"]) == ["0.0", "0.5", "1.0", "0.5@contrastive", "1.0@contrastive"]
         assert c["chosen_on"] == "own"  # score_mix_min_images = 1: every class alone
-        assert c["weight"] == choose_weight({float(w): v for w, v in c["probe_pixel"].items()})
+        name = choose_weight(c["probe_pixel"])
+        assert (c["weight"], c["space"]) == (float(name.split("@")[0]), "contrastive" if "@" in name else "final")
         assert f"{c['class']} ({c['held_out']} held-out images)" in res.stderr + res.stdout
     head, _ = load_trained_head(extracted / "runs" / run / "checkpoints" / "final.pt", torch.device("cpu"))
     names = head.meta["class_names"]
     assert [names[k] for k in head.mix.mixed] == [n for n in names if choices[n]["weight"] > 0]
+    second = [n for n in names if choices[n]["weight"] > 0 and choices[n]["space"] == "contrastive"]
+    assert (head.model.space is not None) == bool(second)
+    if second:
+        assert [names[k] for k in torch.nonzero(head.model.space_classes)[:, 0].tolist()] == second
     maps = torch.randn(2, 16, int(head.meta["embed_dim"]))
     assert head.score_maps(maps).shape == (2, 16)
     # a class that keeps s scores exactly as the discriminator does; one that mixes does not
@@ -126,9 +222,11 @@ def test_a_run_chooses_per_class_on_its_probe_and_scores_alike_after_loading(ext
         assert torch.equal(head.score_maps(maps), s)
 
 
-def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_their_fold(extracted):
+@pytest.mark.parametrize("space", ["final", "contrastive"])
+def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_their_fold(extracted, space):
     """In the deployed bank a training image's own rows are at distance 0; its calibration score
-    takes d from a bank without its fold (exactly: recomputed here for one image)."""
+    takes d from a bank without its fold (exactly: recomputed here for one image), in the space
+    the class measures d in."""
     from cache.store import FeatureStore
     from cache.stream import TrainCache
     from core.layout import RunFiles
@@ -139,8 +237,8 @@ def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_the
     from stages.train.labels import calibration_folds, normal_maps
     from stages.train.stage import train_context
 
-    run = "mix_distance"
-    sets = [a for s in [*TINY_CLAD, "score_mix=distance"] for a in ("--set", s)]
+    run = f"mix_distance_{space}"
+    sets = [a for s in [*TINY_CLAD, "score_mix=distance", f"score_mix_space={space}"] for a in ("--set", s)]
     clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
     files = RunFiles(extracted / "runs" / run)
     head, _ = load_trained_head(files.final, torch.device("cpu"))
@@ -154,10 +252,10 @@ def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_the
     fold = calibration_folds(cache, ctx.held, ctx.seed, 2)
     image = int(np.nonzero((cache.image_class == k) & (fold == 0))[0][0])
     rows, row_image = bank_rows(cache, (cache.image_class == k) & ~ctx.held)
-    bank = torch.from_numpy(embed(head.model, rows[fold[row_image] != 0], torch.device("cpu"))).double()
-    z, _, _ = model_parts(head.model, torch.from_numpy(normal_maps(cache, np.arange(len(fold)) == image)[image]
-                                                       [None].astype(np.float32)))
-    d = torch.cdist(z[0].double(), bank).min(1).values
+    bank = torch.from_numpy(embed(head.model, rows[fold[row_image] != 0], torch.device("cpu"), k)).double()
+    z = embed(head.model, normal_maps(cache, np.arange(len(fold)) == image)[image], torch.device("cpu"), k)
+    assert (head.model.space is not None) == (space == "contrastive")
+    d = torch.cdist(torch.from_numpy(z).double(), bank).min(1).values
     want = head.mix.b[k] * d + head.mix.c[k]
     assert np.allclose(scores[image], want.numpy(), rtol=1e-4, atol=1e-4)
     assert (d > 0).all()  # the deployed bank holds the image's own rows: d would be 0

@@ -57,7 +57,8 @@ def bundles(extracted, tmp_path_factory) -> dict[str, Path]:
 
 # every head, and variants that export another graph: CLAD with a score per class scores whole maps;
 # CLAD with a score mix (clad_mix) adds adaptor-space banks
-VARIANTS = {"clad+class": ["score_heads=class"], "clad+mix": ["score_mix=distance"]}
+VARIANTS = {"clad+class": ["score_heads=class"], "clad+mix": ["score_mix=distance"],
+            "clad+mix+space": ["score_mix=distance", "score_mix_space=contrastive"]}  # d after phase 1's adaptor
 BUNDLED = [*head_names(), *VARIANTS]
 
 

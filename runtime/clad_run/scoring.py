@@ -77,9 +77,9 @@ class OnnxMaps:
 
 class CladMix:
     """Rule ``clad_mix`` (CLAD with a score mix): a graph ``[n, H*W, C] -> [n, H*W, D + 1 + N]``
-    (adaptor outputs, s, class probabilities); each image's class is the highest mean
-    probability, and its score ``a s + b d + c`` with d the distance to the class's
-    adaptor-space bank (only classes with b != 0 have one)."""
+    (each image's rows in its class's d space, s, class probabilities); each image's class is
+    the highest mean probability, and its score ``a s + b d + c`` with d the distance to the
+    class's bank in that space (only classes with b != 0 have one)."""
 
     def __init__(self, bundle: Bundle, spec: dict[str, Any]):
         self.sess, self.io = session(bundle.path(spec["files"]["graph"])), spec["settings"]

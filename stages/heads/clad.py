@@ -23,8 +23,8 @@ from cache.stream import TrainCache
 from core import distributed
 from core.errors import CladError
 from stages.heads.base import ExportContext, Head, TrainContext
-from stages.heads.clad_mix import ScoreMix, cross_fitted_scores, fit_mix, mixed_scores, restore_banks
-from stages.heads.clad_model import CladModel, build_model
+from stages.heads.clad_mix import ScoreMix, contrastive_space, cross_fitted_scores, fit_mix, mixed_scores, restore_banks
+from stages.heads.clad_model import Adaptor, CladModel, build_model
 from stages.heads.clad_settings import CladSettings
 from stages.heads.clad_train import CladTrainer
 from stages.heads.registry import register_head
@@ -53,13 +53,14 @@ class CladHead(Head):
         # no GAS ascent (it moved rows 0.6 % of r1 for 36 % of a fine-tuning step); each class's GAS shell
         # tightened while its held-out GAS rows stay separable (stages/heads/clad_shell.py)
         # round 7: each class with >= 5 held-out images scored by s, s + d or d, whichever its probe prefers
-        # (stages/heads/clad_mix.py); round 8: the small classes choose together by rank, one vote each
+        # (stages/heads/clad_mix.py); round 8: the small classes choose together by rank, one vote each;
+        # round 9: d after the final or the contrastive phase's adaptor, also chosen per class on the probe
         "fast": {"epochs_contrastive": 1, "epochs_finetune": 8, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
-                 "score_mix_pool": "rank"},
+                 "score_mix_pool": "rank", "score_mix_space": "probe"},
         "long": {"epochs_contrastive": 1, "epochs_finetune": 16, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
-                 "score_mix_pool": "rank"},
+                 "score_mix_pool": "rank", "score_mix_space": "probe"},
     }
 
     def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device,
@@ -80,8 +81,12 @@ class CladHead(Head):
                    "gas": tr.gas_rows.summary()}
         mix, banks = None, {}
         if settings.score_mix != "discriminator" and distributed.is_main():  # rank 0 saves and scores
+            if settings.score_mix_space != "final":
+                model.set_space(contrastive_space(model, ctx))
             mix, banks = fit_mix(model, settings.score_mix, settings.score_mix_min_images, ctx,
-                                 settings.score_mix_pool)
+                                 settings.score_mix_pool, settings.score_mix_space)
+            if mix is None:
+                model.set_space(None)
             summary["score_mix"] = mix.choices if mix is not None else []
         return cls(model, settings, meta, ctx.device, mix, banks), summary
 
@@ -109,6 +114,8 @@ class CladHead(Head):
         meta = ckpt["meta"]
         t = cls.settings_from_meta(meta)
         model = build_model(int(meta["embed_dim"]), int(meta["n_labels"]), t)
+        if any(k.startswith("space.") for k in ckpt["model"]):  # some classes measure d after a second adaptor
+            model.set_space(Adaptor(int(meta["embed_dim"]), t.adaptor_dims), [])
         model.load_state_dict(ckpt["model"])
         mix = ScoreMix.from_state(ckpt["mix"]) if "mix" in ckpt else None
         return cls(model, t, meta, device, mix, None if mix is not None and mix.mixed else {})
@@ -149,9 +156,10 @@ class CladHead(Head):
 
 
     def _export_mix(self, ctx: ExportContext, c: int) -> dict[str, Any]:
-        """Rule ``clad_mix``: a graph ``[n, H*W, C_d] -> [n, H*W, D + 1 + N]`` (adaptor outputs, s,
-        the N normal-class probabilities), each mixed class's adaptor-space bank ``[M, D]``, and
-        every class's coefficients of ``a s + b d + c`` (``clad_mix``)."""
+        """Rule ``clad_mix``: a graph ``[n, H*W, C_d] -> [n, H*W, D + 1 + N]`` (each image's rows in
+        its class's d space: after the adaptor, or after the contrastive phase's adaptor where the
+        class chose it; s; the N normal-class probabilities), each mixed class's bank ``[M, D]`` in
+        its space, and every class's coefficients of ``a s + b d + c`` (``clad_mix``)."""
         rel, info = ctx.onnx(CladPartsGraph(self.model).cpu().eval(), torch.zeros(2, 16, c), "clad_parts",
                              {0: "images", 1: "rows"})
         names, mix = ctx.class_names, self.mix
@@ -164,7 +172,8 @@ class CladHead(Head):
 
 class CladPartsGraph(nn.Module):
     """``[n, H*W, C_d]`` -> ``[n, H*W, D + 1 + N]``: what ``clad_mix.model_parts`` computes (eval
-    mode), with the class probabilities in place of the image's class (the runtime averages them)."""
+    mode; the d space of each image chosen inside the graph, by its class), with the class
+    probabilities in place of the image's class (the runtime averages them)."""
 
     def __init__(self, model: CladModel):
         super().__init__()

@@ -16,59 +16,34 @@ the class's held-out normal patches (mean 0, std 1), ``(1 - w) s' + w d'``.
 w = 0 keeps s itself (a = 1, b = c = 0), so a class that keeps s scores
 exactly as the head without a mix does. d is the distance to the class's own
 bank: the adaptor outputs of its normal training rows (held-out images
-excluded), read from the cache when the head first scores.
+excluded), read from the cache when the head first scores. With
+``score_mix_space`` contrastive or probe, d may be measured after the adaptor
+the contrastive phase kept instead (round 9: fine-tuning moves the adaptor for
+the discriminator's sake); the model keeps that second adaptor and which
+classes use it (``CladModel.set_space``). This module measures and applies;
+``clad_choice`` holds the choosing itself.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from stages.heads.clad_model import CladModel
+from stages.heads.clad_choice import (
+    FORCED,
+    SPACES,
+    WEIGHTS,
+    candidate_name,
+    choose_per_class,
+    mix_coefficients,
+    reference,
+)
+from stages.heads.clad_model import Adaptor, CladModel
 from stages.search import MemoryBank
-
-WEIGHTS = (0.0, 0.5, 1.0)  # the candidates: s alone, the blend, d alone
-FORCED = {"blend": 0.5, "distance": 1.0}  # score_mix settings that give every class with a probe one weight
-
-
-def mix_coefficients(weight: float, s_ref: tuple[float, float], d_ref: tuple[float, float]) -> tuple[float, ...]:
-    """(a, b, c) of ``a s + b d + c`` for blend weight ``weight`` and the (mean, std) of s and d on
-    the class's held-out normal patches; weight 0 gives (1, 0, 0): s unchanged."""
-    if weight == 0:
-        return 1.0, 0.0, 0.0
-    (sm, ss), (dm, ds) = s_ref, d_ref
-    a, b = (1 - weight) / max(ss, 1e-12), weight / max(ds, 1e-12)
-    return a, b, -(a * sm + b * dm)
-
-
-def choose_weight(pixel: dict[float, float]) -> float:
-    """The weight with the highest probe ``pixel`` metric (mean of pixel AUROC and AUPRO);
-    ties go to the smaller weight (s, the paper's scorer, first)."""
-    return max(sorted(pixel), key=lambda w: (pixel[w], -w))
-
-
-def mean_ranks(pixel: list[dict[float, float]]) -> dict[float, float]:
-    """Per weight, its mean rank over classes (1 = the class's best probe metric; tied
-    metrics share the mean of their ranks): each class one vote, whatever its metric's scale.
-
-    Why not the mean metric: a class whose probe sees nothing moves its metric far and at
-    random (speckle in the seven-class model: 0.333 / 0.267 / 0.218 around chance, 0.325),
-    and outweighs four classes whose probes agree within 0.01 to 0.03 of each other."""
-    ranks: dict[float, list[float]] = {w: [] for w in pixel[0]}
-    for p in pixel:
-        for w, v in p.items():
-            above = sum(x > v for x in p.values())
-            ranks[w].append(above + (sum(x == v for x in p.values()) + 1) / 2)
-    return {w: float(np.mean(r)) for w, r in ranks.items()}
-
-
-def reference(values: torch.Tensor) -> tuple[float, float]:
-    """(mean, sample std) of patch scores: the unit a class's scores are measured in."""
-    v = values.double().reshape(-1)
-    return float(v.mean()), float(v.std()) if len(v) > 1 else 1.0
 
 
 @dataclass
@@ -97,12 +72,15 @@ class ScoreMix:
 
 
 @torch.no_grad()
-def embed(model: CladModel, rows: np.ndarray | torch.Tensor, device: torch.device,
-          chunk: int = 65536) -> np.ndarray:
-    """``[M, C_d]`` rows -> ``[M, D]`` float32 adaptor outputs (eval mode)."""
+def embed(model: CladModel, rows: np.ndarray | torch.Tensor, device: torch.device, label: int | None = None,
+          chunk: int = 65536, module: torch.nn.Module | None = None) -> np.ndarray:
+    """``[M, C_d]`` rows -> ``[M, D]`` float32 rows in label ``label``'s d space
+    (``CladModel.space_for``; the adaptor's outputs without a label), or after ``module``
+    (eval mode)."""
     model.eval()
+    net = module if module is not None else model.space_for(label)
     x = torch.as_tensor(rows)
-    out = [model.adaptor(x[s:s + chunk].to(device).float()).float().cpu() for s in range(0, len(x), chunk)]
+    out = [net(x[s:s + chunk].to(device).float()).float().cpu() for s in range(0, len(x), chunk)]
     return torch.cat(out).numpy() if out else np.zeros((0, model.adaptor.out_dim), np.float32)
 
 
@@ -134,16 +112,42 @@ def mixed_scores(model: CladModel, mix: ScoreMix, banks: dict[int, MemoryBank], 
     return torch.cat(out) if out else torch.zeros(maps.shape[:2])
 
 
-def class_bank(model: CladModel, cache: Any, images: np.ndarray, device: torch.device) -> MemoryBank:
-    """The adaptor-space bank of the normal rows of ``images`` (bool ``[n_images]``; only
-    the shards that hold them are read)."""
+def contrastive_space(model: CladModel, ctx: Any) -> Adaptor | None:
+    """A frozen copy of the adaptor the contrastive phase kept (``best_contrastive.pt``), for
+    ``score_mix_space = contrastive``; None (d in the final adaptor, logged) where no phase-1
+    model was kept.
+
+    Why: fine-tuning trains the adaptor for the discriminator's score alone and moves the
+    space the contrastive phase built; nearest-neighbour distances there outline defects
+    better on the held-out probe (the seven-class model's bottle, probe AUPRO of d: 86.7 in
+    the final adaptor, 91.3 in the contrastive one; docs/RESULTS.md, round 9)."""
+    path = ctx.files.best("contrastive")
+    if not path.is_file():
+        ctx.log("train: score mix: no contrastive-phase model kept, so d in the final adaptor's space")
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    # with a weight average (ema > 0) the phase kept {net, ema}, and the average is what it scored
+    prefix = next((p for p in ("ema.adaptor.", "adaptor.") if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        ctx.log(f"train: score mix: {path.name} holds no adaptor, so d in the final adaptor's space")
+        return None
+    space = copy.deepcopy(model.adaptor)
+    space.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    ctx.log(f"train: score mix: d in the adaptor space of the contrastive phase ({path.name})")
+    return space
+
+
+def class_bank(model: CladModel, cache: Any, images: np.ndarray, device: torch.device,
+               label: int | None = None) -> MemoryBank:
+    """The bank of the normal rows of ``images`` (bool ``[n_images]``; only the shards that
+    hold them are read), in label ``label``'s d space (``embed``)."""
     from stages.heads.knn import bank_rows
 
-    return MemoryBank(embed(model, bank_rows(cache, images)[0], device))
+    return MemoryBank(embed(model, bank_rows(cache, images)[0], device, label))
 
 
-def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any,
-            pool: str = "mean") -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
+def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = "mean",
+            space: str = "final") -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
     """Choose each class's weight on the probe (``mode`` probe) or give every class with a probe
     ``FORCED[mode]``; the mix (``mixed`` empty where every class keeps s) and the banks of the
     classes that use d; ``(None, {})`` without a probe or class labels.
@@ -152,8 +156,13 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any,
     a class with at least ``min_images`` held-out images chooses on its own probe; the other
     classes choose one weight together where they hold that many held-out images between them (``pool``:
     on the mean of their probe metrics, or on their mean rank, each class one vote), and keep s otherwise.
+    ``space`` (``score_mix_space``): d after the final adaptor, after ``model.space`` (the contrastive
+    phase's adaptor, ``contrastive_space``) for every class, or (``probe``) the two spaces are candidates
+    too, chosen as the weights are; ``model.space_classes`` records the result.
     ``ctx``: the run's ``TrainContext``.
     """
+    from stages.heads.knn import bank_rows
+
     cache, probe = ctx.cache, ctx.probe_set()
     if probe is None:
         ctx.log("train: score mix: no held-out probe, so s alone")
@@ -161,38 +170,59 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any,
     if not np.array_equal(ctx.labels, cache.image_class):
         ctx.log("train: score mix: the labels are not the classes (data.labels = pseudo), so s alone")
         return None, {}
+    second = model.space
+    model.set_space(None)  # measured below in each space itself
+    spaces = [0] if second is None or space == "final" else [1] if space == "contrastive" else [0, 1]
+    nets = {0: model.adaptor, 1: second}
     weights = WEIGHTS if mode == "probe" else (FORCED[mode],)
-    measured: dict[int, dict[str, Any]] = {}  # class -> held-out count, refs, probe pixel per weight, bank
+    cands = [(w, sp) for sp in spaces for w in weights if w > 0] if mode != "probe" else \
+        [(0.0, 0)] + [(w, sp) for sp in spaces for w in weights if w > 0]
+    measured: dict[int, dict[str, Any]] = {}  # class -> held-out count, refs, probe pixel per candidate, banks
     for k, name in enumerate(cache.class_names):
         if name not in probe.features:
             continue
         masks = probe.masks[name]
         normal = torch.from_numpy(masks.reshape(len(masks), -1).max(1) == 0)
-        bank = class_bank(model, cache, (cache.image_class == k) & ~ctx.held, ctx.device)
-        z, s, _ = model_parts(model, torch.from_numpy(probe.features[name].astype(np.float32)).to(ctx.device))
-        z, s = z.cpu(), s.cpu()
-        d = bank.score(z.reshape(-1, z.shape[-1])).reshape(s.shape)
-        refs = reference(s[normal]), reference(d[normal])
-        pixel = {w: ctx.probe_class(_combined(w, refs, s, d), masks)["pixel"] for w in weights}
+        x = torch.from_numpy(probe.features[name].astype(np.float32))
+        z0, s, _ = model_parts(model, x.to(ctx.device))  # z0: after the adaptor (no space is set here)
+        s = s.cpu()
+        rows = bank_rows(cache, (cache.image_class == k) & ~ctx.held)[0]
+        banks, refs, pixel = {}, {}, {}
+        for sp in spaces:
+            banks[sp] = MemoryBank(embed(model, rows, ctx.device, module=nets[sp]))
+            z = z0.cpu().reshape(-1, z0.shape[-1]) if sp == 0 else \
+                torch.from_numpy(embed(model, x.reshape(-1, x.shape[-1]), ctx.device, module=nets[sp]))
+            d = banks[sp].score(z).reshape(s.shape)
+            refs[sp] = reference(s[normal]), reference(d[normal])
+            for w, c_sp in cands:
+                if c_sp == sp:
+                    pixel[(w, sp)] = ctx.probe_class(_combined(w, refs[sp], s, d), masks)["pixel"]
+        if (0.0, 0) in cands and (0.0, 0) not in pixel:  # s alone where only the second space is measured
+            pixel = {(0.0, 0): ctx.probe_class(s, masks)["pixel"], **pixel}
+        pixel = {c: pixel[c] for c in cands}  # the candidates' order: ties go to the earlier
         measured[k] = {"held": int((ctx.held & (cache.image_class == k)).sum()), "refs": refs, "pixel": pixel,
-                       "bank": bank}
-    chosen = _choose(measured, mode, min_images, pool)
+                       "banks": banks}
+    chosen = choose_per_class(measured, mode, min_images, pool)
     n = ctx.n_labels
     a, b, c = np.ones(n), np.zeros(n), np.zeros(n)
-    banks: dict[int, MemoryBank] = {}
-    choices = []
+    banks_out: dict[int, MemoryBank] = {}
+    choices, in_second = [], []
     for k, m in measured.items():
-        w, basis = chosen[k]
-        a[k], b[k], c[k] = mix_coefficients(w, *m["refs"])
+        (w, sp), basis = chosen[k]
         if w > 0:
-            banks[k] = m["bank"]
+            a[k], b[k], c[k] = mix_coefficients(w, *m["refs"][sp])
+            banks_out[k] = m["banks"][sp]
+            in_second += [k] * (sp == 1)
         name = cache.class_names[k]
-        choices.append({"class": name, "held_out": m["held"], "weight": w, "chosen_on": basis,
-                        "probe_pixel": {str(x): round(float(v), 4) for x, v in m["pixel"].items()}})
+        choices.append({"class": name, "held_out": m["held"], "weight": w, "space": SPACES[sp],
+                        "chosen_on": basis,
+                        "probe_pixel": {candidate_name(x): round(float(v), 4) for x, v in m["pixel"].items()}})
         ctx.log(f"train: score mix: {name} ({m['held']} held-out images): probe pixel "
-                + ", ".join(f"w={x:g} {v:.4f}" for x, v in m["pixel"].items()) + f" -> w={w:g} ({basis})")
-    images = np.nonzero(np.isin(cache.image_class, sorted(banks)) & ~ctx.held)[0]
-    return ScoreMix(a, b, c, images, choices), banks
+                + ", ".join(f"w={candidate_name(x)} {v:.4f}" for x, v in m["pixel"].items())
+                + f" -> w={candidate_name((w, sp))} ({basis})")
+    model.set_space(second if in_second else None, in_second)
+    images = np.nonzero(np.isin(cache.image_class, sorted(banks_out)) & ~ctx.held)[0]
+    return ScoreMix(a, b, c, images, choices), banks_out
 
 
 def _combined(w: float, refs: tuple[tuple[float, float], tuple[float, float]], s: torch.Tensor,
@@ -201,32 +231,13 @@ def _combined(w: float, refs: tuple[tuple[float, float], tuple[float, float]], s
     return ca * s + cb * d + cc
 
 
-def _choose(measured: dict[int, dict[str, Any]], mode: str, min_images: int,
-            pool: str = "mean") -> dict[int, tuple[float, str]]:
-    """(weight, what chose it) per class: ``own`` probe, the ``pooled`` probe of the classes
-    with fewer than ``min_images`` held-out images (``pool`` = mean: their mean metric; rank: their
-    mean rank, the lowest wins, ties to the smaller weight), ``too few`` (s), or the ``forced`` weight."""
-    if mode != "probe":
-        return {k: (FORCED[mode], "forced") for k in measured}
-    small = [k for k, m in measured.items() if m["held"] < min_images]
-    pooled, basis = 0.0, "too few"
-    if small and sum(measured[k]["held"] for k in small) >= min_images:
-        if pool == "rank":
-            ranks = mean_ranks([measured[k]["pixel"] for k in small])
-            pooled = choose_weight({w: -r for w, r in ranks.items()})
-        else:
-            pooled = choose_weight({w: float(np.mean([measured[k]["pixel"][w] for k in small])) for w in WEIGHTS})
-        basis = "pooled"
-    return {k: (choose_weight(m["pixel"]), "own") if k not in small else (pooled, basis) for k, m in measured.items()}
-
-
 def restore_banks(model: CladModel, mix: ScoreMix, cache: Any, device: torch.device) -> dict[int, MemoryBank]:
     """The banks of a loaded head, from its training cache (``mix.bank_images``)."""
     banks = {}
     for k in mix.mixed:
         images = np.zeros(len(cache.image_ids), bool)
         images[mix.bank_images] = True
-        banks[k] = class_bank(model, cache, images & (cache.image_class == k), device)
+        banks[k] = class_bank(model, cache, images & (cache.image_class == k), device, k)
     return banks
 
 
@@ -245,7 +256,7 @@ def cross_fitted_scores(model: CladModel, mix: ScoreMix, ctx: Any, folds: int) -
     for k in mix.mixed:
         own = (cache.image_class == k) & ~ctx.held
         rows, row_image = bank_rows(cache, own)
-        z_rows = embed(model, rows, ctx.device)
+        z_rows = embed(model, rows, ctx.device, k)
         for f in range(folds):
             members = own & (fold == f)
             if not members.any():
@@ -254,7 +265,7 @@ def cross_fitted_scores(model: CladModel, mix: ScoreMix, ctx: Any, folds: int) -
                     f"({int(members.sum())} images)")
             bank = MemoryBank(z_rows[~members[row_image]])
             for i, m in normal_maps(cache, members).items():
-                z, s, _ = model_parts(model, torch.from_numpy(m[None].astype(np.float32)).to(ctx.device))
-                d = bank.score(z.cpu().reshape(-1, z.shape[-1]))
+                _, s, _ = model_parts(model, torch.from_numpy(m[None].astype(np.float32)).to(ctx.device))
+                d = bank.score(torch.from_numpy(embed(model, m, ctx.device, k)))
                 out[i] = (float(mix.a[k]) * s.cpu()[0] + float(mix.b[k]) * d + float(mix.c[k])).numpy()
     return out

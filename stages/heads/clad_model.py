@@ -113,6 +113,29 @@ class CladModel(nn.Module):
         super().__init__()
         self.adaptor = Adaptor(in_dim, adaptor_dims)
         self.disc = Discriminator(adaptor_dims[-1], n_classes, hidden, n_classes if score_heads == "class" else 1)
+        self.space: Adaptor | None = None  # a second adaptor some classes measure the mix's d after (set_space)
+
+    def set_space(self, space: Adaptor | None, classes: list[int] | None = None) -> None:
+        """Measure the score mix's distance d of the labels ``classes`` after ``space`` (frozen,
+        eval mode; ``train.clad.score_mix_space``: the contrastive phase's adaptor) instead of
+        ``adaptor``. Its weights and ``space_classes`` (``[N]`` int64, 1 = the label uses it)
+        are part of the state dict; ``None`` removes both."""
+        if space is None:
+            self.space = None
+            self._buffers.pop("space_classes", None)
+            return
+        self.space = space.to(next(self.adaptor.parameters()).device).eval()
+        for p in space.parameters():
+            p.requires_grad_(False)
+        flags = torch.zeros(self.disc.n_classes, dtype=torch.int64)
+        flags[list(classes or [])] = 1
+        self.register_buffer("space_classes", flags.to(next(self.adaptor.parameters()).device))
+
+    def space_for(self, label: int | None) -> nn.Module:
+        """The module whose outputs label ``label``'s d is measured in (the adaptor without a space)."""
+        if label is not None and self.space is not None and int(self.space_classes[label]):
+            return self.space
+        return self.adaptor
 
     def forward(self, x: torch.Tensor, label: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,15 +154,20 @@ class CladModel(nn.Module):
     def score_images(self, maps: torch.Tensor) -> torch.Tensor:
         """``[n, H*W, C_d]`` -> ``[n, H*W]`` anomaly scores (eval mode): every
         patch of an image scored by the column of the image's class."""
-        return self.image_parts(maps)[1]
+        return self.image_parts(maps, space=False)[1]
 
-    def image_parts(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[n, H*W, C_d]`` -> (adaptor outputs ``[n, H*W, D]``, scores ``[n, H*W]`` by the
-        column of each image's class (``image_classes``), normal-class probabilities
-        ``[n, H*W, N]``): what whole-map scoring and the score mix (``clad_mix``) read."""
+    def image_parts(self, maps: torch.Tensor, space: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[n, H*W, C_d]`` -> (each image's rows in its class's d space ``[n, H*W, D]``
+        (``space_for``), scores ``[n, H*W]`` by the column of each image's class
+        (``image_classes``), normal-class probabilities ``[n, H*W, N]``): what whole-map scoring
+        and the score mix (``clad_mix``) read. ``space=False``: the adaptor's outputs even where
+        a d space is set (the scores alone need no second adaptor)."""
         n, hw = maps.shape[0], maps.shape[1]  # sizes the ONNX tracer keeps symbolic
         z, logits, scores = (t.reshape(n, hw, -1) for t in self._outputs(maps.reshape(n * hw, -1)))
         probs = torch.softmax(logits[..., :logits.shape[-1] - 1], dim=-1)
+        if space and self.space is not None:  # the image's class (image_classes) says which space
+            in_space = self.space_classes[probs.mean(1).argmax(1)] > 0
+            z = torch.where(in_space[:, None, None], self.space(maps.reshape(n * hw, -1)).reshape(n, hw, -1), z)
         if self.disc.n_scores == 1:
             return z, scores[..., 0], probs
         cls = probs.mean(1).argmax(1)  # image_classes

@@ -102,3 +102,9 @@ class CladSettings(Settings):
                                        "choose together: mean = the best mean probe metric | rank = the best "
                                        "mean rank, each class one vote (a class whose probe sees nothing, at "
                                        "or below chance for every candidate, cannot outweigh the others)")
+    score_mix_space: str = setting("final", choices=("final", "contrastive", "probe"), added="final",
+                                   help="with a score mix, where d is measured: final = after the kept model's "
+                                        "adaptor | contrastive = after the adaptor the contrastive phase kept "
+                                        "(fine-tuning serves the discriminator's score and moves it) | probe = "
+                                        "both are candidates, chosen per class as the weights are (the model "
+                                        "keeps the second adaptor where a class uses it)")
