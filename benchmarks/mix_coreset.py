@@ -1,0 +1,80 @@
+"""What a greedy coreset of the score mix's banks would cost CLAD and buy it.
+
+For one trained CLAD run whose score mix uses d (``train.clad.score_mix``), scores
+the test set with each mixed class's bank whole, then reduced to ``FRACTION`` of
+its rows by the knn head's greedy coreset (``stages.heads.knn.greedy_coreset``, in
+the class's own d space, seeded). Same network, same choices, same coefficients:
+the rows differ only by the bank searched. Prints per class image AUROC, pixel
+AUROC, AUPRO and milliseconds per image of ``score_maps``, plus the coreset's
+selection time; test labels only measure (nothing is chosen here).
+
+Usage: python benchmarks/mix_coreset.py WORK RUN [FRACTION]   (default 0.1)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.adaptor_knn import test_items  # noqa: E402
+from benchmarks.common import progress_row, report  # noqa: E402
+from core.layout import RunFiles  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from stages.heads import load_trained_head  # noqa: E402
+from stages.heads.knn import greedy_coreset  # noqa: E402
+from stages.maps import anomaly_maps, image_scores  # noqa: E402
+from stages.metrics import class_metrics  # noqa: E402
+from stages.search import MemoryBank  # noqa: E402
+
+
+def main(work: Path, run: str, fraction: float) -> None:
+    files = RunFiles(work / "runs" / run)
+    cfg = load_config(files.root / "config.toml")
+    head, _ = load_trained_head(files.final, torch.device("cpu"))
+    if head.mix is None or not head.mix.mixed:
+        sys.exit(f"mix_coreset: run {run!r} scores every class by s alone; no bank to reduce")
+    names = head.meta["class_names"]
+    whole = dict(head.banks)  # read from the cache once
+    reduced, picked_s = {}, {}
+    for k, bank in whole.items():
+        t0 = time.perf_counter()
+        rows = np.ascontiguousarray(bank.rows, np.float32)
+        idx = greedy_coreset(rows, max(1, int(round(fraction * len(rows)))), seed=cfg.train.seed)
+        reduced[k], picked_s[k] = MemoryBank(rows[idx]), time.perf_counter() - t0
+        print(f"mix_coreset: {names[k]}: {len(idx)} of {len(rows)} rows in {picked_s[k]:.0f} s", flush=True)
+    size, tests = cfg.features.output_size, list(test_items(work))
+    rows_out = []
+    for label, banks in (("whole bank", whole), (f"coreset {fraction:g}", reduced)):
+        head._banks = banks
+        for name, feats, masks, labels in tests:
+            t0 = time.perf_counter()
+            s = head.score_maps(torch.from_numpy(feats.astype(np.float32)))
+            per_image = (time.perf_counter() - t0) / len(feats)
+            maps = anomaly_maps(s, size, cfg.evaluate.sigma)
+            m = class_metrics(labels, image_scores(maps), maps, masks, cfg.evaluate.aupro_fpr)
+            k = names.index(name)
+            rows_out.append({"bank": label, "class": name, "rows": len(banks[k].rows) if k in banks else 0,
+                             "image_auroc": round(100 * m["image_auroc"], 2),
+                             "pixel_auroc": round(100 * m["pixel_auroc"], 2), "aupro": round(100 * m["aupro"], 2),
+                             "ms_per_image": round(1000 * per_image, 1),
+                             "select_s": round(picked_s.get(k, 0.0), 1) if label != "whole bank" else 0.0})
+            progress_row(rows_out[-1])
+    for label in dict.fromkeys(r["bank"] for r in rows_out):
+        own = [r for r in rows_out if r["bank"] == label]
+        rows_out.append({"bank": label, "class": "mean", "rows": sum(r["rows"] for r in own),
+                         **{c: round(float(np.mean([r[c] for r in own])), 2)
+                            for c in ("image_auroc", "pixel_auroc", "aupro", "ms_per_image")},
+                         "select_s": round(sum(r["select_s"] for r in own), 1)})
+    report(f"mix_coreset_{work.name}_{run}", rows_out, work=str(work), run=run, fraction=fraction,
+           on="test set", note="same network and mix; only the banks differ; test labels only measure")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    main(Path(sys.argv[1]), sys.argv[2], float(sys.argv[3]) if len(sys.argv) == 4 else 0.1)
