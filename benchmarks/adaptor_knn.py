@@ -64,6 +64,16 @@ def test_items(work: Path):
                np.array([it["label"] for it in items]))
 
 
+def head_metrics(head, cfg, feats: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> tuple[dict, float]:
+    """One test class scored by a loaded head as ``clad evaluate`` scores it: (``class_metrics``,
+    seconds of ``score_maps`` per image)."""
+    t0 = time.perf_counter()
+    s = head.score_maps(torch.from_numpy(feats.astype(np.float32)))
+    per_image = (time.perf_counter() - t0) / len(feats)
+    maps = anomaly_maps(s, cfg.features.output_size, cfg.evaluate.sigma)
+    return class_metrics(labels, image_scores(maps), maps, masks, cfg.evaluate.aupro_fpr), per_image
+
+
 def probe_items(cfg, cache: TrainCache, held: np.ndarray):
     """Per class of the held-out probe: features, masks, image labels (synthetic = 1)."""
     probe = load_or_build_probe(cfg, cache, held, cache.store.info().key, torch.device("cpu"), print)

@@ -21,14 +21,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.adaptor_knn import test_items  # noqa: E402
+from benchmarks.adaptor_knn import head_metrics, test_items  # noqa: E402
 from benchmarks.common import progress_row, report  # noqa: E402
 from core.layout import RunFiles  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
 from stages.heads.knn import greedy_coreset  # noqa: E402
-from stages.maps import anomaly_maps, image_scores  # noqa: E402
-from stages.metrics import class_metrics  # noqa: E402
 from stages.search import MemoryBank  # noqa: E402
 
 
@@ -47,16 +45,12 @@ def main(work: Path, run: str, fraction: float) -> None:
         idx = greedy_coreset(rows, max(1, int(round(fraction * len(rows)))), seed=cfg.train.seed)
         reduced[k], picked_s[k] = MemoryBank(rows[idx]), time.perf_counter() - t0
         print(f"mix_coreset: {names[k]}: {len(idx)} of {len(rows)} rows in {picked_s[k]:.0f} s", flush=True)
-    size, tests = cfg.features.output_size, list(test_items(work))
+    tests = list(test_items(work))
     rows_out = []
     for label, banks in (("whole bank", whole), (f"coreset {fraction:g}", reduced)):
         head._banks = banks
         for name, feats, masks, labels in tests:
-            t0 = time.perf_counter()
-            s = head.score_maps(torch.from_numpy(feats.astype(np.float32)))
-            per_image = (time.perf_counter() - t0) / len(feats)
-            maps = anomaly_maps(s, size, cfg.evaluate.sigma)
-            m = class_metrics(labels, image_scores(maps), maps, masks, cfg.evaluate.aupro_fpr)
+            m, per_image = head_metrics(head, cfg, feats, masks, labels)
             k = names.index(name)
             rows_out.append({"bank": label, "class": name, "rows": len(banks[k].rows) if k in banks else 0,
                              "image_auroc": round(100 * m["image_auroc"], 2),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.adaptor_knn import test_items  # noqa: E402
+from benchmarks.adaptor_knn import head_metrics, test_items  # noqa: E402
 from benchmarks.common import progress_row, report  # noqa: E402
 from cache.store import FeatureStore  # noqa: E402
 from cache.stream import TrainCache  # noqa: E402
@@ -30,8 +30,6 @@ from core.layout import RunFiles  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
 from stages.heads.clad_mix import contrastive_space, fit_mix  # noqa: E402
-from stages.maps import anomaly_maps, image_scores  # noqa: E402
-from stages.metrics import class_metrics  # noqa: E402
 from stages.train.stage import train_context  # noqa: E402
 
 MODES = ("discriminator", "probe", "blend", "distance")
@@ -48,7 +46,6 @@ def main(work: Path, run: str, space: str | None = None) -> None:
     space = space or head.settings.score_mix_space
     second = contrastive_space(head.model, ctx) if space != "final" else None
     tests = list(test_items(work))
-    size = cfg.features.output_size
     rows, chosen = [], {}
     for mode in MODES:
         t0 = time.perf_counter()
@@ -60,11 +57,7 @@ def main(work: Path, run: str, space: str | None = None) -> None:
             chosen[mode] = {c["class"]: (f"{c['weight']}{'@c' * (c['space'] == 'contrastive')}", c["chosen_on"])
                             for c in head.mix.choices}
         for name, feats, masks, labels in tests:
-            t0 = time.perf_counter()
-            s = head.score_maps(torch.from_numpy(feats.astype(np.float32)))
-            per_image = (time.perf_counter() - t0) / len(feats)
-            maps = anomaly_maps(s, size, cfg.evaluate.sigma)
-            m = class_metrics(labels, image_scores(maps), maps, masks, cfg.evaluate.aupro_fpr)
+            m, per_image = head_metrics(head, cfg, feats, masks, labels)
             w = chosen.get(mode, {}).get(name, (0.0, "-"))
             rows.append({"mode": mode, "class": name, "weight": w[0], "chosen_on": w[1],
                          "image_auroc": round(100 * m["image_auroc"], 1),
