@@ -187,7 +187,9 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
         z0, s, _ = model_parts(model, x.to(ctx.device))  # z0: after the adaptor (no space is set here)
         s = s.cpu()
         rows = bank_rows(cache, (cache.image_class == k) & ~ctx.held)[0]
-        banks, refs, pixel = {}, {}, {}
+        banks, refs = {}, {}
+        # in the candidates' order (ties go to the earlier): s alone needs no bank, then each space's
+        pixel = {(0.0, 0): ctx.probe_class(s, masks)["pixel"]} if (0.0, 0) in cands else {}
         for sp in spaces:
             banks[sp] = MemoryBank(embed(model, rows, ctx.device, module=nets[sp]))
             z = z0.cpu().reshape(-1, z0.shape[-1]) if sp == 0 else \
@@ -195,11 +197,8 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
             d = banks[sp].score(z).reshape(s.shape)
             refs[sp] = reference(s[normal]), reference(d[normal])
             for w, c_sp in cands:
-                if c_sp == sp:
+                if c_sp == sp and w > 0:
                     pixel[(w, sp)] = ctx.probe_class(_combined(w, refs[sp], s, d), masks)["pixel"]
-        if (0.0, 0) in cands and (0.0, 0) not in pixel:  # s alone where only the second space is measured
-            pixel = {(0.0, 0): ctx.probe_class(s, masks)["pixel"], **pixel}
-        pixel = {c: pixel[c] for c in cands}  # the candidates' order: ties go to the earlier
         measured[k] = {"held": int((ctx.held & (cache.image_class == k)).sum()), "refs": refs, "pixel": pixel,
                        "banks": banks}
     chosen = choose_per_class(measured, mode, min_images, pool)
