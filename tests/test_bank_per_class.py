@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import stages.heads.routed_knn as routed_module
+import stages.heads.routed_bank as routed_module  # where the bank rows are read
 from cache.store import FeatureStore
 from cache.stream import TrainCache
 from core.errors import CladError

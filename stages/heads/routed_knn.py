@@ -44,13 +44,13 @@ bank rows of one class at a time are read from the cache when an image of
 that class is scored (``attach_cache``; the cache key is checked). Training,
 calibration and export walk the classes one by one, so no stage holds more
 than one class's rows. Checkpoints written before (with a ``rows`` copy) load
-and score as they did.
+and score as they did. Describing and reading the bank: ``routed_bank``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,7 @@ from core.files import seeded
 from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
+from stages.heads.routed_bank import ALL, ClassBank, describe_bank, read_class_bank
 from stages.search import (
     CELLS,
     MemoryBank,
@@ -77,19 +78,6 @@ from stages.train.labels import calibration_folds, normal_maps
 from stages.train.routing import class_distances
 
 AXES_SAMPLE = 65536  # bank rows sampled (seeded) to fit the principal axes
-ALL = -1  # the group of a search over every class's images (route = false)
-
-
-@dataclass
-class ClassBank:
-    """The rows of one class's bank images (or of all, group ``ALL``), held while its images are scored."""
-
-    group: int  # class index, or ALL
-    members: np.ndarray  # [n_k] bank positions of its images, ascending
-    local: np.ndarray  # [n] bank position -> index in members (-1: not a member)
-    rows: torch.Tensor  # [M_k, C] float32
-    offsets: np.ndarray  # [n_k + 1]: rows of member t = rows[offsets[t]:offsets[t+1]]
-    spaces: dict[bool, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # projected? -> (z, |z|^2)
 
 
 @dataclass(frozen=True)
@@ -154,38 +142,8 @@ class RoutedKnnHead(Head):
         if self._bank is not None and self._bank.group == group:
             return self._bank
         self._bank = None  # free the last class's rows before reading the next
-        members = np.arange(len(self.desc)) if group == ALL else np.nonzero(self.desc_class == group)[0]
-        sizes = self.offsets[members + 1] - self.offsets[members]
-        if self.rows is not None:
-            rows = np.concatenate([self.rows[self.offsets[j]:self.offsets[j + 1]] for j in members])
-        else:
-            if self._cache is None:
-                raise CladError("routed_knn: this run reads its bank rows from the training cache; "
-                                "load it with stages.heads.load_trained_head")
-            cache = self._cache()
-            ids = self.image_ids[members]
-            selected = np.zeros(len(cache.image_ids), bool)
-            selected[ids] = True
-            maps = normal_maps(cache, selected)
-            if any(i not in maps or len(maps[i]) != n for i, n in zip(ids.tolist(), sizes)):
-                raise CladError(f"{cache.store.path}: does not hold this run's bank images; "
-                                "re-train with 'clad train WORK --run NAME --restart'")
-            rows = np.concatenate([maps.pop(i) for i in ids.tolist()], dtype=np.float32)
-        local = np.full(len(self.desc), -1, np.int64)
-        local[members] = np.arange(len(members))
-        self._bank = ClassBank(group, members, local, torch.from_numpy(np.ascontiguousarray(rows)),
-                               np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        self._bank = read_class_bank(group, self.desc_class, self.offsets, self.rows, self.image_ids, self._cache)
         return self._bank
-
-    def _space(self, bank: ClassBank, projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The search space's ``[M_k, d]`` rows and ``[M_k]`` squared norms: the
-        class's rows in the principal axes (derived once per class, not stored)
-        or the rows themselves."""
-        if projected not in bank.spaces:
-            z = (bank.rows - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if projected \
-                else bank.rows
-            bank.spaces[projected] = (z, (z * z).sum(1))
-        return bank.spaces[projected]
 
     @classmethod
     def fit(cls, settings: RoutedKnnSettings, ctx: TrainContext) -> tuple[RoutedKnnHead, dict[str, Any]]:
@@ -203,23 +161,8 @@ class RoutedKnnHead(Head):
         if settings.project:
             picked = np.sort(seeded(ctx.seed, "routed-axes").choice(
                 int(offsets[-1]), min(int(offsets[-1]), AXES_SAMPLE), replace=False))
-        desc = np.zeros((len(ids), ctx.cache.embed_dim), np.float32)
-        cells = np.zeros((len(ids), CELLS * CELLS, ctx.cache.embed_dim), np.float32) \
-            if settings.select == "cells" else None
-        sample = np.zeros((len(picked), ctx.cache.embed_dim), np.float32)
-        position = {int(i): t for t, i in enumerate(ids)}
-        for k, name in enumerate(ctx.cache.class_names):
-            for i, m in normal_maps(ctx.cache, bank & (ctx.cache.image_class == k)).items():
-                t = position[i]
-                if len(m) != sizes[i]:
-                    raise CladError(f"{ctx.cache.store.path}: image {i} has {len(m)} normal rows, "
-                                    f"not {sizes[i]}; re-extract with 'clad extract WORK'")
-                desc[t] = m.astype(np.float32).mean(0)
-                if cells is not None:
-                    cells[t] = cell_descriptors(m, grid)
-                lo, hi = np.searchsorted(picked, [offsets[t], offsets[t + 1]])
-                sample[lo:hi] = m[picked[lo:hi] - offsets[t]]
-            ctx.log(f"train: class {k + 1}/{len(ctx.cache.class_names)} ({name}) described")
+        desc, cells, sample = describe_bank(ctx.cache, ids, sizes, offsets, picked, settings.select == "cells",
+                                            ctx.log)
         axes = principal_axes(sample, min(settings.project, sample.shape[1])) if settings.project else None
         meta = {"head": cls.name, "embed_dim": ctx.cache.embed_dim, "class_names": ctx.cache.class_names,
                 "cache_key": ctx.cache_key, "train_key": ctx.run_key, "bank_rows": int(offsets[-1]),
@@ -297,7 +240,7 @@ class RoutedKnnHead(Head):
         those in projection, the best in full)."""
         projected = bool(self.settings.project)
         zq = (q - torch.from_numpy(self.axes[0])) @ torch.from_numpy(self.axes[1]) if projected else q
-        d2, idx = nearest_per_image(zq, *self._space(bank, projected), bank.offsets, bank.local[images])
+        d2, idx = nearest_per_image(zq, *bank.space(self.axes, projected), bank.offsets, bank.local[images])
         r = min(self.settings.rerank if projected else 1, len(images))
         candidates = idx.gather(1, d2.topk(r, 1, largest=False).indices)  # [q, r]
         return exact_distances(q, bank.rows, candidates).amin(1)
