@@ -175,8 +175,7 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
     spaces = [0] if second is None or space == "final" else [1] if space == "contrastive" else [0, 1]
     nets = {0: model.adaptor, 1: second}
     weights = WEIGHTS if mode == "probe" else (FORCED[mode],)
-    cands = [(w, sp) for sp in spaces for w in weights if w > 0] if mode != "probe" else \
-        [(0.0, 0)] + [(w, sp) for sp in spaces for w in weights if w > 0]
+    cands = [(0.0, 0)] * (mode == "probe") + [(w, sp) for sp in spaces for w in weights if w > 0]  # (weight, space)
     measured: dict[int, dict[str, Any]] = {}  # class -> held-out count, refs, probe pixel per candidate, banks
     for k, name in enumerate(cache.class_names):
         if name not in probe.features:
