@@ -31,7 +31,7 @@ from cache.stream import TrainCache  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.evaluate.stage import iter_classes  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
-from stages.heads.clad_mix import embed  # noqa: E402
+from stages.heads.clad_bank import embed  # noqa: E402
 from stages.heads.rows import score_in_chunks  # noqa: E402
 from stages.maps import anomaly_maps, image_scores  # noqa: E402
 from stages.metrics import class_metrics  # noqa: E402

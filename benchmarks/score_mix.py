@@ -50,6 +50,7 @@ def main(work: Path, run: str, space: str | None = None) -> None:
     for mode in MODES:
         t0 = time.perf_counter()
         head.model.set_space(second)  # fit_mix keeps it for the classes that choose it
+        # whole banks (score_mix_coreset 1.0): the modes compare on every row; mix_coreset.py measures the cut
         head.mix, head._banks = (fit_mix(head.model, mode, min_images, ctx, head.settings.score_mix_pool, space)
                                  if mode != "discriminator" else (None, {}))
         fit_s = time.perf_counter() - t0

@@ -107,7 +107,8 @@ def test_a_d_space_changes_d_alone_for_its_classes_and_travels_with_the_checkpoi
     class decides, as for the bank), s is not touched, the banks follow the class, and a checkpoint
     restores space and classes; without one, d is measured after the adaptor."""
     from stages.heads.clad import CladHead
-    from stages.heads.clad_mix import embed, model_parts
+    from stages.heads.clad_bank import embed
+    from stages.heads.clad_mix import model_parts
     from stages.heads.clad_model import Adaptor
     from stages.heads.clad_settings import CladSettings
 
@@ -187,6 +188,8 @@ def test_a_run_measures_d_in_the_contrastive_phases_adaptor(extracted):
         images = np.zeros(len(cache.image_ids), bool)
         images[head.mix.bank_images] = True
         rows = torch.from_numpy(bank_rows(cache, images & (cache.image_class == k))[0])
+        if k in head.mix.kept:  # the profile's coreset (round 10): its kept rows
+            rows = rows[head.mix.kept[k]]
         with torch.no_grad():
             assert torch.allclose(torch.from_numpy(head.banks[k].rows), head.model.space(rows), atol=1e-5)
 
@@ -222,27 +225,55 @@ def test_a_run_chooses_per_class_on_its_probe_and_scores_alike_after_loading(ext
         assert torch.equal(head.score_maps(maps), s)
 
 
-@pytest.mark.parametrize("space", ["final", "contrastive"])
-def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_their_fold(extracted, space):
+def test_a_coreset_travels_with_the_checkpoint_by_its_positions_per_class():
+    kept = {0: np.array([3, 1, 7]), 2: np.array([0])}
+    mix = ScoreMix(np.ones(3), np.array([1.0, 0.0, 2.0]), np.zeros(3), np.arange(5), kept=kept)
+    back = ScoreMix.from_state(mix.state())
+    assert set(back.kept) == {0, 2}
+    assert back.kept[0].tolist() == [3, 1, 7] and back.kept[2].tolist() == [0]
+    assert "kept" not in ScoreMix(np.ones(3), np.zeros(3), np.zeros(3), np.arange(5)).state()  # as before round 10
+    assert ScoreMix.from_state(ScoreMix(np.ones(3), np.zeros(3), np.zeros(3), np.arange(5)).state()).kept == {}
+
+
+@pytest.mark.parametrize("space,coreset", [("final", 1.0), ("contrastive", 1.0), ("final", 0.5)])
+def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_their_fold(extracted, space, coreset):
     """In the deployed bank a training image's own rows are at distance 0; its calibration score
     takes d from a bank without its fold (exactly: recomputed here for one image), in the space
-    the class measures d in."""
+    the class measures d in. With a coreset the deployed bank is the class's rows at the kept
+    positions, a loaded run rebuilds exactly those, and the fold's bank is that coreset without
+    the fold's rows."""
     from cache.store import FeatureStore
     from cache.stream import TrainCache
     from core.layout import RunFiles
     from pipeline.config import load_config
     from stages.heads import load_trained_head
-    from stages.heads.clad_mix import embed, model_parts
+    from stages.heads.clad_bank import embed
+    from stages.heads.clad_mix import model_parts
     from stages.heads.knn import bank_rows
     from stages.train.labels import calibration_folds, normal_maps
     from stages.train.stage import train_context
 
-    run = f"mix_distance_{space}"
-    sets = [a for s in [*TINY_CLAD, "score_mix=distance", f"score_mix_space={space}"] for a in ("--set", s)]
-    clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
+    run = f"mix_distance_{space}_{coreset}"
+    sets = [a for s in [*TINY_CLAD, "score_mix=distance", f"score_mix_space={space}", f"score_mix_coreset={coreset}"]
+            for a in ("--set", s)]
+    res = clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
     files = RunFiles(extracted / "runs" / run)
     head, _ = load_trained_head(files.final, torch.device("cpu"))
     cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    choices = json.loads((files.root / "train.json").read_text())["score_mix"]
+    if coreset < 1:
+        for c in choices:
+            k = head.meta["class_names"].index(c["class"])
+            whole = bank_rows(cache, np.isin(np.arange(len(cache.image_ids)), head.mix.bank_images)
+                              & (cache.image_class == k))[0]
+            kept = head.mix.kept[k]
+            assert c["coreset"]["of"] == len(whole) and c["coreset"]["rows"] == len(kept) == round(0.5 * len(whole))
+            assert len(np.unique(kept)) == len(kept) and kept.max() < len(whole)
+            assert f"{c['class']}: probe pixel with the coreset" in res.stderr + res.stdout
+            want = embed(head.model, whole[kept], torch.device("cpu"), k)
+            assert np.allclose(head.banks[k].rows, want, atol=1e-5)  # rebuilt from the cache after loading
+    else:
+        assert all("coreset" not in c for c in choices) and head.mix.kept == {}
     ctx = train_context(load_config(files.root / "config.toml"), cache, files, torch.device("cpu"),
                         cache.store.info().key, lambda _m: None, lambda *_: None)
     scores, unseen = head.calibration_scores(ctx, folds=2)
@@ -252,6 +283,8 @@ def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_the
     fold = calibration_folds(cache, ctx.held, ctx.seed, 2)
     image = int(np.nonzero((cache.image_class == k) & (fold == 0))[0][0])
     rows, row_image = bank_rows(cache, (cache.image_class == k) & ~ctx.held)
+    if coreset < 1:
+        rows, row_image = rows[head.mix.kept[k]], row_image[head.mix.kept[k]]
     bank = torch.from_numpy(embed(head.model, rows[fold[row_image] != 0], torch.device("cpu"), k)).double()
     z = embed(head.model, normal_maps(cache, np.arange(len(fold)) == image)[image], torch.device("cpu"), k)
     assert (head.model.space is not None) == (space == "contrastive")
@@ -260,5 +293,6 @@ def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_the
     assert np.allclose(scores[image], want.numpy(), rtol=1e-4, atol=1e-4)
     assert (d > 0).all()  # the deployed bank holds the image's own rows: d would be 0
     x = torch.from_numpy(normal_maps(cache, np.arange(len(fold)) == image)[image][None].astype(np.float32))
-    if int(model_parts(head.model, x)[2][0]) == k:  # routed to its class: the deployed bank has its rows
+    routed_home = int(model_parts(head.model, x)[2][0]) == k
+    if coreset == 1 and routed_home:  # routed to its class: the deployed bank has its rows
         assert torch.allclose(head.score_maps(x)[0], torch.full((x.shape[1],), float(head.mix.c[k])), atol=1e-3)

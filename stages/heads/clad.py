@@ -23,7 +23,8 @@ from cache.stream import TrainCache
 from core import distributed
 from core.errors import CladError
 from stages.heads.base import ExportContext, Head, TrainContext
-from stages.heads.clad_mix import ScoreMix, contrastive_space, cross_fitted_scores, fit_mix, mixed_scores, restore_banks
+from stages.heads.clad_bank import restore_banks
+from stages.heads.clad_mix import ScoreMix, contrastive_space, cross_fitted_scores, fit_mix, mixed_scores
 from stages.heads.clad_model import Adaptor, CladModel, build_model
 from stages.heads.clad_settings import CladSettings
 from stages.heads.clad_train import CladTrainer
@@ -54,13 +55,14 @@ class CladHead(Head):
         # tightened while its held-out GAS rows stay separable (stages/heads/clad_shell.py)
         # round 7: each class with >= 5 held-out images scored by s, s + d or d, whichever its probe prefers
         # (stages/heads/clad_mix.py); round 8: the small classes choose together by rank, one vote each;
-        # round 9: d after the final or the contrastive phase's adaptor, also chosen per class on the probe
+        # round 9: d after the final or the contrastive phase's adaptor, also chosen per class on the probe;
+        # round 10: each chosen bank cut to PatchCore's 10 % greedy coreset (scoring time)
         "fast": {"epochs_contrastive": 1, "epochs_finetune": 8, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
-                 "score_mix_pool": "rank", "score_mix_space": "probe"},
+                 "score_mix_pool": "rank", "score_mix_space": "probe", "score_mix_coreset": 0.1},
         "long": {"epochs_contrastive": 1, "epochs_finetune": 16, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
-                 "score_mix_pool": "rank", "score_mix_space": "probe"},
+                 "score_mix_pool": "rank", "score_mix_space": "probe", "score_mix_coreset": 0.1},
     }
 
     def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device,
@@ -84,7 +86,7 @@ class CladHead(Head):
             if settings.score_mix_space != "final":
                 model.set_space(contrastive_space(model, ctx))
             mix, banks = fit_mix(model, settings.score_mix, settings.score_mix_min_images, ctx,
-                                 settings.score_mix_pool, settings.score_mix_space)
+                                 settings.score_mix_pool, settings.score_mix_space, settings.score_mix_coreset)
             if mix is None:
                 model.set_space(None)
             summary["score_mix"] = mix.choices if mix is not None else []
@@ -106,7 +108,8 @@ class CladHead(Head):
             if self._cache is None:
                 raise CladError("clad: this run reads its adaptor-space banks from the training cache; "
                                 "load it with stages.heads.load_trained_head")
-            self._banks = restore_banks(self.model, self.mix, self._cache(), self.device)
+            self._banks = restore_banks(self.model, self.mix.bank_images, self.mix.mixed, self.mix.kept, self._cache(),
+                                        self.device)
         return self._banks
 
     @classmethod

@@ -20,8 +20,9 @@ excluded), read from the cache when the head first scores. With
 ``score_mix_space`` contrastive or probe, d may be measured after the adaptor
 the contrastive phase kept instead (round 9: fine-tuning moves the adaptor for
 the discriminator's sake); the model keeps that second adaptor and which
-classes use it (``CladModel.set_space``). This module measures and applies;
-``clad_choice`` holds the choosing itself.
+classes use it (``CladModel.set_space``). A chosen bank may be cut to a greedy
+coreset (``score_mix_coreset``, round 10). This module measures and applies;
+``clad_choice`` holds the choosing itself, ``clad_bank`` the banks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stages.heads.clad_bank import class_rows, embed, reduce_bank
 from stages.heads.clad_choice import (
     FORCED,
     SPACES,
@@ -56,6 +58,7 @@ class ScoreMix:
     c: np.ndarray
     bank_images: np.ndarray  # [M] int64 image indices of the cache
     choices: list[dict[str, Any]] = field(default_factory=list)  # per class: what the probe measured
+    kept: dict[int, np.ndarray] = field(default_factory=dict)  # label -> coreset positions among its rows
 
     @property
     def mixed(self) -> list[int]:
@@ -63,25 +66,20 @@ class ScoreMix:
         return [int(k) for k in np.nonzero(self.b)[0]]
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"a": torch.from_numpy(self.a), "b": torch.from_numpy(self.b), "c": torch.from_numpy(self.c),
-                "bank_images": torch.from_numpy(self.bank_images.astype(np.int64))}
+        out = {"a": torch.from_numpy(self.a), "b": torch.from_numpy(self.b), "c": torch.from_numpy(self.c),
+               "bank_images": torch.from_numpy(self.bank_images.astype(np.int64))}
+        if self.kept:  # flat, with each position's label (a checkpoint holds tensors)
+            out["kept"] = torch.from_numpy(np.concatenate(list(self.kept.values())).astype(np.int64))
+            out["kept_label"] = torch.cat([torch.full((len(v),), k, dtype=torch.int64) for k, v in self.kept.items()])
+        return out
 
     @classmethod
     def from_state(cls, d: dict[str, torch.Tensor]) -> ScoreMix:
-        return cls(d["a"].numpy(), d["b"].numpy(), d["c"].numpy(), d["bank_images"].numpy())
-
-
-@torch.no_grad()
-def embed(model: CladModel, rows: np.ndarray | torch.Tensor, device: torch.device, label: int | None = None,
-          chunk: int = 65536, module: torch.nn.Module | None = None) -> np.ndarray:
-    """``[M, C_d]`` rows -> ``[M, D]`` float32 rows in label ``label``'s d space
-    (``CladModel.space_for``; the adaptor's outputs without a label), or after ``module``
-    (eval mode)."""
-    model.eval()
-    net = module if module is not None else model.space_for(label)
-    x = torch.as_tensor(rows)
-    out = [net(x[s:s + chunk].to(device).float()).float().cpu() for s in range(0, len(x), chunk)]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.adaptor.out_dim), np.float32)
+        kept = {}
+        if "kept" in d:  # a head whose banks a coreset cut
+            pos, label = d["kept"].numpy(), d["kept_label"].numpy()
+            kept = {int(k): pos[label == k] for k in np.unique(label)}
+        return cls(d["a"].numpy(), d["b"].numpy(), d["c"].numpy(), d["bank_images"].numpy(), kept=kept)
 
 
 @torch.no_grad()
@@ -137,17 +135,8 @@ def contrastive_space(model: CladModel, ctx: Any) -> Adaptor | None:
     return space
 
 
-def class_bank(model: CladModel, cache: Any, images: np.ndarray, device: torch.device,
-               label: int | None = None) -> MemoryBank:
-    """The bank of the normal rows of ``images`` (bool ``[n_images]``; only the shards that
-    hold them are read), in label ``label``'s d space (``embed``)."""
-    from stages.heads.knn import bank_rows
-
-    return MemoryBank(embed(model, bank_rows(cache, images)[0], device, label))
-
-
 def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = "mean",
-            space: str = "final") -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
+            space: str = "final", coreset: float = 1.0) -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
     """Choose each class's weight on the probe (``mode`` probe) or give every class with a probe
     ``FORCED[mode]``; the mix (``mixed`` empty where every class keeps s) and the banks of the
     classes that use d; ``(None, {})`` without a probe or class labels.
@@ -158,11 +147,11 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
     on the mean of their probe metrics, or on their mean rank, each class one vote), and keep s otherwise.
     ``space`` (``score_mix_space``): d after the final adaptor, after ``model.space`` (the contrastive
     phase's adaptor, ``contrastive_space``) for every class, or (``probe``) the two spaces are candidates
-    too, chosen as the weights are; ``model.space_classes`` records the result.
-    ``ctx``: the run's ``TrainContext``.
+    too, chosen as the weights are; ``model.space_classes`` records the result. ``coreset`` < 1
+    (``score_mix_coreset``): each chosen bank is then cut to that fraction of its rows
+    (``clad_bank.reduce_bank``), and its class's d measured anew against the cut bank for its
+    coefficients. ``ctx``: the run's ``TrainContext``.
     """
-    from stages.heads.knn import bank_rows
-
     cache, probe = ctx.cache, ctx.probe_set()
     if probe is None:
         ctx.log("train: score mix: no held-out probe, so s alone")
@@ -185,32 +174,28 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
         x = torch.from_numpy(probe.features[name].astype(np.float32))
         z0, s, _ = model_parts(model, x.to(ctx.device))  # z0: after the adaptor (no space is set here)
         s = s.cpu()
-        rows = bank_rows(cache, (cache.image_class == k) & ~ctx.held)[0]
-        banks, refs = {}, {}
+        rows = class_rows(cache, (cache.image_class == k) & ~ctx.held)[0]
+        banks, refs, zs = {}, {}, {}
         # in the candidates' order (ties go to the earlier): s alone needs no bank, then each space's
         pixel = {(0.0, 0): ctx.probe_class(s, masks)["pixel"]} if (0.0, 0) in cands else {}
         for sp in spaces:
             banks[sp] = MemoryBank(embed(model, rows, ctx.device, module=nets[sp]))
-            z = z0.cpu().reshape(-1, z0.shape[-1]) if sp == 0 else \
+            zs[sp] = z0.cpu().reshape(-1, z0.shape[-1]) if sp == 0 else \
                 torch.from_numpy(embed(model, x.reshape(-1, x.shape[-1]), ctx.device, module=nets[sp]))
-            d = banks[sp].score(z).reshape(s.shape)
+            d = banks[sp].score(zs[sp]).reshape(s.shape)
             refs[sp] = reference(s[normal]), reference(d[normal])
             for w, c_sp in cands:
                 if c_sp == sp and w > 0:
                     pixel[(w, sp)] = ctx.probe_class(_combined(w, refs[sp], s, d), masks)["pixel"]
         measured[k] = {"held": int((ctx.held & (cache.image_class == k)).sum()), "refs": refs, "pixel": pixel,
-                       "banks": banks}
+                       "banks": banks, "probe": (s, zs, masks, normal)}
     chosen = choose_per_class(measured, mode, min_images, pool)
     n = ctx.n_labels
     a, b, c = np.ones(n), np.zeros(n), np.zeros(n)
     banks_out: dict[int, MemoryBank] = {}
-    choices, in_second = [], []
+    choices, in_second, kept = [], [], {}
     for k, m in measured.items():
         (w, sp), basis = chosen[k]
-        if w > 0:
-            a[k], b[k], c[k] = mix_coefficients(w, *m["refs"][sp])
-            banks_out[k] = m["banks"][sp]
-            in_second += [k] * (sp == 1)
         name = cache.class_names[k]
         choices.append({"class": name, "held_out": m["held"], "weight": w, "space": SPACES[sp],
                         "chosen_on": basis,
@@ -218,9 +203,30 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
         ctx.log(f"train: score mix: {name} ({m['held']} held-out images): probe pixel "
                 + ", ".join(f"w={candidate_name(x)} {v:.4f}" for x, v in m["pixel"].items())
                 + f" -> w={candidate_name((w, sp))} ({basis})")
+        if w > 0:
+            banks_out[k], refs = m["banks"][sp], m["refs"][sp]
+            if coreset < 1:
+                banks_out[k], kept[k], refs, cut = _cut(banks_out[k], w, m["probe"], sp, coreset, ctx)
+                choices[-1]["coreset"] = {"rows": len(kept[k]), "of": len(m["banks"][sp].rows),
+                                          "probe_pixel": round(float(cut), 4)}
+                ctx.log(f"train: score mix: {name}: probe pixel with the coreset {cut:.4f} "
+                        f"(whole bank {m['pixel'][(w, sp)]:.4f})")
+            a[k], b[k], c[k] = mix_coefficients(w, *refs)
+            in_second += [k] * (sp == 1)
     model.set_space(second if in_second else None, in_second)
     images = np.nonzero(np.isin(cache.image_class, sorted(banks_out)) & ~ctx.held)[0]
-    return ScoreMix(a, b, c, images, choices), banks_out
+    return ScoreMix(a, b, c, images, choices, kept), banks_out
+
+
+def _cut(bank: MemoryBank, w: float, probe: tuple[torch.Tensor, dict[int, torch.Tensor], np.ndarray, torch.Tensor],
+         sp: int, fraction: float, ctx: Any) -> tuple[MemoryBank, np.ndarray, tuple, float]:
+    """The chosen bank cut by the coreset, its kept positions, the class's references (s, d) with d
+    against the cut bank, and the probe pixel metric of the candidate with it."""
+    s, zs, masks, normal = probe
+    cut, kept = reduce_bank(bank, fraction, ctx.seed, ctx.device, ctx.log)
+    d = cut.score(zs[sp]).reshape(s.shape)
+    refs = reference(s[normal]), reference(d[normal])
+    return cut, kept, refs, ctx.probe_class(_combined(w, refs, s, d), masks)["pixel"]
 
 
 def _combined(w: float, refs: tuple[tuple[float, float], tuple[float, float]], s: torch.Tensor,
@@ -229,23 +235,15 @@ def _combined(w: float, refs: tuple[tuple[float, float], tuple[float, float]], s
     return ca * s + cb * d + cc
 
 
-def restore_banks(model: CladModel, mix: ScoreMix, cache: Any, device: torch.device) -> dict[int, MemoryBank]:
-    """The banks of a loaded head, from its training cache (``mix.bank_images``)."""
-    banks = {}
-    for k in mix.mixed:
-        images = np.zeros(len(cache.image_ids), bool)
-        images[mix.bank_images] = True
-        banks[k] = class_bank(model, cache, images & (cache.image_class == k), device, k)
-    return banks
-
-
 @torch.no_grad()
 def cross_fitted_scores(model: CladModel, mix: ScoreMix, ctx: Any, folds: int) -> dict[int, np.ndarray]:
     """``{image: [H*W]}`` scores of every not-held-out training image of a mixed class, with d
     from a bank without its own fold's images (``stages.train.labels.calibration_folds``): in
     the deployed bank an image's own rows lie at distance 0, which would make the seen scores
-    of a class that uses d a constant."""
-    from stages.heads.knn import bank_rows
+    of a class that uses d a constant. Where a coreset cut the bank, the fold's bank is the
+    deployed coreset without the fold's rows (not a coreset of the rest chosen anew: that
+    would cost a selection per fold); it is smaller than the deployed bank, so these scores
+    err high, as the knn head's do."""
     from stages.train.labels import calibration_folds, normal_maps
 
     cache = ctx.cache
@@ -253,7 +251,7 @@ def cross_fitted_scores(model: CladModel, mix: ScoreMix, ctx: Any, folds: int) -
     out: dict[int, np.ndarray] = {}
     for k in mix.mixed:
         own = (cache.image_class == k) & ~ctx.held
-        rows, row_image = bank_rows(cache, own)
+        rows, row_image = class_rows(cache, own, mix.kept.get(k))  # a coreset: its rows without the fold's
         z_rows = embed(model, rows, ctx.device, k)
         for f in range(folds):
             members = own & (fold == f)

@@ -108,3 +108,7 @@ class CladSettings(Settings):
                                         "(fine-tuning serves the discriminator's score and moves it) | probe = "
                                         "both are candidates, chosen per class as the weights are (the model "
                                         "keeps the second adaptor where a class uses it)")
+    score_mix_coreset: float = setting(1.0, above=0, high=1, added=1.0,
+                                       help="with a score mix: the fraction of each chosen bank's rows kept by "
+                                            "PatchCore's greedy coreset in its d space (1.0 = every row): the "
+                                            "exact search over a large class's bank is most of its scoring time")
