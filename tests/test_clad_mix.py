@@ -235,7 +235,7 @@ def test_a_coreset_travels_with_the_checkpoint_by_its_positions_per_class():
     assert ScoreMix.from_state(ScoreMix(np.ones(3), np.zeros(3), np.zeros(3), np.arange(5)).state()).kept == {}
 
 
-@pytest.mark.parametrize("space,coreset", [("final", 1.0), ("contrastive", 1.0), ("final", 0.5)])
+@pytest.mark.parametrize("space,coreset", [("final", 1.0), ("contrastive", 0.5)])  # whole bank / a coreset
 def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_their_fold(extracted, space, coreset):
     """In the deployed bank a training image's own rows are at distance 0; its calibration score
     takes d from a bank without its fold (exactly: recomputed here for one image), in the space
