@@ -2,8 +2,10 @@
 
 For one trained CLAD run whose score mix uses d (``train.clad.score_mix``), scores
 the test set with each mixed class's bank whole, then reduced to ``FRACTION`` of
-its rows by the knn head's greedy coreset (``stages.heads.knn.greedy_coreset``, in
-the class's own d space, seeded). Same network, same choices, same coefficients:
+its rows by the greedy coreset the head itself uses with ``score_mix_coreset`` < 1
+(``stages.heads.clad_bank.reduce_bank``, in the class's own d space, seeded).
+Give it a run trained with ``score_mix_coreset = 1.0``: a run whose banks are cut
+already is refused (its 'whole' bank would be the coreset). Same network, same choices, same coefficients:
 the rows differ only by the bank searched. Prints per class image AUROC, pixel
 AUROC, AUPRO and milliseconds per image of ``score_maps``, plus the coreset's
 selection time; test labels only measure (nothing is chosen here).
@@ -26,8 +28,7 @@ from benchmarks.common import progress_row, report  # noqa: E402
 from core.layout import RunFiles  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from stages.heads import load_trained_head  # noqa: E402
-from stages.heads.knn import greedy_coreset  # noqa: E402
-from stages.search import MemoryBank  # noqa: E402
+from stages.heads.clad_bank import reduce_bank  # noqa: E402
 
 
 def main(work: Path, run: str, fraction: float) -> None:
@@ -36,15 +37,17 @@ def main(work: Path, run: str, fraction: float) -> None:
     head, _ = load_trained_head(files.final, torch.device("cpu"))
     if head.mix is None or not head.mix.mixed:
         sys.exit(f"mix_coreset: run {run!r} scores every class by s alone; no bank to reduce")
+    if head.mix.kept:
+        sys.exit(f"mix_coreset: run {run!r} cut its banks already (score_mix_coreset < 1); train one with "
+                 "--set score_mix_coreset=1.0 to compare")
     names = head.meta["class_names"]
     whole = dict(head.banks)  # read from the cache once
     reduced, picked_s = {}, {}
     for k, bank in whole.items():
         t0 = time.perf_counter()
-        rows = np.ascontiguousarray(bank.rows, np.float32)
-        idx = greedy_coreset(rows, max(1, int(round(fraction * len(rows)))), seed=cfg.train.seed)
-        reduced[k], picked_s[k] = MemoryBank(rows[idx]), time.perf_counter() - t0
-        print(f"mix_coreset: {names[k]}: {len(idx)} of {len(rows)} rows in {picked_s[k]:.0f} s", flush=True)
+        reduced[k] = reduce_bank(bank, fraction, cfg.train.seed, torch.device("cpu"),
+                                 lambda m, name=names[k]: print(f"mix_coreset: {name}: {m}", flush=True))[0]
+        picked_s[k] = time.perf_counter() - t0
     tests = list(test_items(work))
     rows_out = []
     for label, banks in (("whole bank", whole), (f"coreset {fraction:g}", reduced)):
