@@ -52,7 +52,7 @@ def test_ccl_runs_with_real_and_pseudo_labels(trained, labels):
 
 
 def test_kill9_mid_training_resumes_to_identical_weights(trained):
-    args = [*SMALL, "--set", "epochs=12", "--set", "ccl=classes", "--set", "dim=64"]
+    args = [*SMALL, "--set", "epochs=6", "--set", "ccl=classes", "--set", "dim=64"]
     clad("train", str(trained), "--run", "rlr-ref", *args, process=True)
     stderr = kill_and_resume(trained, "rlr-killed", args, after_s=0.3)
     assert "resuming" in stderr

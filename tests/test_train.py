@@ -63,7 +63,7 @@ def test_kill9_mid_epoch_resumes_to_identical_weights(trained, extra):
     """Also with the adaptive GAS shell, whose per-class radii after each epoch live in the
     epoch records: a resumed run must take them up, or its weights differ (the tiny set's
     low target makes the shells move every epoch)."""
-    args = ["--head", "clad", "--set", "epochs_contrastive=3", "--set", "epochs_finetune=3",
+    args = ["--head", "clad", "--set", "epochs_contrastive=2", "--set", "epochs_finetune=1",
             "--set", "batch_contrastive=1200",
             "--set", "batch_finetune=3000", "--set", "gas_steps=2", "--set", "gas_project_every=2", *extra]
     tag = "-adaptive" if "gas_shell=adaptive" in extra else ""
