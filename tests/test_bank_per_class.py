@@ -89,7 +89,8 @@ def test_a_missing_or_rebuilt_cache_is_one_line(routed_run, tmp_path):
 def test_knn_run_keeps_row_choices_and_reads_the_rows_back_from_the_cache(coreset, extracted):
     """knn's checkpoint holds the image of every bank row and the coreset's kept positions;
     the head loaded from it searches exactly the rows training chose (brute force here)."""
-    from stages.heads.knn import bank_rows, greedy_coreset
+    from stages.heads.knn import bank_rows
+    from stages.search import greedy_coreset
 
     run = f"bank-knn-{int(coreset * 100)}"
     clad("train", str(extracted), "--run", run, "--head", "knn", "--set", f"knn_coreset={coreset}")

@@ -78,12 +78,40 @@ def test_greedy_k_center_equals_the_textbook_loop():
 
 
 def test_greedy_coreset_picks_far_apart_rows():
-    from stages.heads.knn import greedy_coreset
+    from stages.search import greedy_coreset
 
     rng = np.random.default_rng(0)
     clusters = np.concatenate([rng.normal(c, 0.01, (200, 8)) for c in (0.0, 5.0, 10.0)]).astype(np.float32)
     idx = greedy_coreset(clusters, 3, seed=0, proj_dim=8)
     assert sorted(set(i // 200 for i in idx)) == [0, 1, 2]  # one row from each cluster
+
+
+def test_block_quotas_share_the_picks_in_proportion_and_sum_exactly():
+    from stages.search import block_quotas
+
+    assert block_quotas(10, [100, 100]) == [5, 5]
+    assert block_quotas(10, [50, 50, 50]) == [4, 3, 3]  # 3.33 each: the one left over to the first
+    assert block_quotas(7, [10, 30]) == [2, 5]  # 1.75 and 5.25: the larger remainder gets the pick
+    assert block_quotas(1, [5, 5, 5]) == [1, 0, 0]
+    assert sum(block_quotas(15_602, [52_006, 52_005, 52_005])) == 15_602
+
+
+def test_greedy_coreset_above_the_block_size_reduces_each_block_on_its_own():
+    from stages.search import greedy_coreset
+
+    rng = np.random.default_rng(0)
+    # four clusters, two in each half of the rows: a selection per half must still find both of its clusters
+    x = np.concatenate([rng.normal(c, 0.01, (50, 8)) for c in (0.0, 5.0, 10.0, 15.0)]).astype(np.float32)
+    whole = greedy_coreset(x, 4, seed=0, proj_dim=8)
+    assert np.array_equal(whole, greedy_coreset(x, 4, seed=0, proj_dim=8, block_rows=200))  # one block: as before
+    ticks = []
+    blocked = greedy_coreset(x, 4, seed=0, proj_dim=8, block_rows=100, progress=lambda k, n: ticks.append((k, n)))
+    assert sorted(set(i // 50 for i in blocked)) == [0, 1, 2, 3]  # one row from each cluster
+    assert (blocked < 100).sum() == 2 and len(set(blocked.tolist())) == 4 and list(blocked) == sorted(blocked)
+    assert ticks[-1] == (4, 4) and all(n == 4 for _, n in ticks)  # progress counts over every block
+    odd = greedy_coreset(x, 9, seed=1, proj_dim=8, block_rows=70)  # 3 blocks of 67, 66, 67 rows: 3 picks each
+    bounds = np.linspace(0, 200, 4).round().astype(int)
+    assert [int(((odd >= lo) & (odd < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)] == [3] * 3
 
 
 def test_interleaved_order_spreads_every_class_over_the_epoch():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from stages.heads.clad_model import CladModel
-from stages.search import MemoryBank
+from stages.search import MemoryBank, greedy_coreset
 
 
 @torch.no_grad()
@@ -39,8 +39,6 @@ def reduce_bank(bank: MemoryBank, fraction: float, seed: int, device: torch.devi
                 log: Callable[[str], None]) -> tuple[MemoryBank, np.ndarray]:
     """The bank cut to ``fraction`` of its rows by PatchCore's greedy coreset (in the bank's
     own space, seeded), and the kept rows' sorted positions ``[m]`` in it."""
-    from stages.heads.knn import greedy_coreset
-
     n = max(1, int(round(fraction * len(bank.rows))))
     t0 = time.perf_counter()
     kept = greedy_coreset(bank.rows, n, seed, device=device,

@@ -25,7 +25,7 @@ from core.errors import CladError
 from core.schema import Settings, setting
 from stages.heads.base import ExportContext, Head, TrainContext
 from stages.heads.registry import register_head
-from stages.search import MemoryBank, greedy_k_center
+from stages.search import MemoryBank, greedy_coreset
 from stages.train.labels import calibration_folds, normal_maps
 
 
@@ -36,21 +36,6 @@ class KnnSettings(Settings):
     knn_coreset: float = setting(1.0, above=0, high=1,
                                  help="fraction of normal rows kept by the greedy coreset; 1.0 = all")
     knn_k: int = setting(1, low=1, help="neighbours averaged per row")
-
-
-def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,
-                   progress: Callable[[int, int], None] | None = None,
-                   device: torch.device | None = None) -> np.ndarray:
-    """Sorted indices of ``n`` rows chosen by PatchCore's greedy coreset,
-    computed in a ``proj_dim``-dimensional random (Johnson-Lindenstrauss)
-    projection to make it cheap, on ``device``."""
-    rng = np.random.default_rng(seed)
-    if n >= len(x):
-        return np.arange(len(x))
-    proj = torch.from_numpy((rng.normal(size=(x.shape[1], proj_dim)) / np.sqrt(proj_dim)).astype(np.float32))
-    device = device or torch.device("cpu")
-    z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device) @ proj.to(device)
-    return np.array(sorted(greedy_k_center(z, n, int(rng.integers(len(x))), progress)))
 
 
 def bank_rows(cache: TrainCache, bank_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
