@@ -22,15 +22,15 @@ _CLAD_V1 = ("epochs_contrastive", "epochs_finetune", "batch_contrastive", "batch
             "gas_scale", "gas_nn_factor", "use_contrastive", "use_gas", "use_las", "window_shards")
 
 
-def legacy_flat_train(cfg: Config) -> dict[str, Any] | None:
+def legacy_flat_train(cfg: Config, clad_added: dict[str, Any]) -> dict[str, Any] | None:
     """The old flat [train] table for these settings (None if they use a CLAD
-    setting that did not exist then at other than its older behaviour)."""
-    from stages.heads.registry import HEADS
-
+    setting that did not exist then at other than its older behaviour;
+    ``clad_added``: each later CLAD setting's ``added`` value, given by the
+    registry, which this module does not import)."""
     t = cfg.train
     clad = dataclasses.asdict(t.head_settings("clad"))
     for k in set(clad) - set(_CLAD_V1):
-        if HEADS["clad"].added.get(k, object()) != clad.pop(k):
+        if clad_added.get(k, object()) != clad.pop(k):
             return None
     knn = dataclasses.asdict(t.head_settings("knn"))
     return {"profile": t.profile, "head": t.head, **clad, "holdout": t.holdout, "pseudo_k": t.pseudo_k,
@@ -38,8 +38,9 @@ def legacy_flat_train(cfg: Config) -> dict[str, Any] | None:
             "threshold_quantile": cfg.calibrate.quantile, "seed": t.seed}
 
 
-def legacy_run_key(cfg: Config) -> str | None:
-    """The pre-registry key of a clad or knn run with these settings (None for other heads)."""
+def legacy_run_key(cfg: Config, clad_added: dict[str, Any]) -> str | None:
+    """The pre-registry key of a clad or knn run with these settings (None for other heads);
+    ``clad_added`` as for ``legacy_flat_train``."""
     if cfg.train.head not in ("clad", "knn"):
         return None
     if cfg.train.head == "knn":  # hashed knn's settings alone: CLAD's (newer ones included) never mattered
@@ -48,7 +49,7 @@ def legacy_run_key(cfg: Config) -> str | None:
                 "knn_coreset": knn["knn_coreset"], "knn_k": knn["knn_k"]}
         settings: dict[str, Any] = {"code": TRAIN_CODE_VERSION, "train": {k: flat[k] for k in _KNN_SETTINGS}}
     else:
-        train = legacy_flat_train(cfg)
+        train = legacy_flat_train(cfg, clad_added)
         if train is None:
             return None
         train = {k: v for k, v in train.items() if _ADDED.get(k, object()) != v}

@@ -19,8 +19,8 @@ import torch
 
 from cache.stream import TrainCache
 from core.errors import CladError
-from core.layout import RunFiles
 from core.files import load_safely
+from core.layout import RunFiles
 from core.schema import Settings, added_values
 from core.schema import keyed as keyed_values
 from core.settings import RUN_CODE_VERSION, Config, diff_settings, settings_hash
@@ -104,7 +104,7 @@ def accepted_run_keys(cfg: Config) -> tuple[str, ...]:
     registry (runs trained then stay current)."""
     from stages.heads.legacy import legacy_run_key
 
-    legacy = legacy_run_key(cfg)
+    legacy = legacy_run_key(cfg, HEADS["clad"].added)
     return (run_key(cfg),) + ((legacy,) if legacy else ())
 
 
