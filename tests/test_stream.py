@@ -96,19 +96,30 @@ def test_block_quotas_share_the_picks_in_proportion_and_sum_exactly():
     assert sum(block_quotas(15_602, [52_006, 52_005, 52_005])) == 15_602
 
 
-def test_greedy_coreset_above_the_block_size_reduces_each_block_on_its_own():
-    from stages.search import greedy_coreset
+def test_greedy_coreset_picks_as_before_up_to_the_block_size_and_per_block_above_it():
+    from stages.search import greedy_coreset, greedy_k_center
 
     rng = np.random.default_rng(0)
     # four clusters, two in each half of the rows: a selection per half must still find both of its clusters
     x = np.concatenate([rng.normal(c, 0.01, (50, 8)) for c in (0.0, 5.0, 10.0, 15.0)]).astype(np.float32)
-    whole = greedy_coreset(x, 4, seed=0, proj_dim=8)
-    assert np.array_equal(whole, greedy_coreset(x, 4, seed=0, proj_dim=8, block_rows=200))  # one block: as before
+
+    def before_blocks(x, n, seed, proj_dim):  # greedy_coreset as it was before blocks (commit d346e10)
+        rng = np.random.default_rng(seed)
+        proj = torch.from_numpy((rng.normal(size=(x.shape[1], proj_dim)) / np.sqrt(proj_dim)).astype(np.float32))
+        z = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) @ proj
+        return np.array(sorted(greedy_k_center(z, n, int(rng.integers(len(x))))))
+
+    for n, seed in ((4, 0), (1, 3), (37, 5), (199, 7)):  # at or below the block size: the same picks as before
+        assert np.array_equal(greedy_coreset(x, n, seed=seed, proj_dim=8), before_blocks(x, n, seed, 8))
+        assert np.array_equal(greedy_coreset(x, n, seed=seed, proj_dim=8, block_rows=200), before_blocks(x, n, seed, 8))
     ticks = []
     blocked = greedy_coreset(x, 4, seed=0, proj_dim=8, block_rows=100, progress=lambda k, n: ticks.append((k, n)))
     assert sorted(set(i // 50 for i in blocked)) == [0, 1, 2, 3]  # one row from each cluster
     assert (blocked < 100).sum() == 2 and len(set(blocked.tolist())) == 4 and list(blocked) == sorted(blocked)
     assert ticks[-1] == (4, 4) and all(n == 4 for _, n in ticks)  # progress counts over every block
+    ticks.clear()  # blocks of one pick report too (greedy_k_center itself reports from the second pick on)
+    greedy_coreset(x, 3, seed=0, proj_dim=8, block_rows=70, progress=lambda k, n: ticks.append((k, n)))
+    assert ticks == [(1, 3), (2, 3), (3, 3)]
     odd = greedy_coreset(x, 9, seed=1, proj_dim=8, block_rows=70)  # 3 blocks of 67, 66, 67 rows: 3 picks each
     bounds = np.linspace(0, 200, 4).round().astype(int)
     assert [int(((odd >= lo) & (odd < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)] == [3] * 3
