@@ -168,19 +168,16 @@ def greedy_coreset(x: np.ndarray, n: int, seed: int, proj_dim: int = 128,
     blocks = -(-len(x) // block_rows)
     bounds = np.linspace(0, len(x), blocks + 1).round().astype(int)
     quotas = block_quotas(n, list(np.diff(bounds))) if blocks > 1 else [n]
+    proj = proj.to(device)
     chosen: list[int] = []
     for lo, hi, q in zip(bounds[:-1], bounds[1:], quotas, strict=True):
         if q == 0:
             continue
-        z = torch.from_numpy(np.ascontiguousarray(x[lo:hi], dtype=np.float32)).to(device) @ proj.to(device)
-        done, told = len(chosen), [0]
-
-        def tick(k: int, _total: int, done: int = done, told: list[int] = told) -> None:
-            told[0] = done + k
-            progress(done + k, n)
-
-        chosen += [lo + i for i in greedy_k_center(z, q, int(rng.integers(hi - lo)), tick if progress else None)]
-        if progress is not None and told[0] != len(chosen):  # a block of one pick reports none itself
+        z = torch.from_numpy(np.ascontiguousarray(x[lo:hi], dtype=np.float32)).to(device) @ proj
+        done = len(chosen)
+        tick = None if progress is None else (lambda k, _total, done=done: progress(done + k, n))
+        chosen += [lo + i for i in greedy_k_center(z, q, int(rng.integers(hi - lo)), tick)]
+        if progress is not None and q == 1:  # greedy_k_center reports from its second pick on
             progress(len(chosen), n)
     return np.array(sorted(chosen))
 
