@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import types
 
@@ -100,6 +101,46 @@ def test_extract_encodes_the_probe_and_training_only_reads_it(extracted):
                "--set", "epochs_finetune=1")
     assert "probe: encoding" not in out.stdout + out.stderr
     assert {p: p.stat().st_mtime_ns for p in (extracted / "cache").rglob("*")} == before
+    summary = json.loads((extracted / "runs" / "probe-read" / "train.json").read_text())
+    assert summary["probe_images"] == {"washer": [1, 32], "weave": [1, 32]}  # one held-out image, 32 versions
     other = clad("train", str(extracted), "--run", "probe-other", *TINY_TRAIN, "--set", "epochs_contrastive=0",
                  "--set", "epochs_finetune=1", "--set", "seed=5")
     assert "probe: encoding" in other.stdout + other.stderr
+
+
+def test_versions_per_image_give_every_class_enough_probe_anomalies():
+    """Hand-built counts: 4 versions (2 CutPaste + 2 Scar) where a class's held-out images make 32
+    anomalies with them; more, and an even number, where they do not; none without images."""
+    from stages.train.probe import versions_per_image
+
+    assert [versions_per_image(h) for h in (0, 1, 3, 5, 7, 8, 11, 40)] == [0, 32, 12, 8, 6, 4, 4, 4]
+    assert versions_per_image(10, variants=4) == 8  # the benchmark's 4 of each kind
+    assert versions_per_image(1, min_anomalies=0) == 4  # the probe before the minimum
+    for h in range(1, 40):
+        v = versions_per_image(h)
+        assert v % 2 == 0 and h * v >= 32 and (v == 4 or h * (v - 2) < 32)
+
+
+def test_a_class_with_one_held_out_image_gets_more_versions_and_keeps_its_first_four(extracted):
+    """The tiny workspace holds one held-out image per class: its probe holds that image and
+    32 CutPaste/Scar versions (each with a defect mask), and the first four are exactly the
+    versions the probe had before the minimum (min_anomalies=0)."""
+    from cache.store import FeatureStore
+    from cache.stream import TrainCache
+    from pipeline.config import load_config
+    from stages.train.labels import holdout_images
+    from stages.train.probe import build_probe
+
+    cfg = load_config(extracted / "config.toml")
+    cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
+    held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
+    assert np.bincount(cache.image_class[held]).tolist() == [1, 1]
+    new = build_probe(cfg, cache, held, torch.device("cpu"))
+    old = build_probe(cfg, cache, held, torch.device("cpu"), min_anomalies=0)
+    for name in cache.class_names:
+        assert len(new.features[name]) == 33 and len(old.features[name]) == 5
+        assert new.masks[name][0].max() == 0 and all(m.max() == 1 for m in new.masks[name][1:])
+        np.testing.assert_array_equal(new.masks[name][:5], old.masks[name])
+        np.testing.assert_allclose(new.features[name][:5].astype(np.float32), old.features[name].astype(np.float32),
+                                   rtol=1e-2, atol=1e-3)  # encoded in a batch of 33, not 5
+        assert len({m.tobytes() for m in new.masks[name][1:]}) == 32  # 32 different defects

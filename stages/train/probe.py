@@ -5,7 +5,8 @@ that learned it: held-out LAS rows ranked CLAD runs backwards (docs/RESULTS.md).
 The probe makes anomalies of a kind no head trains on: CutPaste and
 CutPaste-Scar (a piece of the same image moved onto its foreground;
 ``stages.extract.synthesis.cut_paste``) on the run's held-out training images, which
-are themselves the probe's normal images. Its features belong to stage 1:
+are themselves the probe's normal images; a class with few held-out images gets
+more versions of each (``versions_per_image``). Its features belong to stage 1:
 ``clad extract`` encodes them for config.toml's held-out split
 (``extract_probe``) and keeps them beside the cache
 (``WORK/cache/probe/<key>.pt``), so training only reads them; a run with
@@ -34,7 +35,8 @@ from core.settings import Config, settings_hash
 from stages.maps import anomaly_maps, image_scores
 from stages.metrics import class_metrics
 
-VARIANTS = 2  # CutPaste and CutPaste-Scar versions per held-out image, each
+VARIANTS = 2  # CutPaste and CutPaste-Scar versions per held-out image, each, at least
+MIN_ANOMALIES = 32  # CutPaste/Scar images per class at least: a class with few held-out images gets more of each
 PROBE_VERSION = 1  # bump when the probe's images change
 ScoreMaps = Callable[[torch.Tensor], torch.Tensor]  # [n, H*W, C] -> [n, H*W]
 
@@ -49,16 +51,32 @@ class ProbeSet:
     examples: dict[str, np.ndarray] | None = None  # per class [3, S, S, 3]: normal, CutPaste, Scar (pictures)
 
 
+def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES) -> int:
+    """CutPaste/Scar versions of each of a class's ``held`` held-out images: ``2 x variants``, or
+    more where the class would otherwise hold fewer than ``min_anomalies`` (an even number: as many
+    CutPaste as Scar versions).
+
+    Why: one held-out image with 4 versions (the built-in classes of 30 images, 5 % held out)
+    makes a probe whose choices are a coin toss. On the seven-class model, four independent
+    draws of those 4 versions split 2-2 between two score mixes for the small classes; with
+    16 or 32 versions each the draws agree more (docs/RESULTS.md, round 12)."""
+    if held <= 0:
+        return 0
+    need = -(-min_anomalies // held)  # ceil
+    return max(2 * variants, need + need % 2)
+
+
 def probe_key(cache_key: str, held_ids: list[str], seed: int) -> str:
     """The probe's file name: the cache (backbone, sizes), the held-out images
     and the seed of their synthetic versions."""
     return settings_hash({"cache": cache_key, "held": held_ids, "seed": seed, "variants": VARIANTS,
-                          "version": PROBE_VERSION})
+                          "min_anomalies": MIN_ANOMALIES, "version": PROBE_VERSION})
 
 
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
-                variants: int = VARIANTS) -> ProbeSet:
-    """Encode the held-out images and ``2 x variants`` CutPaste/Scar versions of each."""
+                variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES) -> ProbeSet:
+    """Encode the held-out images and ``versions_per_image`` CutPaste/Scar versions of each
+    (alternating, CutPaste first; the first ``2 x variants`` are the same whatever the class's count)."""
     from core.files import seeded
     from stages.extract.data import load_image
     from stages.extract.features import FeatureEncoder
@@ -69,12 +87,13 @@ def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.
     feats: dict[str, list[np.ndarray]] = {}
     masks: dict[str, list[np.ndarray]] = {}
     examples: dict[str, np.ndarray] = {}
+    per_class = np.bincount(cache.image_class[held], minlength=len(cache.class_names))
     for i in np.nonzero(held)[0]:
         name = cache.class_names[int(cache.image_class[i])]
         image = load_image(paths[i], cfg.features)
         fg = foreground_mask(image, name in cfg.data.texture_classes)
         images, ms = [image], [np.zeros(image.shape[:2], np.uint8)]
-        for v in range(2 * variants):
+        for v in range(versions_per_image(int(per_class[cache.image_class[i]]), variants, min_anomalies)):
             x, m = cut_paste(image, fg, seeded(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
             images.append(x)
             ms.append(m.astype(np.uint8))
@@ -101,8 +120,8 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
                             {k: v.numpy() for k, v in d["masks"].items()})
         except Exception:  # noqa: BLE001 - a damaged file is rebuilt
             log(f"probe: {path} unreadable; building it again")
-    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS} CutPaste/Scar versions of each "
-        f"into {path.parent}")
+    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS}-{versions_per_image(1)} CutPaste/Scar "
+        f"versions of each (at least {MIN_ANOMALIES} a class) into {path.parent}")
     try:
         probe = build_probe(cfg, cache, held, device)
     except (OSError, CladError) as exc:  # the images moved since extraction: train on, unvalidated
