@@ -145,3 +145,25 @@ def test_a_class_with_one_held_out_image_gets_more_versions_and_keeps_its_first_
         np.testing.assert_allclose(new.features[name][:5].astype(np.float32), old.features[name].astype(np.float32),
                                    rtol=1e-2, atol=1e-3)  # encoded in a batch of 33, not 5
         assert len({m.tobytes() for m in new.masks[name][1:]}) == 32  # 32 different defects
+
+
+def test_class_probe_metrics_equal_the_evaluations_on_random_maps():
+    """The probe computes only image AUROC, pixel AUROC and AUPRO: each exactly as
+    ``stages.metrics.class_metrics`` gives it for the same maps (20 images, defects on 12)."""
+    from stages.maps import anomaly_maps, image_scores
+    from stages.metrics import class_metrics
+    from stages.train.probe import class_probe_metrics
+
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.random((20, 64)).astype(np.float32))
+    masks = np.zeros((20, 64, 64), np.uint8)
+    for i in range(8, 20):
+        y, x = rng.integers(0, 48, 2)
+        masks[i, y:y + 12, x:x + 10] = 1
+        scores[i].view(8, 8)[y // 8:(y + 12) // 8 + 1, x // 8:(x + 10) // 8 + 1] += 0.4
+    got = class_probe_metrics(scores, masks, 64, 2.0, 0.3)
+    maps = anomaly_maps(scores, 64, 2.0)
+    want = class_metrics((masks.reshape(20, -1).max(1) > 0).astype(int), image_scores(maps), maps, masks, 0.3)
+    assert {k: got[k] for k in ("image_auroc", "pixel_auroc", "aupro")} == \
+        {k: want[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+    assert got["pixel"] == (want["pixel_auroc"] + want["aupro"]) / 2 and 0.5 < got["aupro"] < 1
