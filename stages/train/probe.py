@@ -36,8 +36,7 @@ from stages.maps import anomaly_maps, image_scores
 from stages.metrics import aupro, auroc
 
 VARIANTS = 2  # CutPaste and CutPaste-Scar versions per held-out image, each, at least
-MIN_ANOMALIES = 160  # CutPaste/Scar images behind each class's choices: 5 held-out images (score_mix_min_images) x 32
-MAX_VERSIONS = 32  # per held-out image at most: fewer images pool their choice with other classes
+MIN_ANOMALIES = 32  # CutPaste/Scar images per class at least: a class with few held-out images gets more of each
 PROBE_VERSION = 1  # bump when the probe's images change
 ScoreMaps = Callable[[torch.Tensor], torch.Tensor]  # [n, H*W, C] -> [n, H*W]
 
@@ -52,31 +51,26 @@ class ProbeSet:
     examples: dict[str, np.ndarray] | None = None  # per class [3, S, S, 3]: normal, CutPaste, Scar (pictures)
 
 
-def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES,
-                       max_versions: int = MAX_VERSIONS) -> int:
+def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES) -> int:
     """CutPaste/Scar versions of each of a class's ``held`` held-out images: ``2 x variants``, or
-    more where the class would otherwise hold fewer than ``min_anomalies``, up to ``max_versions``
-    (an even number: as many CutPaste as Scar versions).
+    more where the class would otherwise hold fewer than ``min_anomalies`` (an even number: as many
+    CutPaste as Scar versions).
 
-    Why: a choice on the probe (the score mix's candidate; the epoch) should not change with which
-    versions the probe happened to draw. With 4 versions per image it does: on the seven-class
-    network four draws split 2-2 between two score mixes for the five small classes (one held-out
-    image each, pooled), and on bottle alone (10 held-out images) four draws chose three different
-    candidates. With 32 versions of each small class's image, 3 of 4 draws agree; with 16 versions
-    of each of bottle's 10 images, every draw does (docs/RESULTS.md, round 12,
-    ``benchmarks/probe_draws.py``). 160 = 5 x 32 puts as many anomalies behind a class that
-    chooses alone (at least ``score_mix_min_images`` = 5 held-out images) as behind a pooled choice."""
+    Why: one held-out image with 4 versions (the built-in classes of 30 images, 5 % held out)
+    makes a probe whose choices are a coin toss. On the seven-class model, four independent
+    draws of those 4 versions split 2-2 between two score mixes for the small classes; with
+    16 or 32 versions each the draws agree more (docs/RESULTS.md, round 12)."""
     if held <= 0:
         return 0
     need = -(-min_anomalies // held)  # ceil
-    return max(2 * variants, min(max_versions, need + need % 2))
+    return max(2 * variants, need + need % 2)
 
 
 def probe_key(cache_key: str, held_ids: list[str], seed: int) -> str:
     """The probe's file name: the cache (backbone, sizes), the held-out images
     and the seed of their synthetic versions."""
     return settings_hash({"cache": cache_key, "held": held_ids, "seed": seed, "variants": VARIANTS,
-                          "min_anomalies": MIN_ANOMALIES, "max_versions": MAX_VERSIONS, "version": PROBE_VERSION})
+                          "min_anomalies": MIN_ANOMALIES, "version": PROBE_VERSION})
 
 
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
@@ -126,8 +120,8 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
                             {k: v.numpy() for k, v in d["masks"].items()})
         except Exception:  # noqa: BLE001 - a damaged file is rebuilt
             log(f"probe: {path} unreadable; building it again")
-    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS}-{MAX_VERSIONS} CutPaste/Scar versions of "
-        f"each (at least {MIN_ANOMALIES} a class where {MAX_VERSIONS} a held-out image reach that) into {path.parent}")
+    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS}-{versions_per_image(1)} CutPaste/Scar "
+        f"versions of each (at least {MIN_ANOMALIES} a class) into {path.parent}")
     try:
         probe = build_probe(cfg, cache, held, device)
     except (OSError, CladError) as exc:  # the images moved since extraction: train on, unvalidated
