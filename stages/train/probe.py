@@ -56,8 +56,8 @@ def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int =
     more where the class would otherwise hold fewer than ``min_anomalies`` (an even number: as many
     CutPaste as Scar versions).
 
-    Why: one held-out image with 4 versions (the built-in classes of 30 images, 5 % held out)
-    makes a probe whose choices are a coin toss. On the seven-class model, four independent
+    Why: one held-out image with 4 versions (each built-in class: 5 % of its 20-30 training
+    images) makes a probe whose choices are a coin toss. On the seven-class model, four independent
     draws of those 4 versions split 2-2 between two score mixes for the small classes; with
     16 or 32 versions each the draws agree more (docs/RESULTS.md, round 12)."""
     if held <= 0:
