@@ -166,3 +166,17 @@ def test_class_probe_metrics_equal_the_evaluations_on_random_maps():
     assert {k: got[k] for k in ("image_auroc", "pixel_auroc", "aupro")} == \
         {k: want[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
     assert got["pixel"] == (want["pixel_auroc"] + want["aupro"]) / 2 and 0.5 < got["aupro"] < 1
+
+
+def test_the_epochs_are_selected_on_the_first_four_versions_of_each_image():
+    """A hand-built probe of two held-out images with 6 versions each (class a) and one with 2
+    (class b): ``first_versions`` keeps each image and its first four versions (b: its two), in
+    order, so the per-epoch probe is the one every run had before small classes got more."""
+    masks = {"a": np.zeros((14, 4, 4), np.uint8), "b": np.zeros((3, 4, 4), np.uint8)}
+    masks["a"][[1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13], 0, 0] = 1
+    masks["b"][[1, 2], 0, 0] = 1
+    feats = {k: np.arange(len(m), dtype=np.float16)[:, None, None] for k, m in masks.items()}
+    sub = ProbeSet(feats, masks).first_versions()
+    assert sub.features["a"][:, 0, 0].tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
+    assert sub.features["b"][:, 0, 0].tolist() == [0, 1, 2]
+    np.testing.assert_array_equal(sub.masks["a"], masks["a"][[0, 1, 2, 3, 4, 7, 8, 9, 10, 11]])

@@ -50,6 +50,18 @@ class ProbeSet:
     masks: dict[str, np.ndarray]
     examples: dict[str, np.ndarray] | None = None  # per class [3, S, S, 3]: normal, CutPaste, Scar (pictures)
 
+    def first_versions(self, versions: int = 2 * VARIANTS) -> ProbeSet:
+        """Each held-out image with only its first ``versions`` CutPaste/Scar versions: the probe the
+        epochs are selected on (scored every epoch, so kept at its old size; the first versions are
+        the same whatever a class's count, ``build_probe``). The score mix, chosen once, reads all."""
+        keep: dict[str, np.ndarray] = {}
+        for name, m in self.masks.items():
+            starts = np.flatnonzero(m.reshape(len(m), -1).max(1) == 0)  # each held-out image starts its block
+            ends = np.minimum(np.append(starts[1:], len(m)), starts + versions + 1)
+            keep[name] = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+        return ProbeSet({k: self.features[k][i] for k, i in keep.items()},
+                        {k: self.masks[k][i] for k, i in keep.items()})
+
 
 def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES) -> int:
     """CutPaste/Scar versions of each of a class's ``held`` held-out images: ``2 x variants``, or

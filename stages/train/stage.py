@@ -37,9 +37,13 @@ def train_context(cfg: Config, cache: TrainCache, files: RunFiles, device: torch
     def probe_set() -> ProbeSet | None:  # encoded on first use, then kept (and on disk for the next run)
         return load_or_build_probe(cfg, cache, held, cache_key, device, log)
 
+    @functools.cache
+    def epoch_probe() -> ProbeSet | None:  # the first versions of each image: scored every epoch
+        return None if probe_set() is None else probe_set().first_versions()
+
     def probe(score_maps: ScoreMaps) -> dict[str, float]:
         size = cfg.features.output_size
-        return probe_metrics(probe_set(), score_maps, size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
+        return probe_metrics(epoch_probe(), score_maps, size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
 
     def probe_class(scores: torch.Tensor, masks: Any) -> dict[str, float]:
         return class_probe_metrics(scores, masks, cfg.features.output_size, cfg.evaluate.sigma, cfg.evaluate.aupro_fpr)
