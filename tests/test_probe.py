@@ -102,7 +102,7 @@ def test_extract_encodes_the_probe_and_training_only_reads_it(extracted):
     assert "probe: encoding" not in out.stdout + out.stderr
     assert {p: p.stat().st_mtime_ns for p in (extracted / "cache").rglob("*")} == before
     summary = json.loads((extracted / "runs" / "probe-read" / "train.json").read_text())
-    assert summary["probe_images"] == {"washer": [1, 32], "weave": [1, 32]}  # one held-out image, 32 versions
+    assert summary["probe_images"] == {"washer": [1, 4], "weave": [1, 4]}  # one held-out image, 4 versions
     other = clad("train", str(extracted), "--run", "probe-other", *TINY_TRAIN, "--set", "epochs_contrastive=0",
                  "--set", "epochs_finetune=1", "--set", "seed=5")
     assert "probe: encoding" in other.stdout + other.stderr
@@ -113,18 +113,20 @@ def test_versions_per_image_give_every_class_enough_probe_anomalies():
     anomalies with them; more, and an even number, where they do not; none without images."""
     from stages.train.probe import versions_per_image
 
-    assert [versions_per_image(h) for h in (0, 1, 3, 5, 7, 8, 11, 40)] == [0, 32, 12, 8, 6, 4, 4, 4]
-    assert versions_per_image(10, variants=4) == 8  # the benchmark's 4 of each kind
-    assert versions_per_image(1, min_anomalies=0) == 4  # the probe before the minimum
+    counts = (0, 1, 3, 5, 7, 8, 11, 40)
+    assert [versions_per_image(h, min_anomalies=32) for h in counts] == [0, 32, 12, 8, 6, 4, 4, 4]
+    assert [versions_per_image(h) for h in counts] == [0, 4, 4, 4, 4, 4, 4, 4]  # the default minimum: 4
+    assert versions_per_image(10, variants=4, min_anomalies=32) == 8  # the benchmark's 4 of each kind
+    assert versions_per_image(1, min_anomalies=0) == 4
     for h in range(1, 40):
-        v = versions_per_image(h)
+        v = versions_per_image(h, min_anomalies=32)
         assert v % 2 == 0 and h * v >= 32 and (v == 4 or h * (v - 2) < 32)
 
 
 def test_a_class_with_one_held_out_image_gets_more_versions_and_keeps_its_first_four(extracted):
-    """The tiny workspace holds one held-out image per class: its probe holds that image and
-    32 CutPaste/Scar versions (each with a defect mask), and the first four are exactly the
-    versions the probe had before the minimum (min_anomalies=0)."""
+    """The tiny workspace holds one held-out image per class: with a minimum of 32 anomalies its
+    probe holds that image and 32 CutPaste/Scar versions (each with a defect mask), and the first
+    four are exactly the versions of the default probe (4 a class)."""
     from cache.store import FeatureStore
     from cache.stream import TrainCache
     from pipeline.config import load_config
@@ -135,8 +137,8 @@ def test_a_class_with_one_held_out_image_gets_more_versions_and_keeps_its_first_
     cache = TrainCache(FeatureStore(extracted / "cache" / "train.zarr"))
     held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
     assert np.bincount(cache.image_class[held]).tolist() == [1, 1]
-    new = build_probe(cfg, cache, held, torch.device("cpu"))
-    old = build_probe(cfg, cache, held, torch.device("cpu"), min_anomalies=0)
+    new = build_probe(cfg, cache, held, torch.device("cpu"), min_anomalies=32)
+    old = build_probe(cfg, cache, held, torch.device("cpu"))
     for name in cache.class_names:
         assert len(new.features[name]) == 33 and len(old.features[name]) == 5
         assert new.masks[name][0].max() == 0 and all(m.max() == 1 for m in new.masks[name][1:])
