@@ -38,8 +38,8 @@ from stages.metrics import aupro, auroc
 VARIANTS = 2  # CutPaste and CutPaste-Scar versions per held-out image, each, at least
 # CutPaste/Scar images per class at least (a class with few held-out images would get more versions of each).
 # 32 made the small classes' score-mix choice steadier and the seven-class model better (docs/RESULTS.md,
-# round 12), but made the test suite about 2.5x slower; kept at 2 x VARIANTS (no class gets more) until the
-# probe is cheaper to encode and score.
+# round 12), but made the test suite 1.7-3x slower (about 20 minutes); kept at 2 x VARIANTS (no class gets
+# more) until the probe is cheaper to encode and score.
 MIN_ANOMALIES = 4
 PROBE_VERSION = 1  # bump when the probe's images change
 ScoreMaps = Callable[[torch.Tensor], torch.Tensor]  # [n, H*W, C] -> [n, H*W]
