@@ -182,3 +182,11 @@ def test_the_epochs_are_selected_on_the_first_four_versions_of_each_image():
     assert sub.features["a"][:, 0, 0].tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
     assert sub.features["b"][:, 0, 0].tolist() == [0, 1, 2]
     np.testing.assert_array_equal(sub.masks["a"], masks["a"][[0, 1, 2, 3, 4, 7, 8, 9, 10, 11]])
+
+
+def test_first_versions_of_a_probe_with_no_more_is_the_probe_itself():
+    """The default probe (4 versions an image) is selected on whole: no copy of its features."""
+    masks = {"a": np.zeros((5, 4, 4), np.uint8)}
+    masks["a"][1:, 0, 0] = 1
+    probe = ProbeSet({"a": np.zeros((5, 1, 1), np.float16)}, masks)
+    assert probe.first_versions() is probe and probe.image_counts() == {"a": [1, 4]}

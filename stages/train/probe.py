@@ -54,6 +54,14 @@ class ProbeSet:
     masks: dict[str, np.ndarray]
     examples: dict[str, np.ndarray] | None = None  # per class [3, S, S, 3]: normal, CutPaste, Scar (pictures)
 
+    def image_counts(self) -> dict[str, list[int]]:
+        """Per class [normal, anomalous] probe images (``probe_images`` in train.json)."""
+        out = {}
+        for name, m in self.masks.items():
+            anomalous = int((m.reshape(len(m), -1).max(1) > 0).sum())
+            out[name] = [len(m) - anomalous, anomalous]
+        return out
+
     def first_versions(self, versions: int = 2 * VARIANTS) -> ProbeSet:
         """Each held-out image with only its first ``versions`` CutPaste/Scar versions: the probe the
         epochs are selected on (scored every epoch, so kept at its old size; the first versions are
@@ -63,6 +71,8 @@ class ProbeSet:
             starts = np.flatnonzero(m.reshape(len(m), -1).max(1) == 0)  # each held-out image starts its block
             ends = np.minimum(np.append(starts[1:], len(m)), starts + versions + 1)
             keep[name] = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+        if all(len(i) == len(self.masks[k]) for k, i in keep.items()):
+            return self  # nothing beyond the first versions (the default probe): no copy of its features
         return ProbeSet({k: self.features[k][i] for k, i in keep.items()},
                         {k: self.masks[k][i] for k, i in keep.items()})
 

@@ -60,9 +60,8 @@ def train_head(cfg: Config, ctx: TrainContext) -> tuple[Head, dict[str, Any]]:
         return head, summary
     save_torch_atomic(head.checkpoint(), ctx.files.final)
     summary["probe"] = ctx.probe(head.score_maps)  # the final model on the held-out probe
-    if (probe := ctx.probe_set()) is not None:  # what the probe held: per class [normal, anomalous] images
-        summary["probe_images"] = {k: [int((m.reshape(len(m), -1).max(1) == 0).sum()),
-                                       int((m.reshape(len(m), -1).max(1) > 0).sum())] for k, m in probe.masks.items()}
+    if (probe := ctx.probe_set()) is not None:  # what the probe held
+        summary["probe_images"] = probe.image_counts()
     summary.setdefault("labels", cfg.data.labels if cls.uses_labels else "classes")
     summary.setdefault("image_labels", ctx.labels.tolist())
     return head, summary
