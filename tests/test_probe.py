@@ -104,8 +104,26 @@ def test_extract_encodes_the_probe_and_training_only_reads_it(extracted):
     summary = json.loads((extracted / "runs" / "probe-read" / "train.json").read_text())
     assert summary["probe_images"] == {"washer": [1, 4], "weave": [1, 4]}  # one held-out image, 4 versions
     other = clad("train", str(extracted), "--run", "probe-other", *TINY_TRAIN, "--set", "epochs_contrastive=0",
-                 "--set", "epochs_finetune=1", "--set", "seed=5")
-    assert "probe: encoding" in other.stdout + other.stderr
+                 "--set", "epochs_finetune=1", "--set", "seed=5", "--set", "score_mix_anomalies=8")
+    assert "probe: encoding 2 held-out images and 4-8 CutPaste/Scar versions" in other.stdout + other.stderr
+    summary = json.loads((extracted / "runs" / "probe-other" / "train.json").read_text())
+    assert summary["probe_images"] == {"washer": [1, 8], "weave": [1, 8]}  # the score mix asked for 8 a class
+
+
+def test_the_probe_holds_as_many_anomalies_as_the_workspaces_heads_read():
+    """``probe_size``: the paper's CLAD (and every other head) reads the default probe, 4 a
+    class; the fast and long profiles choose CLAD's score mix on 32; the setting moves it, and
+    a CLAD that does not choose by the probe asks for none beyond the default."""
+    from core.settings import Config
+    from pipeline.config import apply_sets, config_from_dict
+    from stages.train.probe import MIN_ANOMALIES, probe_size
+
+    fast = config_from_dict({"train": {"profile": "fast"}})
+    assert MIN_ANOMALIES == 4 and probe_size(Config()) == 4
+    assert probe_size(fast) == 32 and probe_size(config_from_dict({"train": {"profile": "long"}})) == 32
+    assert probe_size(apply_sets(fast, ["score_mix_anomalies=48"])) == 48
+    assert probe_size(apply_sets(fast, ["score_mix=blend"])) == 4
+    assert probe_size(apply_sets(Config(), ["score_mix=probe", "score_mix_anomalies=12"])) == 12
 
 
 def test_versions_per_image_give_every_class_enough_probe_anomalies():

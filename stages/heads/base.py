@@ -101,6 +101,13 @@ class Head(ABC):
         pr = ck.get("progress")
         return (int(pr[0]), int(pr[1])) if pr is not None else None
 
+    @classmethod
+    def probe_anomalies(cls, settings: Any) -> int:
+        """CutPaste/Scar probe images per class that training with ``settings`` reads, at least
+        (``stages.train.probe.probe_size``); 0 = the default probe (every held-out image's first
+        versions, which is what epochs are selected on)."""
+        return 0
+
     # -- state --------------------------------------------------------------------
     @abstractmethod
     def checkpoint(self) -> dict[str, Any]:

@@ -112,3 +112,9 @@ class CladSettings(Settings):
                                        help="with a score mix: the fraction of each chosen bank's rows kept by "
                                             "PatchCore's greedy coreset in its d space (1.0 = every row): the "
                                             "exact search over a large class's bank is most of its scoring time")
+    score_mix_anomalies: int = setting(4, low=4, added=4,
+                                       help="with score_mix = probe: CutPaste/Scar probe images per class, at "
+                                            "least, the mix is chosen on (a class with few held-out images gets "
+                                            "more versions of each; the epochs are selected on the first four "
+                                            "versions whatever this is): with one held-out image and four "
+                                            "versions the small classes' choice is a coin toss")

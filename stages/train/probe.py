@@ -36,11 +36,9 @@ from stages.maps import anomaly_maps, image_scores
 from stages.metrics import aupro, auroc
 
 VARIANTS = 2  # CutPaste and CutPaste-Scar versions per held-out image, each, at least
-# CutPaste/Scar images per class at least (a class with few held-out images would get more versions of each).
-# 32 made the small classes' score-mix choice steadier and the seven-class model better (docs/RESULTS.md,
-# round 12), but made the test suite 1.7-3x slower (about 20 minutes); kept at 2 x VARIANTS (no class gets
-# more) until the probe is cheaper to encode and score.
-MIN_ANOMALIES = 4
+# CutPaste/Scar images per class at least, whatever the heads read (probe_size): 2 x VARIANTS, so no class gets
+# more versions unless a head asks for them (CLAD's score_mix_anomalies; docs/RESULTS.md, rounds 12-13)
+MIN_ANOMALIES = 2 * VARIANTS
 PROBE_VERSION = 1  # bump when the probe's images change
 ScoreMaps = Callable[[torch.Tensor], torch.Tensor]  # [n, H*W, C] -> [n, H*W]
 
@@ -92,11 +90,21 @@ def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int =
     return max(2 * variants, need + need % 2)
 
 
-def probe_key(cache_key: str, held_ids: list[str], seed: int) -> str:
-    """The probe's file name: the cache (backbone, sizes), the held-out images
-    and the seed of their synthetic versions."""
+def probe_size(cfg: Config) -> int:
+    """Probe anomalies per class, at least: the most any head of the workspace reads with its
+    settings in ``cfg`` (``Head.probe_anomalies``), and ``MIN_ANOMALIES``. One probe serves every
+    head: the first versions of each image (all the others read) are the same whatever the size."""
+    from stages.heads import head_class
+
+    wants = [head_class(name).probe_anomalies(s) for name, s in cfg.train.all_heads().items()]
+    return max([MIN_ANOMALIES, *wants])
+
+
+def probe_key(cache_key: str, held_ids: list[str], seed: int, min_anomalies: int = MIN_ANOMALIES) -> str:
+    """The probe's file name: the cache (backbone, sizes), the held-out images, the seed of
+    their synthetic versions and how many a class holds."""
     return settings_hash({"cache": cache_key, "held": held_ids, "seed": seed, "variants": VARIANTS,
-                          "min_anomalies": MIN_ANOMALIES, "version": PROBE_VERSION})
+                          "min_anomalies": min_anomalies, "version": PROBE_VERSION})
 
 
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
@@ -137,7 +145,8 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
     if not held.any():
         return None
     ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
-    key = probe_key(cache_key, ids, cfg.train.seed)
+    size = probe_size(cfg)
+    key = probe_key(cache_key, ids, cfg.train.seed, size)
     path = Path(cache.store.path).parent / "probe" / f"{key}.pt"
     if path.is_file():
         try:
@@ -146,11 +155,11 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
                             {k: v.numpy() for k, v in d["masks"].items()})
         except Exception:  # noqa: BLE001 - a damaged file is rebuilt
             log(f"probe: {path} unreadable; building it again")
-    most = versions_per_image(1)
+    most = versions_per_image(1, min_anomalies=size)
     log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS}{f'-{most}' * (most > 2 * VARIANTS)} "
         f"CutPaste/Scar versions of each into {path.parent}")
     try:
-        probe = build_probe(cfg, cache, held, device)
+        probe = build_probe(cfg, cache, held, device, min_anomalies=size)
     except (OSError, CladError) as exc:  # the images moved since extraction: train on, unvalidated
         log(f"probe: {exc}; training without the probe (each phase keeps its last epoch)")
         return None
@@ -207,4 +216,4 @@ def extract_probe(cfg: Config, cache_dir: Path, device: torch.device, log: Calla
     if load_or_build_probe(cfg, cache, held, store.info().key, device, log) is None:
         return None
     ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
-    return cache_dir / "probe" / f"{probe_key(store.info().key, ids, cfg.train.seed)}.pt"
+    return cache_dir / "probe" / f"{probe_key(store.info().key, ids, cfg.train.seed, probe_size(cfg))}.pt"
