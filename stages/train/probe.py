@@ -91,13 +91,15 @@ def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int =
 
 
 def probe_size(cfg: Config) -> int:
-    """Probe anomalies per class, at least: the most any head of the workspace reads with its
-    settings in ``cfg`` (``Head.probe_anomalies``), and ``MIN_ANOMALIES``. One probe serves every
-    head: the first versions of each image (all the others read) are the same whatever the size."""
+    """Probe anomalies per class, at least: what the configured head (``cfg.train.head``) reads
+    with its settings (``Head.probe_anomalies``), and ``MIN_ANOMALIES``. The first versions of
+    each image, which every other head and every epoch selection read, are the same whatever the
+    size; a head that reads more builds its own probe on first use where the configured one does
+    not (the key holds the size), so a workspace that trains only the default head never encodes
+    CLAD's larger probe."""
     from stages.heads import head_class
 
-    wants = [head_class(name).probe_anomalies(s) for name, s in cfg.train.all_heads().items()]
-    return max([MIN_ANOMALIES, *wants])
+    return max(MIN_ANOMALIES, head_class(cfg.train.head).probe_anomalies(cfg.train.head_settings()))
 
 
 def probe_key(cache_key: str, held_ids: list[str], seed: int, min_anomalies: int = MIN_ANOMALIES) -> str:
