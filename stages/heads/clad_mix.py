@@ -46,6 +46,7 @@ from stages.heads.clad_choice import (
 )
 from stages.heads.clad_model import Adaptor, CladModel
 from stages.search import MemoryBank
+from stages.train.probe import defective
 
 
 @dataclass
@@ -170,7 +171,7 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
         if name not in probe.features:
             continue
         masks = probe.masks[name]
-        normal = torch.from_numpy(masks.reshape(len(masks), -1).max(1) == 0)
+        normal = torch.from_numpy(~defective(masks))
         x = torch.from_numpy(probe.features[name].astype(np.float32))
         z0, s, _ = model_parts(model, x.to(ctx.device))  # z0: after the adaptor (no space is set here)
         s = s.cpu()

@@ -43,6 +43,11 @@ PROBE_VERSION = 1  # bump when the probe's images change
 ScoreMaps = Callable[[torch.Tensor], torch.Tensor]  # [n, H*W, C] -> [n, H*W]
 
 
+def defective(masks: np.ndarray) -> np.ndarray:
+    """``[n, S, S]`` masks -> ``[n]`` bool: the images with a defect pixel (the probe's anomalies)."""
+    return masks.reshape(len(masks), -1).max(1) > 0
+
+
 @dataclass
 class ProbeSet:
     """Per class: ``features`` ``[n, H*W, C]`` float16 (held-out normal images
@@ -56,7 +61,7 @@ class ProbeSet:
         """Per class [normal, anomalous] probe images (``probe_images`` in train.json)."""
         out = {}
         for name, m in self.masks.items():
-            anomalous = int((m.reshape(len(m), -1).max(1) > 0).sum())
+            anomalous = int(defective(m).sum())
             out[name] = [len(m) - anomalous, anomalous]
         return out
 
@@ -66,7 +71,7 @@ class ProbeSet:
         the same whatever a class's count, ``build_probe``). The score mix, chosen once, reads all."""
         keep: dict[str, np.ndarray] = {}
         for name, m in self.masks.items():
-            starts = np.flatnonzero(m.reshape(len(m), -1).max(1) == 0)  # each held-out image starts its block
+            starts = np.flatnonzero(~defective(m))  # each held-out image starts its block
             ends = np.minimum(np.append(starts[1:], len(m)), starts + versions + 1)
             keep[name] = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
         if all(len(i) == len(self.masks[k]) for k, i in keep.items()):
@@ -109,6 +114,13 @@ def probe_key(cache_key: str, held_ids: list[str], seed: int, min_anomalies: int
                           "min_anomalies": min_anomalies, "version": PROBE_VERSION})
 
 
+def probe_path(cfg: Config, cache: TrainCache, held: np.ndarray, cache_key: str) -> Path:
+    """``WORK/cache/probe/<probe_key>.pt`` of this held-out split, at the configured head's size."""
+    ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
+    key = probe_key(cache_key, ids, cfg.train.seed, probe_size(cfg))
+    return Path(cache.store.path).parent / "probe" / f"{key}.pt"
+
+
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
                 variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES) -> ProbeSet:
     """Encode the held-out images and ``versions_per_image`` CutPaste/Scar versions of each
@@ -148,8 +160,7 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
         return None
     ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
     size = probe_size(cfg)
-    key = probe_key(cache_key, ids, cfg.train.seed, size)
-    path = Path(cache.store.path).parent / "probe" / f"{key}.pt"
+    path = probe_path(cfg, cache, held, cache_key)
     if path.is_file():
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
@@ -181,7 +192,7 @@ def class_probe_metrics(scores: torch.Tensor, masks: np.ndarray, size: int, sigm
     epoch and for every score-mix candidate, and the evaluation's other metrics (pixel AP, the
     ADer AUPRO, F1) would sort every pixel again for numbers nothing reads."""
     maps = anomaly_maps(scores, size, sigma)
-    labels = (masks.reshape(len(masks), -1).max(1) > 0).astype(int)
+    labels = defective(masks).astype(int)
     m = {"image_auroc": auroc(labels, image_scores(maps)), "pixel_auroc": auroc(masks, maps),
          "aupro": aupro(maps, masks, fpr_limit)}
     return {**m, "pixel": (m["pixel_auroc"] + m["aupro"]) / 2}
@@ -217,5 +228,4 @@ def extract_probe(cfg: Config, cache_dir: Path, device: torch.device, log: Calla
     held = holdout_images(cache, cfg.train.holdout, cfg.train.seed)
     if load_or_build_probe(cfg, cache, held, store.info().key, device, log) is None:
         return None
-    ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
-    return cache_dir / "probe" / f"{probe_key(store.info().key, ids, cfg.train.seed, probe_size(cfg))}.pt"
+    return probe_path(cfg, cache, held, store.info().key)
