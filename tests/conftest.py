@@ -134,11 +134,11 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def extracted(tmp_path_factory, tiny_data) -> Path:
     """A workspace on tiny_data, extracted once in-process (shards of 3 images). Its CLAD score
-    mix is chosen on 4 probe anomalies a class (one held-out image: the fast profile's 32 would
+    mix is chosen on 4 probe anomalies a class and 4 versions an image (one held-out image: the fast profile's 32 would
     make every tiny run encode and score 33 probe images a class, the suite ~1.7x slower)."""
     work = tmp_path_factory.mktemp("ws") / "work"
     clad("init", str(work), "--data", str(tiny_data))
-    set_config(work, features={"shard_images": 3}, train={"clad": {"score_mix_anomalies": 4}})
+    set_config(work, features={"shard_images": 3}, train={"clad": {"score_mix_anomalies": 4, "score_mix_versions": 4}})
     clad("extract", str(work))
     return work
 

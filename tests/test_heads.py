@@ -98,7 +98,7 @@ _OLD_CLAD = ("epochs_contrastive", "epochs_finetune", "batch_contrastive", "batc
 _CLAD_BEFORE = {"mix_classes": False, "gas_bn": "train", "gas_radius": "global", "fusion_beta": "stored",
                 "bn_refresh": False, "gas_shell": "fixed", "score_mix": "discriminator",
                 "score_mix_pool": "mean", "score_mix_space": "final", "score_mix_coreset": 1.0,
-                "score_mix_anomalies": 4}
+                "score_mix_anomalies": 4, "score_mix_versions": 4}
 
 
 def _make_old(run_dir):

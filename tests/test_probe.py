@@ -106,26 +106,28 @@ def test_extract_encodes_the_probe_and_training_only_reads_it(extracted):
     assert summary["probe_images"] == {"washer": [1, 4], "weave": [1, 4]}  # one held-out image, 4 versions
     other = clad("train", str(extracted), "--run", "probe-other", *TINY_TRAIN, "--set", "epochs_contrastive=0",
                  "--set", "epochs_finetune=1", "--set", "seed=5", "--set", "score_mix_anomalies=8")
-    assert "probe: encoding 2 held-out images and 4-8 CutPaste/Scar versions" in other.stdout + other.stderr
+    assert "probe: encoding 2 held-out images and 8 CutPaste/Scar versions" in other.stdout + other.stderr
     summary = json.loads((extracted / "runs" / "probe-other" / "train.json").read_text())
     assert summary["probe_images"] == {"washer": [1, 8], "weave": [1, 8]}  # the score mix asked for 8 a class
 
 
 def test_the_probe_holds_as_many_anomalies_as_the_configured_head_reads():
-    """``probe_size``: the paper's CLAD and every other head read the default probe, 4 a class;
-    the fast and long profiles choose CLAD's score mix on 32; the setting moves it, and a CLAD
-    that does not choose by the probe asks for none beyond the default."""
+    """``probe_size``: the paper's CLAD and every other head read the default probe, 4 a class
+    and 4 versions an image; the fast and long profiles choose CLAD's score mix on 32 a class and
+    16 versions an image; the settings move them, and a CLAD that does not choose by the probe asks
+    for none beyond the default."""
     from core.settings import Config
     from pipeline.config import apply_sets, config_from_dict
     from stages.train.probe import MIN_ANOMALIES, probe_size
 
     fast = config_from_dict({"train": {"profile": "fast", "head": "clad"}})
-    assert MIN_ANOMALIES == 4 and probe_size(Config()) == 4
-    assert probe_size(config_from_dict({"train": {"profile": "fast"}})) == 4  # the default head: routed_knn
-    assert probe_size(fast) == 32 and probe_size(config_from_dict({"train": {"profile": "long", "head": "clad"}})) == 32
-    assert probe_size(apply_sets(fast, ["score_mix_anomalies=48"])) == 48
-    assert probe_size(apply_sets(fast, ["score_mix=blend"])) == 4
-    assert probe_size(config_from_dict({"train": {"profile": "fast", "head": "knn"}})) == 4
+    assert MIN_ANOMALIES == 4 and probe_size(Config()) == (4, 4)
+    assert probe_size(config_from_dict({"train": {"profile": "fast"}})) == (4, 4)  # the default head: routed_knn
+    assert probe_size(fast) == (32, 16)
+    assert probe_size(config_from_dict({"train": {"profile": "long", "head": "clad"}})) == (32, 16)
+    assert probe_size(apply_sets(fast, ["score_mix_anomalies=48", "score_mix_versions=6"])) == (48, 6)
+    assert probe_size(apply_sets(fast, ["score_mix=blend"])) == (4, 4)
+    assert probe_size(config_from_dict({"train": {"profile": "fast", "head": "knn"}})) == (4, 4)
 
 
 def test_a_class_with_one_held_out_image_gets_more_versions_and_keeps_its_first_four(extracted):
@@ -195,3 +197,20 @@ def test_first_versions_of_a_probe_with_no_more_is_the_probe_itself():
     masks["a"][1:, 0, 0] = 1
     probe = ProbeSet({"a": np.zeros((5, 1, 1), np.float16)}, masks)
     assert probe.first_versions() is probe and probe.image_counts() == {"a": [1, 4]}
+
+
+def test_versions_per_image_on_hand_built_counts():
+    """Versions of each held-out image: 4 by default, more where the class would hold fewer than
+    ``min_anomalies`` or an image fewer than ``min_versions``, always even (as many CutPaste as
+    Scar); the default probe's file name does not move with the versions setting."""
+    from stages.train.probe import ProbeSize, probe_key, versions_per_image
+
+    assert versions_per_image(0, min_anomalies=32, min_versions=16) == 0
+    assert versions_per_image(10) == 4 and versions_per_image(10, min_anomalies=32) == 4
+    assert versions_per_image(1, min_anomalies=32) == 32 and versions_per_image(5, min_anomalies=32) == 8
+    assert versions_per_image(10, min_anomalies=32, min_versions=16) == 16
+    assert versions_per_image(1, min_anomalies=32, min_versions=16) == 32
+    assert versions_per_image(10, min_versions=5) == 6 and versions_per_image(10, min_versions=3) == 4
+    args = ("cache", ["a", "b"], 0)
+    assert probe_key(*args) == probe_key(*args, ProbeSize(4, 4)) == probe_key(*args, ProbeSize(4, 0))
+    assert probe_key(*args, ProbeSize(4, 16)) != probe_key(*args) != probe_key(*args, ProbeSize(32, 4))

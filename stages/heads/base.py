@@ -27,6 +27,7 @@ from core.layout import RunFiles
 from core.schema import from_record, record
 from cache.stream import TrainCache
 from stages.train.context import TrainContext
+from stages.train.probe import ProbeSize
 
 
 @dataclass
@@ -102,11 +103,11 @@ class Head(ABC):
         return (int(pr[0]), int(pr[1])) if pr is not None else None
 
     @classmethod
-    def probe_anomalies(cls, settings: Any) -> int:
-        """CutPaste/Scar probe images per class that training with ``settings`` reads, at least
-        (``stages.train.probe.probe_size``); 0 = the default probe (every held-out image's first
-        versions, which is what epochs are selected on)."""
-        return 0
+    def probe_size(cls, settings: Any) -> ProbeSize:
+        """CutPaste/Scar probe images per class, and versions of each held-out image, that
+        training with ``settings`` reads, at least (``stages.train.probe.probe_size``); 0 = the
+        default probe (every held-out image's first versions, which is what epochs are selected on)."""
+        return ProbeSize(0, 0)
 
     # -- state --------------------------------------------------------------------
     @abstractmethod

@@ -32,6 +32,7 @@ from stages.heads.registry import register_head
 from stages.heads.rows import score_maps_in_chunks
 from stages.train.epochs import EpochLoop
 from stages.train.labels import normal_maps
+from stages.train.probe import ProbeSize
 
 
 @register_head
@@ -57,15 +58,16 @@ class CladHead(Head):
         # (stages/heads/clad_mix.py); round 8: the small classes choose together by rank, one vote each;
         # round 9: d after the final or the contrastive phase's adaptor, also chosen per class on the probe;
         # round 10: each chosen bank cut to PatchCore's 10 % greedy coreset (scoring time); round 13: the
-        # mix chosen on at least 32 probe anomalies per class (four seeds of the small classes' probe agree more)
+        # mix chosen on at least 32 probe anomalies per class (four seeds of the small classes' probe agree more);
+        # round 14: and on at least 16 versions of each held-out image (bottle's four draws agreed)
         "fast": {"epochs_contrastive": 1, "epochs_finetune": 8, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
                  "score_mix_pool": "rank", "score_mix_space": "probe", "score_mix_coreset": 0.1,
-                 "score_mix_anomalies": 32},
+                 "score_mix_anomalies": 32, "score_mix_versions": 16},
         "long": {"epochs_contrastive": 1, "epochs_finetune": 16, "batch_contrastive": 2000, "batch_finetune": 4000,
                  "gas_steps": 0, "gas_shell": "adaptive", "score_mix": "probe",
                  "score_mix_pool": "rank", "score_mix_space": "probe", "score_mix_coreset": 0.1,
-                 "score_mix_anomalies": 32},
+                 "score_mix_anomalies": 32, "score_mix_versions": 16},
     }
 
     def __init__(self, model: CladModel, settings: CladSettings, meta: dict[str, Any], device: torch.device,
@@ -77,9 +79,11 @@ class CladHead(Head):
         self._cache: Callable[[], TrainCache] | None = None
 
     @classmethod
-    def probe_anomalies(cls, settings: CladSettings) -> int:
+    def probe_size(cls, settings: CladSettings) -> ProbeSize:
         """Only the score mix reads more than the first versions of each held-out image."""
-        return settings.score_mix_anomalies if settings.score_mix == "probe" else 0
+        if settings.score_mix != "probe":
+            return ProbeSize(0, 0)
+        return ProbeSize(settings.score_mix_anomalies, settings.score_mix_versions)
 
     @classmethod
     def fit(cls, settings: CladSettings, ctx: TrainContext) -> tuple[CladHead, dict[str, Any]]:

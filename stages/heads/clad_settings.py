@@ -118,3 +118,9 @@ class CladSettings(Settings):
                                             "more versions of each; the epochs are selected on the first four "
                                             "versions whatever this is): with one held-out image and four "
                                             "versions the small classes' choice is a coin toss")
+    score_mix_versions: int = setting(4, low=4, added=4,
+                                      help="with score_mix = probe: CutPaste/Scar versions of each held-out "
+                                           "image, at least, the mix is chosen on: with ten held-out images "
+                                           "and four versions of each, four draws of the versions chose three "
+                                           "different mixes for bottle, with sixteen one (docs/RESULTS.md, "
+                                           "round 12)")

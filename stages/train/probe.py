@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +42,17 @@ VARIANTS = 2  # CutPaste and CutPaste-Scar versions per held-out image, each, at
 MIN_ANOMALIES = 2 * VARIANTS
 PROBE_VERSION = 1  # bump when the probe's images change
 ScoreMaps = Callable[[torch.Tensor], torch.Tensor]  # [n, H*W, C] -> [n, H*W]
+
+
+class ProbeSize(NamedTuple):
+    """How large a probe a head reads: CutPaste/Scar images per class, and versions of each
+    held-out image, at least (``versions_per_image``)."""
+
+    anomalies: int = MIN_ANOMALIES
+    versions: int = 2 * VARIANTS
+
+
+DEFAULT_SIZE = ProbeSize()  # what every head but a probe-chosen CLAD score mix reads
 
 
 def defective(masks: np.ndarray) -> np.ndarray:
@@ -80,38 +92,47 @@ class ProbeSet:
                         {k: self.masks[k][i] for k, i in keep.items()})
 
 
-def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES) -> int:
+def versions_per_image(held: int, variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES,
+                       min_versions: int = 0) -> int:
     """CutPaste/Scar versions of each of a class's ``held`` held-out images: ``2 x variants``, or
-    more where the class would otherwise hold fewer than ``min_anomalies`` (an even number: as many
-    CutPaste as Scar versions).
+    more where the class would otherwise hold fewer than ``min_anomalies``, or fewer than
+    ``min_versions`` of each image (an even number: as many CutPaste as Scar versions).
 
     Why: one held-out image with 4 versions (each built-in class: 5 % of its 20-30 training
     images) makes a probe whose choices are a coin toss. On the seven-class model, four independent
     draws of those 4 versions split 2-2 between two score mixes for the small classes; with
-    16 or 32 versions each the draws agree more (docs/RESULTS.md, round 12)."""
+    16 or 32 versions each the draws agree more (docs/RESULTS.md, round 12). A class with ten
+    held-out images and 4 versions of each chose three different mixes in four draws; with 16
+    versions of each, one (round 12), hence ``min_versions`` (round 14)."""
     if held <= 0:
         return 0
-    need = -(-min_anomalies // held)  # ceil
+    need = max(-(-min_anomalies // held), min_versions)  # ceil
     return max(2 * variants, need + need % 2)
 
 
-def probe_size(cfg: Config) -> int:
-    """Probe anomalies per class, at least: what the configured head (``cfg.train.head``) reads
-    with its settings (``Head.probe_anomalies``), and ``MIN_ANOMALIES``. The first versions of
+def probe_size(cfg: Config) -> ProbeSize:
+    """Probe anomalies per class and versions per held-out image, at least: what the configured
+    head (``cfg.train.head``) reads with its settings (``Head.probe_size``), and the default
+    probe's (``MIN_ANOMALIES``, ``2 x VARIANTS``). The first versions of
     each image, which every other head and every epoch selection read, are the same whatever the
     size; a head that reads more builds its own probe on first use where the configured one does
     not (the key holds the size), so a workspace that trains only the default head never encodes
     CLAD's larger probe."""
     from stages.heads import head_class
 
-    return max(MIN_ANOMALIES, head_class(cfg.train.head).probe_anomalies(cfg.train.head_settings()))
+    wants = head_class(cfg.train.head).probe_size(cfg.train.head_settings())
+    return ProbeSize(max(MIN_ANOMALIES, wants.anomalies), max(2 * VARIANTS, wants.versions))
 
 
-def probe_key(cache_key: str, held_ids: list[str], seed: int, min_anomalies: int = MIN_ANOMALIES) -> str:
+def probe_key(cache_key: str, held_ids: list[str], seed: int, size: ProbeSize = DEFAULT_SIZE) -> str:
     """The probe's file name: the cache (backbone, sizes), the held-out images, the seed of
-    their synthetic versions and how many a class holds."""
-    return settings_hash({"cache": cache_key, "held": held_ids, "seed": seed, "variants": VARIANTS,
-                          "min_anomalies": min_anomalies, "version": PROBE_VERSION})
+    their synthetic versions and how many a class and an image hold (versions only where
+    above the default, so the probes made before that setting keep their names)."""
+    fields = {"cache": cache_key, "held": held_ids, "seed": seed, "variants": VARIANTS,
+              "min_anomalies": size.anomalies, "version": PROBE_VERSION}
+    if size.versions > 2 * VARIANTS:
+        fields["min_versions"] = size.versions
+    return settings_hash(fields)
 
 
 def probe_path(cfg: Config, cache: TrainCache, held: np.ndarray, cache_key: str) -> Path:
@@ -122,7 +143,7 @@ def probe_path(cfg: Config, cache: TrainCache, held: np.ndarray, cache_key: str)
 
 
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
-                variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES) -> ProbeSet:
+                variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES, min_versions: int = 0) -> ProbeSet:
     """Encode the held-out images and ``versions_per_image`` CutPaste/Scar versions of each
     (alternating, CutPaste first; the first ``2 x variants`` are the same whatever the class's count)."""
     from core.files import seeded
@@ -141,7 +162,8 @@ def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.
         image = load_image(paths[i], cfg.features)
         fg = foreground_mask(image, name in cfg.data.texture_classes)
         images, ms = [image], [np.zeros(image.shape[:2], np.uint8)]
-        for v in range(versions_per_image(int(per_class[cache.image_class[i]]), variants, min_anomalies)):
+        for v in range(versions_per_image(int(per_class[cache.image_class[i]]), variants, min_anomalies,
+                                              min_versions)):
             x, m = cut_paste(image, fg, seeded(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
             images.append(x)
             ms.append(m.astype(np.uint8))
@@ -168,11 +190,12 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
                             {k: v.numpy() for k, v in d["masks"].items()})
         except Exception:  # noqa: BLE001 - a damaged file is rebuilt
             log(f"probe: {path} unreadable; building it again")
-    most = versions_per_image(1, min_anomalies=size)
-    log(f"probe: encoding {len(ids)} held-out images and {2 * VARIANTS}{f'-{most}' * (most > 2 * VARIANTS)} "
+    counts = sorted({versions_per_image(int(n), min_anomalies=size.anomalies, min_versions=size.versions)
+                     for n in np.bincount(cache.image_class[held]) if n > 0})
+    log(f"probe: encoding {len(ids)} held-out images and {counts[0]}{f'-{counts[-1]}' * (len(counts) > 1)} "
         f"CutPaste/Scar versions of each into {path.parent}")
     try:
-        probe = build_probe(cfg, cache, held, device, min_anomalies=size)
+        probe = build_probe(cfg, cache, held, device, min_anomalies=size.anomalies, min_versions=size.versions)
     except (OSError, CladError) as exc:  # the images moved since extraction: train on, unvalidated
         log(f"probe: {exc}; training without the probe (each phase keeps its last epoch)")
         return None
