@@ -240,8 +240,8 @@ def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_the
     """In the deployed bank a training image's own rows are at distance 0; its calibration score
     takes d from a bank without its fold (exactly: recomputed here for one image), in the space
     the class measures d in. With a coreset the deployed bank is the class's rows at the kept
-    positions, a loaded run rebuilds exactly those, and the fold's bank is that coreset without
-    the fold's rows."""
+    positions (selected in blocks of 64 contiguous rows, each block keeping its share), a loaded
+    run rebuilds exactly those, and the fold's bank is that coreset without the fold's rows."""
     from cache.store import FeatureStore
     from cache.stream import TrainCache
     from core.layout import RunFiles
@@ -250,11 +250,13 @@ def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_the
     from stages.heads.clad_bank import embed
     from stages.heads.clad_mix import model_parts
     from stages.heads.knn import bank_rows
+    from stages.search import block_quotas
     from stages.train.labels import calibration_folds, normal_maps
     from stages.train.stage import train_context
 
     run = f"mix_distance_{space}_{coreset}"
-    sets = [a for s in [*TINY_CLAD, "score_mix=distance", f"score_mix_space={space}", f"score_mix_coreset={coreset}"]
+    sets = [a for s in [*TINY_CLAD, "score_mix=distance", f"score_mix_space={space}", f"score_mix_coreset={coreset}",
+                        "score_mix_coreset_block=64"]
             for a in ("--set", s)]
     res = clad("train", str(extracted), "--run", run, "--head", "clad", *sets)
     files = RunFiles(extracted / "runs" / run)
@@ -269,6 +271,10 @@ def test_calibration_scores_a_mixed_classs_training_images_by_a_bank_without_the
             kept = head.mix.kept[k]
             assert c["coreset"]["of"] == len(whole) and c["coreset"]["rows"] == len(kept) == round(0.5 * len(whole))
             assert len(np.unique(kept)) == len(kept) and kept.max() < len(whole)
+            blocks = -(-len(whole) // 64)
+            bounds = np.linspace(0, len(whole), blocks + 1).round().astype(int)
+            assert blocks > 1 and f"rows in {blocks} blocks" in res.stderr + res.stdout
+            assert np.histogram(kept, bounds)[0].tolist() == block_quotas(len(kept), list(np.diff(bounds)))
             assert f"{c['class']}: probe pixel with the coreset" in res.stderr + res.stdout
             want = embed(head.model, whole[kept], torch.device("cpu"), k)
             assert np.allclose(head.banks[k].rows, want, atol=1e-5)  # rebuilt from the cache after loading

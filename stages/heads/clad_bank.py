@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from stages.heads.clad_model import CladModel
-from stages.search import MemoryBank, greedy_coreset
+from stages.search import CORESET_BLOCK_ROWS, MemoryBank, greedy_coreset
 
 
 @torch.no_grad()
@@ -36,15 +36,17 @@ def embed(model: CladModel, rows: np.ndarray | torch.Tensor, device: torch.devic
 
 
 def reduce_bank(bank: MemoryBank, fraction: float, seed: int, device: torch.device,
-                log: Callable[[str], None]) -> tuple[MemoryBank, np.ndarray]:
+                log: Callable[[str], None], block_rows: int = CORESET_BLOCK_ROWS) -> tuple[MemoryBank, np.ndarray]:
     """The bank cut to ``fraction`` of its rows by PatchCore's greedy coreset (in the bank's
-    own space, seeded), and the kept rows' sorted positions ``[m]`` in it."""
+    own space, seeded; a selection per block of at most ``block_rows`` contiguous rows,
+    ``stages.search.greedy_coreset``), and the kept rows' sorted positions ``[m]`` in it."""
     n = max(1, int(round(fraction * len(bank.rows))))
     t0 = time.perf_counter()
-    kept = greedy_coreset(bank.rows, n, seed, device=device,
+    kept = greedy_coreset(bank.rows, n, seed, device=device, block_rows=block_rows,
                           progress=lambda k, total: log(f"train: score mix: coreset {k}/{total}"))
-    log(f"train: score mix: greedy coreset of {len(kept)} of {len(bank.rows)} rows "
-        f"({time.perf_counter() - t0:.0f} s)")
+    blocks = -(-len(bank.rows) // block_rows)
+    log(f"train: score mix: greedy coreset of {len(kept)} of {len(bank.rows)} rows"
+        f"{f' in {blocks} blocks' * (blocks > 1)} ({time.perf_counter() - t0:.0f} s)")
     return MemoryBank(bank.rows[kept]), np.asarray(kept, np.int64)
 
 

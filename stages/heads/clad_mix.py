@@ -45,7 +45,7 @@ from stages.heads.clad_choice import (
     reference,
 )
 from stages.heads.clad_model import Adaptor, CladModel
-from stages.search import MemoryBank
+from stages.search import CORESET_BLOCK_ROWS, MemoryBank
 from stages.train.probe import defective
 
 
@@ -137,7 +137,8 @@ def contrastive_space(model: CladModel, ctx: Any) -> Adaptor | None:
 
 
 def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = "mean",
-            space: str = "final", coreset: float = 1.0) -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
+            space: str = "final", coreset: float = 1.0,
+            coreset_block: int = CORESET_BLOCK_ROWS) -> tuple[ScoreMix | None, dict[int, MemoryBank]]:
     """Choose each class's weight on the probe (``mode`` probe) or give every class with a probe
     ``FORCED[mode]``; the mix (``mixed`` empty where every class keeps s) and the banks of the
     classes that use d; ``(None, {})`` without a probe or class labels.
@@ -150,7 +151,8 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
     phase's adaptor, ``contrastive_space``) for every class, or (``probe``) the two spaces are candidates
     too, chosen as the weights are; ``model.space_classes`` records the result. ``coreset`` < 1
     (``score_mix_coreset``): each chosen bank is then cut to that fraction of its rows
-    (``clad_bank.reduce_bank``), and its class's d measured anew against the cut bank for its
+    (``clad_bank.reduce_bank``; one selection per block of at most ``coreset_block`` rows,
+    ``score_mix_coreset_block``), and its class's d measured anew against the cut bank for its
     coefficients. ``ctx``: the run's ``TrainContext``.
     """
     cache, probe = ctx.cache, ctx.probe_set()
@@ -207,7 +209,7 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
         if w > 0:
             banks_out[k], refs = m["banks"][sp], m["refs"][sp]
             if coreset < 1:
-                banks_out[k], kept[k], refs, cut = _cut(banks_out[k], w, m["probe"], sp, coreset, ctx)
+                banks_out[k], kept[k], refs, cut = _cut(banks_out[k], w, m["probe"], sp, coreset, coreset_block, ctx)
                 choices[-1]["coreset"] = {"rows": len(kept[k]), "of": len(m["banks"][sp].rows),
                                           "probe_pixel": round(float(cut), 4)}
                 ctx.log(f"train: score mix: {name}: probe pixel with the coreset {cut:.4f} "
@@ -220,11 +222,11 @@ def fit_mix(model: CladModel, mode: str, min_images: int, ctx: Any, pool: str = 
 
 
 def _cut(bank: MemoryBank, w: float, probe: tuple[torch.Tensor, dict[int, torch.Tensor], np.ndarray, torch.Tensor],
-         sp: int, fraction: float, ctx: Any) -> tuple[MemoryBank, np.ndarray, tuple, float]:
+         sp: int, fraction: float, block_rows: int, ctx: Any) -> tuple[MemoryBank, np.ndarray, tuple, float]:
     """The chosen bank cut by the coreset, its kept positions, the class's references (s, d) with d
     against the cut bank, and the probe pixel metric of the candidate with it."""
     s, zs, masks, normal = probe
-    cut, kept = reduce_bank(bank, fraction, ctx.seed, ctx.device, ctx.log)
+    cut, kept = reduce_bank(bank, fraction, ctx.seed, ctx.device, ctx.log, block_rows)
     d = cut.score(zs[sp]).reshape(s.shape)
     refs = reference(s[normal]), reference(d[normal])
     return cut, kept, refs, ctx.probe_class(_combined(w, refs, s, d), masks)["pixel"]

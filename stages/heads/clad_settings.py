@@ -124,3 +124,9 @@ class CladSettings(Settings):
                                            "and four versions of each, four draws of the versions chose three "
                                            "different mixes for bottle, with sixteen one (docs/RESULTS.md, "
                                            "round 12)")
+    score_mix_coreset_block: int = setting(200_000, low=1, added=200_000,
+                                           help="with score_mix_coreset < 1: rows per greedy selection; a "
+                                                "larger bank is cut into blocks of contiguous rows, each reduced "
+                                                "on its own (stages/search.py, greedy_coreset): one selection "
+                                                "costs rows x picks, so smaller blocks are faster and cover a "
+                                                "little less (docs/RESULTS.md, rounds 11 and 14)")
