@@ -24,7 +24,7 @@ $(STAMP):
 	@rm -f $(VENV)/.installed-*; touch $@
 
 test: setup
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 # The unit tests alone (no workspace, subprocess, backbone or real data): a loop of a
 # minute or two on 2 cores. Tests are marked `slow` in tests/conftest.py. CI runs `make test`.
