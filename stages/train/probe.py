@@ -142,6 +142,14 @@ def probe_path(cfg: Config, cache: TrainCache, held: np.ndarray, cache_key: str)
     return Path(cache.store.path).parent / "probe" / f"{key}.pt"
 
 
+def class_versions(cache: TrainCache, held: np.ndarray, variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES,
+                   min_versions: int = 0) -> np.ndarray:
+    """``[n_classes]`` int: CutPaste/Scar versions of each held-out image of each class
+    (``versions_per_image`` of its held-out count; 0 for a class with none)."""
+    per_class = np.bincount(cache.image_class[held], minlength=len(cache.class_names))
+    return np.array([versions_per_image(int(n), variants, min_anomalies, min_versions) for n in per_class], int)
+
+
 def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.device,
                 variants: int = VARIANTS, min_anomalies: int = MIN_ANOMALIES, min_versions: int = 0) -> ProbeSet:
     """Encode the held-out images and ``versions_per_image`` CutPaste/Scar versions of each
@@ -156,14 +164,13 @@ def build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, device: torch.
     feats: dict[str, list[np.ndarray]] = {}
     masks: dict[str, list[np.ndarray]] = {}
     examples: dict[str, np.ndarray] = {}
-    per_class = np.bincount(cache.image_class[held], minlength=len(cache.class_names))
+    versions = class_versions(cache, held, variants, min_anomalies, min_versions)
     for i in np.nonzero(held)[0]:
         name = cache.class_names[int(cache.image_class[i])]
         image = load_image(paths[i], cfg.features)
         fg = foreground_mask(image, name in cfg.data.texture_classes)
         images, ms = [image], [np.zeros(image.shape[:2], np.uint8)]
-        for v in range(versions_per_image(int(per_class[cache.image_class[i]]), variants, min_anomalies,
-                                              min_versions)):
+        for v in range(int(versions[cache.image_class[i]])):
             x, m = cut_paste(image, fg, seeded(cfg.train.seed, "cutpaste", cache.image_ids[i], v), scar=v % 2 == 1)
             images.append(x)
             ms.append(m.astype(np.uint8))
@@ -180,7 +187,6 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
     (and written atomically) on first use; None without held-out images."""
     if not held.any():
         return None
-    ids = [str(cache.image_ids[i]) for i in np.nonzero(held)[0]]
     size = probe_size(cfg)
     path = probe_path(cfg, cache, held, cache_key)
     if path.is_file():
@@ -190,9 +196,9 @@ def load_or_build_probe(cfg: Config, cache: TrainCache, held: np.ndarray, cache_
                             {k: v.numpy() for k, v in d["masks"].items()})
         except Exception:  # noqa: BLE001 - a damaged file is rebuilt
             log(f"probe: {path} unreadable; building it again")
-    counts = sorted({versions_per_image(int(n), min_anomalies=size.anomalies, min_versions=size.versions)
-                     for n in np.bincount(cache.image_class[held]) if n > 0})
-    log(f"probe: encoding {len(ids)} held-out images and {counts[0]}{f'-{counts[-1]}' * (len(counts) > 1)} "
+    counts = sorted({int(v) for v in class_versions(cache, held, min_anomalies=size.anomalies,
+                                                     min_versions=size.versions) if v > 0})
+    log(f"probe: encoding {int(held.sum())} held-out images and {counts[0]}{f'-{counts[-1]}' * (len(counts) > 1)} "
         f"CutPaste/Scar versions of each into {path.parent}")
     try:
         probe = build_probe(cfg, cache, held, device, min_anomalies=size.anomalies, min_versions=size.versions)
